@@ -1,0 +1,520 @@
+"""Typed, validated configuration: frozen dataclasses, YAML files and dotted overrides.
+
+    cfg = load_config("configs/default.yaml", ["model.num_layers=4", "train.steps=100"])
+
+Every field is type-checked and every invalid value or combination raises `ConfigError` naming the
+dotted key and what is allowed. Unknown keys get a "did you mean" suggestion. The config is the single
+source of truth: the model is built from `cfg.model` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from umv2_jax.errors import ConfigError
+
+SparseKind = Literal["none", "ultramem_v2", "moe", "ultramem", "memory_plus", "pkm", "peer"]
+Implementation = Literal["auto", "xla", "pallas"]
+DType = Literal["float32", "bfloat16"]
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config '{key}': {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """UltraMemV2 memory layer (SPEC §2–§6). Names follow the paper; see SPEC §2 for the release's."""
+
+    n_keys: int = 32  # n: row keys = column keys; n² value rows per layer
+    key_dim: int = 32  # D_k
+    tucker_rank: int = 2  # r
+    n_cores: int = 2  # Tucker cores; the value vector is split into this many chunks
+    rc_topk: int = 8  # k: stage-1 candidates per side
+    topk: int = 8  # m: values selected per token per head
+    heads: int = 1
+    value_dim: int = 64  # D_v
+    pre_value_dim: int = 32  # D_p; 0 disables the PEER-style pre-values
+    key_expand: int = 1  # E: virtual grid (E·n)² aliasing onto n² rows
+    value_share: str = "none"  # none | ring:g | noring:g | block:g
+    pre_score_act: Literal["identity", "gelu"] = "identity"
+    per_rank_query: bool = True  # SPEC §9.1; false reproduces the release's shared query
+    dropout: float = 0.0
+    init: Literal["paper", "release"] = "paper"
+    calibration_tokens: int = 512  # Monte-Carlo tokens for the `paper` init calibration
+    norm_eps: float = 1e-5  # RMSNorm eps of queries and keys (the release's value)
+    value_lr: str = "decay:4"  # decay:F | constant:F  (LR multiplier of values and pre-values)
+    value_lr_decay_fraction: float = 1.0  # fraction of training over which decay:F reaches 1×
+    tucker_penalty: float = 0.0  # α of the Tucker penalty; 0 = off
+    tucker_tau: float = 0.15
+    key_balance: float = 0.0  # β of the key-balance loss; 0 = off
+    implementation: Implementation = "auto"
+
+    def validate(self, prefix: str, num_layers: int) -> None:
+        for name in ("n_keys", "key_dim", "tucker_rank", "n_cores", "rc_topk", "topk", "heads"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+        _require(self.value_dim >= 1, f"{prefix}.value_dim", "must be >= 1")
+        _require(self.pre_value_dim >= 0, f"{prefix}.pre_value_dim", "must be >= 0 (0 disables)")
+        _require(self.key_expand >= 1, f"{prefix}.key_expand", "must be >= 1")
+        _require(
+            self.value_dim % self.n_cores == 0,
+            f"{prefix}.value_dim",
+            f"{self.value_dim} is not divisible by n_cores={self.n_cores}",
+        )
+        n_eff = self.effective_keys(num_layers, prefix)
+        side = self.key_expand * n_eff
+        _require(
+            self.rc_topk <= side,
+            f"{prefix}.rc_topk",
+            f"{self.rc_topk} exceeds the keys per side ({side}); lower rc_topk or raise n_keys",
+        )
+        _require(
+            self.topk <= self.rc_topk**2,
+            f"{prefix}.topk",
+            f"{self.topk} exceeds rc_topk² = {self.rc_topk**2}; raise rc_topk or lower topk",
+        )
+        _require(
+            side * side < 2**31,
+            f"{prefix}.key_expand",
+            f"virtual grid ({side})² does not fit int32 indices; lower key_expand or n_keys",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", "must be in [0, 1)")
+        _require(self.calibration_tokens >= 16, f"{prefix}.calibration_tokens", "must be >= 16")
+        parse_lr_multiplier(self.value_lr, f"{prefix}.value_lr")
+        _require(
+            0.0 < self.value_lr_decay_fraction <= 1.0,
+            f"{prefix}.value_lr_decay_fraction",
+            "must be in (0, 1]",
+        )
+        _require(self.tucker_penalty >= 0, f"{prefix}.tucker_penalty", "must be >= 0")
+        _require(self.key_balance >= 0, f"{prefix}.key_balance", "must be >= 0")
+
+    def sharing(self, prefix: str = "model.memory") -> tuple[str, int]:
+        """Parses `value_share` into (topology, window g); `none` gives ("none", 1)."""
+        if self.value_share == "none":
+            return "none", 1
+        topology, _, window = self.value_share.partition(":")
+        _require(
+            topology in ("ring", "noring", "block"),
+            f"{prefix}.value_share",
+            f"unknown topology '{self.value_share}'; allowed: none, ring:g, noring:g, block:g",
+        )
+        _require(
+            window.isdigit() and int(window) >= 1,
+            f"{prefix}.value_share",
+            f"'{self.value_share}' needs a positive window, e.g. {topology}:4",
+        )
+        return topology, int(window)
+
+    def effective_keys(self, num_layers: int, prefix: str = "model.memory") -> int:
+        """Keys per side n_eff = floor(sqrt(g)·n) for a sharing window g (SPEC §3)."""
+        _, window = self.sharing(prefix)
+        _require(
+            window <= num_layers,
+            f"{prefix}.value_share",
+            f"window {window} is larger than the number of layers ({num_layers})",
+        )
+        return int(math.floor(math.sqrt(window) * self.n_keys + 1e-9))
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """OLMoE-style mixture of experts replacing the FFN (SPEC §7)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_d_ff: int = 64
+    renormalize: bool = False  # renormalize the top-k router weights to sum to 1
+    capacity_factor: float = 0.0  # 0 = dropless; > 0 drops tokens over capacity and reports them
+    lb_loss: float = 0.01  # Switch-form load-balancing loss weight
+    z_loss: float = 0.001  # router z-loss weight
+    shared_expert_d_ff: int = 0  # 0 = no shared expert
+    implementation: Literal["auto", "block_padded", "ragged_dot", "megablox"] = "auto"
+    block_size: int = 16  # row block of the block-padded grouped matmul
+
+    def validate(self, prefix: str) -> None:
+        _require(self.num_experts >= 1, f"{prefix}.num_experts", "must be >= 1")
+        _require(
+            1 <= self.top_k <= self.num_experts,
+            f"{prefix}.top_k",
+            f"{self.top_k} must be in [1, num_experts={self.num_experts}]",
+        )
+        _require(self.expert_d_ff >= 1, f"{prefix}.expert_d_ff", "must be >= 1")
+        _require(self.capacity_factor >= 0, f"{prefix}.capacity_factor", "must be >= 0")
+        _require(self.lb_loss >= 0, f"{prefix}.lb_loss", "must be >= 0")
+        _require(self.z_loss >= 0, f"{prefix}.z_loss", "must be >= 0")
+        _require(self.shared_expert_d_ff >= 0, f"{prefix}.shared_expert_d_ff", "must be >= 0")
+        _require(self.block_size >= 1, f"{prefix}.block_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer (SPEC §1) with an optional sparse layer in each block."""
+
+    vocab_size: int = 259  # 256 bytes + BOS/EOS/PAD; padded to a multiple of 128 when built
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 0  # 0 = d_model // num_heads
+    d_ff: int = 512  # SwiGLU inner width; 0 = no FFN (the MoE replaces it)
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048  # longest sequence RoPE and generation support
+    init: Literal["paper", "release"] = "paper"
+    compute_dtype: DType = "float32"
+    param_dtype: Literal["float32"] = "float32"
+    sparse: SparseKind = "none"
+    sparse_layers: tuple[int, ...] | None = None  # blocks holding the sparse layer; None = all
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // 128) * 128
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def sparse_layer_indices(self) -> tuple[int, ...]:
+        if self.sparse == "none":
+            return ()
+        if self.sparse_layers is None:
+            return tuple(range(self.num_layers))
+        return tuple(self.sparse_layers)
+
+    def validate(self, prefix: str = "model") -> None:
+        _require(self.vocab_size >= 2, f"{prefix}.vocab_size", "must be >= 2")
+        for name in ("d_model", "num_layers", "num_heads", "max_seq_len"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+        _require(self.d_ff >= 0, f"{prefix}.d_ff", "must be >= 0 (0 = no FFN)")
+        _require(self.head_dim >= 0, f"{prefix}.head_dim", "must be >= 0 (0 = d_model/num_heads)")
+        if self.head_dim == 0:
+            _require(
+                self.d_model % self.num_heads == 0,
+                f"{prefix}.num_heads",
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "set model.head_dim explicitly or change num_heads",
+            )
+        _require(
+            self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim", "must be even for RoPE"
+        )
+        _require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be > 0")
+        _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
+        if self.sparse_layers is not None:
+            _require(len(self.sparse_layers) > 0, f"{prefix}.sparse_layers", "must not be empty")
+            for index in self.sparse_layers:
+                _require(
+                    0 <= index < self.num_layers,
+                    f"{prefix}.sparse_layers",
+                    f"block {index} out of range [0, {self.num_layers})",
+                )
+            _require(
+                len(set(self.sparse_layers)) == len(self.sparse_layers),
+                f"{prefix}.sparse_layers",
+                "has duplicate blocks",
+            )
+        _require(
+            self.d_ff > 0 or self.sparse == "moe",
+            f"{prefix}.d_ff",
+            "0 (no FFN) is only allowed with sparse: moe",
+        )
+        if self.sparse == "ultramem_v2":
+            self.memory.validate(f"{prefix}.memory", self.num_layers)
+        if self.sparse == "moe":
+            self.moe.validate(f"{prefix}.moe")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from. `shakespeare` is the corpus embedded in the package."""
+
+    source: str = "shakespeare"  # shakespeare | tfds:NAME
+    data_dir: str | None = None  # tfds data_dir for tfds:NAME (default: tfds's own)
+    seq_len: int = 128
+    shuffle_seed: int = 0
+    text_key: str = "text"  # feature holding the text in a tfds:NAME dataset
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(self.seq_len >= 1, f"{prefix}.seq_len", f"must be positive, got {self.seq_len}")
+        kind, _, name = self.source.partition(":")
+        _require(
+            self.source == "shakespeare" or (kind == "tfds" and name),
+            f"{prefix}.source",
+            f"'{self.source}' is not one of shakespeare, tfds:NAME",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization (SPEC §5) and the loop's cadence."""
+
+    steps: int = 300
+    batch_size: int = 16  # global batch, in sequences
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many
+    learning_rate: float = 3e-3
+    warmup_fraction: float = 0.02
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak LR
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+
+    def validate(self, prefix: str = "train") -> None:
+        _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _require(self.micro_batches >= 1, f"{prefix}.micro_batches", "must be >= 1")
+        _require(
+            self.batch_size % self.micro_batches == 0,
+            f"{prefix}.micro_batches",
+            f"batch_size={self.batch_size} is not divisible by micro_batches={self.micro_batches}",
+        )
+        _require(self.learning_rate > 0, f"{prefix}.learning_rate", "must be > 0")
+        _require(0 <= self.warmup_fraction < 1, f"{prefix}.warmup_fraction", "must be in [0, 1)")
+        _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"{prefix}.b1", "betas must be in [0, 1)")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 = off)")
+        _require(self.eval_every >= 1, f"{prefix}.eval_every", "must be >= 1")
+        _require(self.eval_batches >= 1, f"{prefix}.eval_batches", "must be >= 1")
+        _require(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # save every N steps (and at the end)
+    keep: int = 3  # keep the last K checkpoints
+    async_save: bool = True
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _require(self.every >= 1, f"{prefix}.every", "must be >= 1")
+        _require(self.keep >= 1, f"{prefix}.keep", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. One axis may be -1 (all remaining devices); the product must equal the count."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    AXES = ("data", "fsdp", "tensor", "expert")
+
+    def validate(self, prefix: str = "mesh") -> None:
+        sizes = [getattr(self, axis) for axis in self.AXES]
+        for axis, size in zip(self.AXES, sizes):
+            _require(size == -1 or size >= 1, f"{prefix}.{axis}", "must be >= 1 or -1")
+        _require(sizes.count(-1) <= 1, prefix, "at most one axis may be -1")
+
+    def shape(self, device_count: int) -> tuple[int, ...]:
+        """The concrete mesh shape for `device_count` devices, or ConfigError if it cannot divide."""
+        sizes = [getattr(self, axis) for axis in self.AXES]
+        known = math.prod(size for size in sizes if size != -1)
+        if -1 in sizes:
+            if device_count % known:
+                raise ConfigError(
+                    f"config 'mesh': axes {dict(zip(self.AXES, sizes))} do not divide "
+                    f"{device_count} devices; make the fixed axes' product divide {device_count}"
+                )
+            sizes[sizes.index(-1)] = device_count // known
+        elif known != device_count:
+            raise ConfigError(
+                f"config 'mesh': axes {dict(zip(self.AXES, sizes))} need {known} devices but "
+                f"{device_count} are available; set one axis to -1 or match the device count"
+            )
+        return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def validate(self) -> Config:
+        self.model.validate("model")
+        self.data.validate("data")
+        self.train.validate("train")
+        self.checkpoint.validate("checkpoint")
+        self.mesh.validate("mesh")
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def parse_lr_multiplier(spec: str, key: str = "model.memory.value_lr") -> tuple[str, float]:
+    """Parses `decay:F` / `constant:F` into (kind, factor)."""
+    kind, _, factor = spec.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = -1.0
+    _require(
+        kind in ("decay", "constant") and value > 0,
+        key,
+        f"'{spec}' is not decay:F or constant:F with F > 0 (e.g. decay:4)",
+    )
+    return kind, value
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: dicts → dataclasses with type checks, YAML files, dotted overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a nested dict, checking keys and types (no validation)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{prefix or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{dotted}'{hint} (allowed: {', '.join(sorted(fields))})"
+            )
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[-1])
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            raise ConfigError(f"config '{key}': {value!r} is not allowed; allowed: {allowed}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config '{key}': expected a list, got {value!r}")
+        item_type = args[0]
+        return tuple(_coerce(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config '{key}': expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config '{key}': expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config '{key}': expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain YAML/JSON-able data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{override}' is not KEY=VALUE (e.g. model.num_layers=4)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{override}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML config (or the defaults when `path` is None), applies overrides, validates."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist; pass --config PATH to a .yaml")
+        try:
+            with open(path) as handle:
+                data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    apply_overrides(data, overrides or [])
+    return from_dict(Config, data).validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Builds and validates a Config from plain data (e.g. the JSON saved beside a checkpoint)."""
+    return from_dict(Config, data).validate()
