@@ -50,3 +50,22 @@ def make_param(
         raise ValueError(f"axes {axes} do not match shape {shape}")
     value = initializer(rngs.params(), tuple(shape), dtype)
     return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+class ValueParam(nnx.Param):
+    """Memory value and pre-value tables. The optimizer puts every `ValueParam` in the values group
+    (its own LR multiplier schedule, SPEC §5); everything else is an ordinary `nnx.Param`."""
+
+
+def make_value_param(
+    rngs: nnx.Rngs,
+    initializer: nnx.Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype=jnp.float32,
+) -> ValueParam:
+    """Like `make_param`, for value / pre-value tables (axes e.g. ("layers", "mem_rows", "mem_dim"))."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {shape}")
+    value = initializer(rngs.params(), tuple(shape), dtype)
+    return ValueParam(value, sharding_names=tuple(axes), eager_sharding=False)
