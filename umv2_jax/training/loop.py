@@ -1,0 +1,331 @@
+"""The training loop: build, restore, train with periodic eval and checkpoints, report.
+
+    result = train(config, workdir="runs/default")
+
+One step is `jax.jit(train_step)` with explicit in/out shardings on the config's mesh and the train
+state donated. A run resumes from the latest checkpoint in its work directory (model, optimizer,
+step and data-iterator position), so N + N steps with a restart equal 2N steps straight.
+SIGTERM (preemptible TPU VMs send it) finishes the current step, saves and returns normally.
+A non-finite loss stops the run with `TrainingDiverged`, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from umv2_jax import parallel
+from umv2_jax.config import Config
+from umv2_jax.data import pipeline
+from umv2_jax.models.transformer import Transformer
+from umv2_jax.training import checkpoint as checkpoint_lib
+from umv2_jax.training import metrics as metrics_lib
+from umv2_jax.training.optimizer import (
+    learning_rate_schedule,
+    make_optimizer,
+    parameter_labels,
+)
+from umv2_jax.training.step import ModelParts, make_eval_step, make_train_step, summarize_eval
+
+log = logging.getLogger("umv2_jax")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: str
+    step: int
+    eval: dict[str, float]
+    checkpoint_dir: str
+    metrics_path: str
+    plot_path: str | None
+    preempted: bool = False
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from the config before the first step."""
+
+    config: Config
+    mesh: jax.sharding.Mesh
+    parts: ModelParts
+    state: dict[str, Any]
+    rest: dict[str, Any]
+    state_shardings: Any
+    rest_shardings: Any
+    optimizer: Any
+    param_count: int
+
+
+def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    """Initializes the model and optimizer on the mesh (parameters sharded by their logical axes)."""
+    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+    model = Transformer(config.model, nnx.Rngs(config.train.seed))
+    param_state = nnx.state(model, nnx.Param)
+    rest_state = nnx.state(model, nnx.Not(nnx.Param))
+    param_shardings = parallel.state_shardings(param_state, mesh)
+    rest_shardings = parallel.state_shardings(rest_state, mesh)
+    labels = parameter_labels(param_state)
+    parts, params, rest = ModelParts.split(model)
+    del model, param_state, rest_state
+    params = jax.device_put(params, param_shardings)
+    rest = jax.device_put(rest, rest_shardings)
+    optimizer = make_optimizer(config, labels)
+    references = parallel.path_index(param_shardings, params)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = parallel.shardings_like(opt_shapes, references, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    replicated = parallel.replicated(mesh)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+    state["step"] = jax.device_put(state["step"], replicated)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return Setup(
+        config, mesh, parts, state, rest, state_shardings, rest_shardings, optimizer, count
+    )
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def train(
+    config: Config,
+    workdir: str,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> RunResult:
+    """Trains `config` in `workdir` until `config.train.steps` (or `stop_after`, for tests)."""
+    workdir = os.path.abspath(workdir)
+    total_steps = config.train.steps
+    last_step = min(stop_after, total_steps) if stop_after is not None else total_steps
+    mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
+    process_index, process_count = jax.process_index(), jax.process_count()
+    if config.train.batch_size % (process_count * _data_parallel(mesh)):
+        from umv2_jax.errors import ConfigError
+
+        raise ConfigError(
+            f"config 'train.batch_size': {config.train.batch_size} is not divisible by the "
+            f"data-parallel size {_data_parallel(mesh)} × processes {process_count}"
+        )
+    has_run = resume and checkpoint_lib.check_compatible(workdir, config)
+    train_iterator = pipeline.make_train_iterator(config, process_index, process_count)
+    eval_batches = pipeline.make_eval_batches(
+        config, config.train.eval_batches, process_index, process_count
+    )
+    if not resume:
+        _clear_run(workdir, echo)
+
+    setup = build(config, mesh)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    state, rest, start_step = setup.state, setup.rest, 0
+    if has_run and checkpointer.steps():
+        start_step, state, rest, data_state = checkpointer.restore_latest(
+            abstract_like(setup.state, setup.state_shardings),
+            abstract_like(setup.rest, setup.rest_shardings),
+        )
+        train_iterator.set_state(data_state)
+        echo(f"Resumed from step {start_step} in {checkpointer.directory}")
+    checkpoint_lib.write_config(workdir, config)
+    _print_summary(config, setup, workdir, echo)
+
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(
+            setup.parts, setup.optimizer, config.train.micro_batches, config.train.seed
+        ),
+        in_shardings=(setup.state_shardings, setup.rest_shardings, batch_sharding),
+        out_shardings=(setup.state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(setup.parts),
+        in_shardings=(setup.state_shardings["params"], setup.rest_shardings, batch_sharding),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+    def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {
+            key: jax.make_array_from_process_local_data(batch_sharding, value)
+            for key, value in batch.items()
+        }
+
+    def evaluate(params) -> dict[str, float]:
+        sums = [jax.device_get(eval_step(params, rest, to_global(b))) for b in eval_batches]
+        return summarize_eval(sums)
+
+    writer = metrics_lib.MetricsWriter(workdir)
+    stop_requested = {"signal": None}
+
+    def on_sigterm(signum, frame):
+        stop_requested["signal"] = signum
+
+    previous_handler = _install_handler(on_sigterm)
+    schedule = learning_rate_schedule(config)
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    bar = tqdm(
+        total=last_step,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not progress,
+        mininterval=1.0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    pending: list[tuple[int, dict]] = []
+    losses: list[float] = []
+    eval_result: dict[str, float] = {}
+    last_good = start_step
+    window_start, window_steps = time.perf_counter(), 0
+
+    def flush_metrics() -> None:
+        """Fetches pending step metrics, checks them, writes them; raises on a non-finite loss."""
+        nonlocal window_start, window_steps
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        elapsed = time.perf_counter() - window_start
+        rate = tokens_per_step * window_steps / max(elapsed, 1e-9)
+        for (step, _), values in zip(pending, fetched):
+            loss = float(values["loss"])
+            if not np.isfinite(loss):
+                pending.clear()
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step}; stopped. The last good checkpoint is "
+                    f"step {last_good} in {checkpointer.directory}; lower train.learning_rate "
+                    "or raise train.warmup_fraction and resume"
+                )
+            losses.append(loss)
+            record = {k: float(v) for k, v in values.items()}
+            record["learning_rate"] = float(schedule(step - 1))  # optax counts from 0
+            record["tokens_per_s"] = rate
+            writer.write(step, record)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+        pending.clear()
+        window_start, window_steps = time.perf_counter(), 0
+
+    step = start_step
+    preempted = False
+    try:
+        while step < last_step:
+            batch = to_global(next(train_iterator))
+            state, step_metrics = train_step(state, rest, batch)
+            step += 1
+            window_steps += 1
+            pending.append((step, step_metrics))
+            bar.update(1)
+            preempted = stop_requested["signal"] is not None
+            at_end = step == last_step
+            if step % config.train.log_every == 0 or at_end or preempted:
+                flush_metrics()
+            if step % config.train.eval_every == 0 or step == total_steps:
+                flush_metrics()
+                eval_result = evaluate(state["params"])
+                writer.write(step, eval_result)
+                bar.write(
+                    f"step {step}: eval loss {eval_result['eval_loss']:.4f}, "
+                    f"bits/byte {eval_result['eval_bpb']:.4f}"
+                )
+            if step % config.checkpoint.every == 0 or at_end or preempted:
+                flush_metrics()
+                checkpointer.save(step, state, rest, train_iterator.get_state(), config, force=True)
+                last_good = step
+            if preempted:
+                bar.write(f"SIGTERM received: saved step {step}, exiting")
+                break
+    finally:
+        bar.close()
+        _restore_handler(previous_handler)
+        checkpointer.close()
+        writer.close()
+    if not eval_result:
+        eval_result = evaluate(state["params"])
+    plot = metrics_lib.plot_loss(workdir)
+    return RunResult(
+        workdir=workdir,
+        step=step,
+        eval=eval_result,
+        checkpoint_dir=checkpointer.directory,
+        metrics_path=writer.path,
+        plot_path=plot,
+        preempted=preempted,
+        losses=losses,
+    )
+
+
+def _data_parallel(mesh: jax.sharding.Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _clear_run(workdir: str, echo: Callable[[str], None]) -> None:
+    """--no-resume: remove the previous run's checkpoints and metrics from `workdir`."""
+    removed = []
+    for name in ("checkpoints", metrics_lib.METRICS_FILE, metrics_lib.PLOT_FILE, "tensorboard"):
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(name)
+        elif os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    if removed:
+        echo(f"--no-resume: removed {', '.join(removed)} from {workdir}")
+
+
+def _install_handler(handler):
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
+        return None
+
+
+def _restore_handler(previous) -> None:
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except ValueError:
+            pass
+
+
+def _print_summary(config: Config, setup: Setup, workdir: str, echo) -> None:
+    model = config.model
+    embedding = model.padded_vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
+    devices = jax.devices()
+    mesh_shape = ", ".join(f"{k}={v}" for k, v in setup.mesh.shape.items())
+    sparse = model.sparse if model.sparse != "none" else "dense"
+    lines = [
+        f"run       {config.name}  ({sparse}, {model.num_layers} layers, d_model {model.d_model},"
+        f" {model.compute_dtype} compute)",
+        f"params    {setup.param_count:,} total, {setup.param_count - embedding:,} non-embedding",
+        f"devices   {len(devices)} × {devices[0].platform} ({devices[0].device_kind}),"
+        f" {jax.process_count()} process(es); mesh {mesh_shape}",
+        f"data      {pipeline.describe_source(config)}; seq {config.data.seq_len},"
+        f" batch {config.train.batch_size} × {config.train.micro_batches} micro-batch(es)",
+        f"train     {config.train.steps} steps, lr {config.train.learning_rate:g},"
+        f" eval every {config.train.eval_every}, checkpoint every {config.checkpoint.every}",
+        f"workdir   {workdir}",
+    ]
+    echo("\n".join(lines))
