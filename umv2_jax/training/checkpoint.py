@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -129,15 +130,28 @@ class Checkpointer:
                 )
                 continue
             if failures:
+                moved = self._set_aside(failures)
                 log.warning(
-                    "resumed from step %d because the checkpoint(s) at step(s) %s are unreadable",
-                    step, ", ".join(map(str, failures)),
+                    "resumed from step %d because the checkpoint(s) at step(s) %s are unreadable "
+                    "(moved to %s)",
+                    step, ", ".join(map(str, failures)), moved,
                 )
             return step, restored.state, rest, dict(restored.data)
         raise CheckpointError(
             f"every checkpoint in {self.directory} is unreadable (steps {steps}); "
             "delete the directory or use a new --workdir"
         )
+
+    def _set_aside(self, steps: list[int]) -> str:
+        """Moves unreadable step directories out of the way (kept for inspection, never deleted)."""
+        target = self.directory + "_unreadable"
+        os.makedirs(target, exist_ok=True)
+        for step in steps:
+            source = os.path.join(self.directory, str(step))
+            if os.path.isdir(source):
+                os.replace(source, os.path.join(target, f"{step}-{int(time.time())}"))
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,0 +1,135 @@
+"""The training loop end to end on the embedded corpus: learning, exact resume, checkpoints, signals."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from umv2_jax.errors import CheckpointError
+from umv2_jax.generate import generate, load_run
+from umv2_jax.training import loop
+from umv2_jax.training.checkpoint import Checkpointer
+
+QUIET = {"progress": False, "echo": lambda line: None}
+
+
+def _params(workdir):
+    return load_run(workdir)[2]
+
+
+def test_loss_decreases(tmp_path, tiny_config):
+    config = tiny_config("train.steps=60", "train.eval_every=60", "checkpoint.every=60", "train.learning_rate=1e-2")
+    result = loop.train(config, str(tmp_path), **QUIET)
+    first, last = result.losses[0], float(np.mean(result.losses[-5:]))
+    # Byte-level start: ln(384) ≈ 5.95 nats. 60 steps reach the unigram level (≈ 3.3) and below.
+    assert first > 5.0
+    assert last < 3.4, result.losses
+    assert result.eval["eval_loss"] < 3.5
+    assert result.eval["eval_bpb"] == pytest.approx(result.eval["eval_loss"] / np.log(2), rel=0.1)
+
+
+def test_resume_is_exact(tmp_path, tiny_config):
+    config = tiny_config("train.micro_batches=2")
+    straight = loop.train(config, str(tmp_path / "straight"), **QUIET)
+    first = loop.train(config, str(tmp_path / "split"), stop_after=4, **QUIET)
+    second = loop.train(config, str(tmp_path / "split"), **QUIET)
+    assert first.step == 4 and second.step == 8
+    assert first.losses + second.losses == straight.losses
+    for a, b in zip(jax.tree.leaves(_params(tmp_path / "straight")), jax.tree.leaves(_params(tmp_path / "split"))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_finished_run_resumes_instead_of_restarting(tmp_path, tiny_config):
+    config = tiny_config()
+    loop.train(config, str(tmp_path), **QUIET)
+    again = loop.train(config, str(tmp_path), **QUIET)
+    assert again.losses == [] and again.step == 8
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_says_so(tmp_path, tiny_config, caplog):
+    config = tiny_config()
+    loop.train(config, str(tmp_path), stop_after=6, **QUIET)
+    latest = tmp_path / "checkpoints" / "6" / "state"
+    files = [p for p in latest.rglob("*") if p.is_file() and p.stat().st_size > 100]
+    for path in files:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with caplog.at_level("WARNING", logger="umv2_jax"):
+        result = loop.train(config, str(tmp_path), **QUIET)
+    assert "checkpoint at step 6" in caplog.text and "unreadable" in caplog.text
+    assert "resumed from step 4" in caplog.text
+    assert result.step == 8 and len(result.losses) == 4
+
+
+def test_every_checkpoint_corrupt_is_an_error(tmp_path, tiny_config):
+    config = tiny_config("checkpoint.keep=1")
+    loop.train(config, str(tmp_path), stop_after=2, **QUIET)
+    for path in (tmp_path / "checkpoints").rglob("*"):
+        if path.is_file() and "state" in path.parts and path.stat().st_size > 100:
+            path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        loop.train(config, str(tmp_path), **QUIET)
+
+
+def test_incompatible_checkpoint_is_refused_without_writing(tmp_path, tiny_config):
+    loop.train(tiny_config(), str(tmp_path), stop_after=2, **QUIET)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    with pytest.raises(CheckpointError, match=r"different config \(model.d_model: saved 32, now 48\)"):
+        loop.train(tiny_config("model.d_model=48"), str(tmp_path), **QUIET)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+def test_sigterm_finishes_the_step_saves_and_returns(tmp_path, tiny_config, monkeypatch):
+    make_iterator = loop.pipeline.make_train_iterator
+
+    class SignalAfterThree:
+        def __init__(self, inner):
+            self.inner, self.count = inner, 0
+
+        def __next__(self):
+            self.count += 1
+            if self.count == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return next(self.inner)
+
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state):
+            self.inner.set_state(state)
+
+    monkeypatch.setattr(
+        loop.pipeline, "make_train_iterator", lambda *a, **k: SignalAfterThree(make_iterator(*a, **k))
+    )
+    result = loop.train(tiny_config("checkpoint.every=100"), str(tmp_path), **QUIET)
+    assert result.preempted and result.step == 3
+    assert Checkpointer(str(tmp_path), tiny_config().checkpoint).steps() == [3]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, monkeypatch):
+    real = loop.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def wrapped(state, rest, batch):
+            new_state, metrics = step_fn(state, rest, batch)
+            metrics["loss"] = jnp.where(state["step"] >= 4, jnp.nan, metrics["loss"])
+            return new_state, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    with pytest.raises(loop.TrainingDiverged, match="at step 5.*last good checkpoint is step 4"):
+        loop.train(tiny_config(), str(tmp_path), **QUIET)
+    assert Checkpointer(str(tmp_path), tiny_config().checkpoint).steps() == [2, 4]
+
+
+def test_generate_from_checkpoint(tmp_path, tiny_config):
+    loop.train(tiny_config(), str(tmp_path), **QUIET)
+    config, parts, params, rest, step = load_run(str(tmp_path))
+    assert step == 8
+    text = generate(config, parts, params, rest, "ROMEO:", 10, 0.0, 0, 0)
+    assert isinstance(text, str) and len(text.encode("utf-8", "replace")) <= 40
