@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
+    tfds.disable_progress_bar()
     target = build(args.source_dir, args.output_dir)
     info = tfds.builder_from_directory(str(target)).info
     for name, split in info.splits.items():
