@@ -1,0 +1,196 @@
+"""Tucker-decomposed query-key retrieval: score the keys and select the memory slots (SPEC §2, steps 3–5).
+
+    retrieval_topk(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk=k, topk=m)
+        → grid_indices [T, m] int32, core_scores [T, m, C]
+
+Stage 1 scores every row key and every column key with the rank-1 approximation (u*, t*) of the core sum
+and keeps the best `rc_topk` per side; stage 2 scores the k × k candidate grid exactly with every core
+and keeps the best `topk` cells by their summed score. One head; the caller vmaps or loops over heads.
+
+Gradients: the selection is made on stop_gradient'ed scores and carries no gradient. The per-core scores
+of the selected cells are then re-expressed from differentiable per-rank scores, so autodiff reaches the
+queries, the keys that were selected (every other key gets an exact zero) and the cores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from umv2_jax.ops.dispatch import resolve_implementation
+
+# Selection decides which memory rows a token reads: score in full fp32 on every platform (TPU's
+# default fp32 matmul is a single bf16 pass, which would flip near-tied candidates).
+_PRECISION = lax.Precision.HIGHEST
+
+
+def retrieval_topk(
+    q_row: jax.Array,
+    q_col: jax.Array,
+    k_row: jax.Array,
+    k_col: jax.Array,
+    cores: jax.Array,
+    u_star: jax.Array,
+    t_star: jax.Array,
+    *,
+    rc_topk: int,
+    topk: int,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Selects `topk` memory slots per token by two-stage Tucker retrieval (TDQKR).
+
+    q_row, q_col: [T, r, D_k]  normalized row / column sub-queries, one per Tucker rank.
+    k_row, k_col: [N, r, D_k]  normalized row / column keys (N keys per side, key_expand included).
+    cores:        [C, r, r]    the Tucker cores C^c.
+    u_star:       [r]          leading left singular vector of Σ_c C^c, sign-fixed; no gradient.
+    t_star:       [r]          leading right singular vector.
+    rc_topk:      k, candidates kept per side in stage 1 (k ≤ N).
+    topk:         m, slots kept per token in stage 2 (m ≤ k²).
+
+    Returns grid_indices [T, m] int32 = I_row·N + I_col, ordered by descending total score Σ_c s^c,
+    and core_scores [T, m, C] = s^c = R C^c Qᵀ at the selected cells (differentiable).
+    Plain-JAX equivalent (one token, stage 2): see `retrieval_topk_reference`.
+    """
+    _check_inputs(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk, topk)
+    if resolve_implementation(implementation, "retrieval_topk") == "pallas":
+        raise ValueError(
+            "pallas_kernels.retrieval_topk exists but umv2_jax.ops.retrieval_topk has no Pallas path "
+            "wired in yet; use implementation='xla'"
+        )
+    return _retrieval_topk_xla(
+        q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk=rc_topk, topk=topk
+    )
+
+
+def retrieval_topk_reference(
+    q_row: jax.Array,
+    q_col: jax.Array,
+    k_row: jax.Array,
+    k_col: jax.Array,
+    cores: jax.Array,
+    u_star: jax.Array,
+    t_star: jax.Array,
+    *,
+    rc_topk: int,
+    topk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The test oracle: SPEC steps 3–5 written out token by token, with argsort instead of top_k.
+
+    Same contract as `retrieval_topk`. Slow and memory-hungry (it keeps every core's k × k grid);
+    differentiable through plain indexing of the per-rank score matrices.
+    """
+    _check_inputs(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk, topk)
+    f32 = jnp.float32
+    n_keys = k_row.shape[0]
+    cores32 = cores.astype(f32)
+
+    def one_token(qr, qc):
+        # qr, qc: [r, D_k]; per-rank scores S[a, i] (SPEC step 3).
+        s_row = jnp.einsum("ad,nad->an", qr.astype(f32), k_row.astype(f32), precision=_PRECISION)
+        s_col = jnp.einsum("ad,nad->an", qc.astype(f32), k_col.astype(f32), precision=_PRECISION)
+        # Stage 1 (step 4): rank-1 scores, best k per side.
+        rank1_row = lax.stop_gradient(u_star.astype(f32) @ s_row)
+        rank1_col = lax.stop_gradient(t_star.astype(f32) @ s_col)
+        cand_row = jnp.argsort(-rank1_row, stable=True)[:rc_topk]
+        cand_col = jnp.argsort(-rank1_col, stable=True)[:rc_topk]
+        # Stage 2 (step 5): G^c = R C^c Qᵀ on the k × k grid, R = S_row[:, I_row]ᵀ.
+        r = s_row[:, cand_row].T  # [k, r]
+        q = s_col[:, cand_col].T
+        grids = jnp.stack([r @ cores32[c] @ q.T for c in range(cores.shape[0])])  # [C, k, k]
+        total = lax.stop_gradient(grids.sum(0)).reshape(-1)
+        best = jnp.argsort(-total, stable=True)[:topk]
+        i, j = best // rc_topk, best % rc_topk
+        grid_indices = cand_row[i] * n_keys + cand_col[j]
+        return grid_indices.astype(jnp.int32), grids[:, i, j].T  # [m], [m, C]
+
+    grid_indices, core_scores = jax.vmap(one_token)(q_row, q_col)
+    return grid_indices, core_scores.astype(_score_dtype(q_row, q_col, k_row, k_col, cores))
+
+
+def _retrieval_topk_xla(q_row, q_col, k_row, k_col, cores, u_star, t_star, *, rc_topk, topk):
+    f32 = jnp.float32
+    n_tokens, n_keys = q_row.shape[0], k_row.shape[0]
+
+    # Step 3, differentiable: [T, r, N]. Its backward is two dense matmuls (deterministic, and far
+    # fewer bytes than gathering the k selected keys per token: N·r scores vs k·r·D_k key entries).
+    s_row = _per_rank_scores(q_row, k_row)
+    s_col = _per_rank_scores(q_col, k_col)
+
+    # Step 4: stage-1 candidates from the rank-1 scores, on stop_gradient'ed inputs.
+    rank1_row = jnp.einsum("a,tan->tn", u_star.astype(f32), lax.stop_gradient(s_row))
+    rank1_col = jnp.einsum("a,tan->tn", t_star.astype(f32), lax.stop_gradient(s_col))
+    _, cand_row = lax.top_k(rank1_row, rc_topk)  # [T, k]
+    _, cand_col = lax.top_k(rank1_col, rc_topk)
+
+    # R[t, a, i] = S_row[t, a, I_row[t, i]]. Candidates are distinct within a token, so the backward
+    # scatter of this gather never adds two values into one address (deterministic on every backend).
+    r_cand = jnp.take_along_axis(s_row, cand_row[:, None, :], axis=2)  # [T, r, k]
+    q_cand = jnp.take_along_axis(s_col, cand_col[:, None, :], axis=2)
+
+    # Step 5: the summed grid Σ_c G^c = R (Σ_c C^c) Qᵀ decides the selection.
+    core_sum = lax.stop_gradient(cores.astype(f32).sum(0))
+    total = jnp.einsum(
+        "tai,ab,tbj->tij",
+        lax.stop_gradient(r_cand),
+        core_sum,
+        lax.stop_gradient(q_cand),
+        precision=_PRECISION,
+    )
+    _, best = lax.top_k(total.reshape(n_tokens, rc_topk * rc_topk), topk)  # [T, m], descending
+    best_i, best_j = best // rc_topk, best % rc_topk
+    grid_indices = (
+        jnp.take_along_axis(cand_row, best_i, axis=1) * n_keys
+        + jnp.take_along_axis(cand_col, best_j, axis=1)
+    ).astype(jnp.int32)
+
+    # Per-core scores of the selected cells, s^c = R[i] C^c Q[j]ᵀ. Several cells share a row (or a
+    # column) candidate, so pick the candidates with a one-hot matmul: its backward is a matmul
+    # too, where an indexed gather would scatter-add colliding values in a backend-dependent order.
+    r_sel = jnp.einsum("tmi,tai->tma", jax.nn.one_hot(best_i, rc_topk, dtype=f32), r_cand)
+    q_sel = jnp.einsum("tmj,taj->tma", jax.nn.one_hot(best_j, rc_topk, dtype=f32), q_cand)
+    core_scores = jnp.einsum(
+        "tma,cab,tmb->tmc", r_sel, cores.astype(f32), q_sel, precision=_PRECISION
+    )
+    return grid_indices, core_scores.astype(_score_dtype(q_row, q_col, k_row, k_col, cores))
+
+
+def _per_rank_scores(queries: jax.Array, keys: jax.Array) -> jax.Array:
+    """S[t, a, n] = <queries[t, a], keys[n, a]> in fp32. queries [T, r, D_k], keys [N, r, D_k]."""
+    return jnp.einsum(
+        "tad,nad->tan",
+        queries,
+        keys,
+        precision=_PRECISION,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _score_dtype(*arrays: jax.Array):
+    return jnp.result_type(*(a.dtype for a in arrays))
+
+
+def _check_inputs(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk, topk) -> None:
+    if q_row.ndim != 3 or q_col.shape != q_row.shape:
+        raise ValueError(
+            f"q_row and q_col must both be [T, r, D_k]; got {q_row.shape} and {q_col.shape}"
+        )
+    _, rank, key_dim = q_row.shape
+    if k_row.ndim != 3 or k_col.shape != k_row.shape or k_row.shape[1:] != (rank, key_dim):
+        raise ValueError(
+            f"k_row and k_col must both be [N, r={rank}, D_k={key_dim}]; "
+            f"got {k_row.shape} and {k_col.shape}"
+        )
+    if cores.ndim != 3 or cores.shape[1:] != (rank, rank):
+        raise ValueError(f"cores must be [C, r={rank}, r={rank}]; got {cores.shape}")
+    if u_star.shape != (rank,) or t_star.shape != (rank,):
+        raise ValueError(
+            f"u_star and t_star must be [r={rank}]; got {u_star.shape} and {t_star.shape}"
+        )
+    n_keys = k_row.shape[0]
+    if not 1 <= rc_topk <= n_keys:
+        raise ValueError(f"rc_topk must be in [1, N={n_keys}]; got {rc_topk}")
+    if not 1 <= topk <= rc_topk * rc_topk:
+        raise ValueError(f"topk must be in [1, rc_topk²={rc_topk * rc_topk}]; got {topk}")
+    if n_keys * n_keys > jnp.iinfo(jnp.int32).max:
+        raise ValueError(f"N² = {n_keys}² grid cells overflow the int32 grid index")
