@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax").setLevel(logging.ERROR)  # "Unable to initialize backend 'tpu'" noise
     try:
         from umv2_jax.config import load_config
 
