@@ -93,6 +93,27 @@ class MemoryConfig:
             f"{prefix}.key_expand",
             f"virtual grid ({side})² does not fit int32 indices; lower key_expand or n_keys",
         )
+        _require(
+            num_layers * self.n_keys**2 < 2**31,
+            f"{prefix}.n_keys",
+            f"{num_layers} stacked tables of {self.n_keys}² rows do not fit int32 row indices; "
+            "lower n_keys",
+        )
+        _require(
+            self.pre_score_act in ("identity", "gelu"),
+            f"{prefix}.pre_score_act",
+            f"unknown activation '{self.pre_score_act}'; allowed: identity, gelu",
+        )
+        _require(
+            self.init in ("paper", "release"),
+            f"{prefix}.init",
+            f"unknown scheme '{self.init}'; allowed: paper, release",
+        )
+        _require(
+            self.implementation in ("auto", "xla", "pallas"),
+            f"{prefix}.implementation",
+            f"unknown implementation '{self.implementation}'; allowed: auto, xla, pallas",
+        )
         _require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", "must be in [0, 1)")
         _require(self.calibration_tokens >= 16, f"{prefix}.calibration_tokens", "must be >= 16")
         parse_lr_multiplier(self.value_lr, f"{prefix}.value_lr")

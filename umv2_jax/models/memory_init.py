@@ -1,0 +1,214 @@
+"""Initialization of the UltraMemV2 memory layer (SPEC §4): `paper` and `release`.
+
+    init = memory_initializers(model_config)     # every initializer the layer and its tables need
+    calibration = calibrate(model_config)        # `paper` only: the Monte-Carlo gain and σ_s
+
+`paper` (the paper's principled initialization):
+    W_q, W_p, W_o ~ N(0, sqrt(2/(5h))) truncated at ±3σ, like every backbone projection.
+    γ_q = γ_k = g, chosen so that the mean selected score is ≈ 1. The selected score of a slot is the
+    total Σ_c s^c_ℓ by which stage 2 selected it (SPEC step 5). Every such score is a product of two
+    per-rank dot products, each linear in γ_q·γ_k, so it scales exactly with g⁴: one Monte-Carlo pass
+    at g = 1 (random unit-variance inputs through the real retrieval code) gives the mean μ₁ and
+    g = μ₁^(-1/4); a second pass at g confirms the mean and measures σ_s, the std of the selected scores.
+    V, P ~ N(0, σ_V) truncated, σ_V⁴ = 0.2·k_inner·h / (m·heads·(1+σ_s²)·D_p·D_v·L), k_inner = d_ff/h,
+    which sets the memory output variance to the FFN's (SPEC §4). Why the total and not the per-core
+    score: the constant 0.2 treats silu(z) as z (E[silu(z)²] is 0.12, not 0.4, for z ~ N(0, 0.4)), so
+    the formula overestimates the FFN's variance ≈ 3.3×; with per-core scores of mean 1 the memory
+    output std comes out ≈ 2× the FFN's, while with totals of mean 1 each of the C = 2 cores carries
+    about half the score and the two std's agree within ≈ 10% at init (see tests/models/
+    test_memory_init.py). Without pre-values (D_p = 0) the same derivation gives σ_V² = 0.08·k_inner·h /
+    (m·heads·(1+σ_s²)·D_v·L).
+    Keys ~ N(0, D_k^-0.5) truncated and cores ~ U[0, 1] as in the release: the paper gives no rule for
+    them (keys are RMS-normalized on the fly, so their scale only sets the size of their gradients).
+
+`release` (the authors' constants, SPEC §4): γ_q = γ_k = D_k^-0.4; W_q ~ N(0, D_k^-0.5); keys
+N(0, D_k^-0.5); W_p ~ N(0, h^-0.5); W_o ~ N(0, (G·D_v)^-0.5) with G = key_expand²; values and
+pre-values N(0, 0.02); cores U[0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from umv2_jax.config import ModelConfig
+from umv2_jax.models import init as init_lib
+from umv2_jax.models.retrieval import RetrievalInit, TuckerRetrieval
+
+logger = logging.getLogger("umv2_jax")
+
+# The calibration is a property of the config, not of one model's draw: a fixed seed makes it a pure
+# function of the config, so the tables (built first, at model level) and every layer agree on it.
+CALIBRATION_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryInit:
+    """Initializers of one memory layer and its tables.
+
+    retrieval:     W_q, keys, cores and the q/k gain (see `RetrievalInit`)
+    pre_value_proj W_p [h, D_p];  output_proj W_o [D_v, h]
+    values         V [L, n², D_v];  pre_values P [L, n², D_p]
+    value_std      σ of V and P (for logs and tests)
+    """
+
+    retrieval: RetrievalInit
+    pre_value_proj: nnx.Initializer
+    output_proj: nnx.Initializer
+    values: nnx.Initializer
+    pre_values: nnx.Initializer
+    value_std: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Result of the `paper` Monte-Carlo calibration.
+
+    gain:           γ_q = γ_k start value g = raw_mean_score^(-1/4)
+    raw_mean_score: mean selected score Σ_c s^c at g = 1
+    mean_score:     mean selected score at g (≈ 1 by construction)
+    sigma_s:        std of the selected scores at g
+    value_std:      σ_V of values and pre-values from SPEC §4's formula
+    tokens:         Monte-Carlo tokens used
+    """
+
+    gain: float
+    raw_mean_score: float
+    mean_score: float
+    sigma_s: float
+    value_std: float
+    tokens: int
+
+
+def memory_initializers(config: ModelConfig) -> MemoryInit:
+    """The initializers `config.memory.init` selects (SPEC §4)."""
+    memory = config.memory
+    h, key_dim = config.d_model, memory.key_dim
+    key_init = init_lib.truncated_normal(key_dim**-0.5)
+    if memory.init == "release":
+        groups = memory.key_expand**2
+        return MemoryInit(
+            retrieval=RetrievalInit(
+                query=_normal(key_dim**-0.5),
+                keys=_normal(key_dim**-0.5),
+                cores=_uniform01,
+                gain=key_dim**-0.4,
+            ),
+            pre_value_proj=_normal(h**-0.5),
+            output_proj=_normal((groups * memory.value_dim) ** -0.5),
+            values=_normal(0.02),
+            pre_values=_normal(0.02),
+            value_std=0.02,
+        )
+    projection = init_lib.truncated_normal(projection_std(config))
+    calibration = calibrate(config)
+    value_init = init_lib.truncated_normal(calibration.value_std)
+    return MemoryInit(
+        retrieval=RetrievalInit(
+            query=projection, keys=key_init, cores=_uniform01, gain=calibration.gain
+        ),
+        pre_value_proj=projection,
+        output_proj=projection,
+        values=value_init,
+        pre_values=value_init,
+        value_std=calibration.value_std,
+    )
+
+
+def projection_std(config: ModelConfig) -> float:
+    """σ = sqrt(2/(5h)) of the memory projections W_q, W_p, W_o under `paper` (SPEC §4)."""
+    return init_lib.backbone_std(config)
+
+
+def paper_value_std(config: ModelConfig, sigma_s: float) -> float:
+    """σ_V of values and pre-values under `paper` for a selected-score std σ_s (SPEC §4)."""
+    memory = config.memory
+    k_inner = config.d_ff / config.d_model
+    common = memory.topk * memory.heads * (1.0 + sigma_s**2) * memory.value_dim * config.num_layers
+    if memory.pre_value_dim > 0:
+        fourth = 0.2 * k_inner * config.d_model / (common * memory.pre_value_dim)
+        return fourth**0.25
+    # No pre-values: p_ℓ = 1, so Var(y) is linear in σ_V² (E[p²] = 1 replaces 0.4·D_p·σ_P²).
+    return math.sqrt(0.08 * k_inner * config.d_model / common)
+
+
+@functools.lru_cache(maxsize=32)
+def calibrate(config: ModelConfig) -> Calibration:
+    """Monte-Carlo calibration of the q/k gain and σ_s for `init: paper` (SPEC §4). Cached per config.
+
+    Runs `config.memory.calibration_tokens` random N(0, 1) inputs (the normalized block input has unit
+    variance) through a freshly initialized `TuckerRetrieval`, first at gain 1 and then at the
+    calibrated gain, with `implementation=config.memory.implementation`. Logs the result.
+    """
+    memory = config.memory
+    keys_per_side = memory.key_expand * memory.effective_keys(config.num_layers)
+    initializers = RetrievalInit(
+        query=init_lib.truncated_normal(projection_std(config)),
+        keys=init_lib.truncated_normal(memory.key_dim**-0.5),
+        cores=_uniform01,
+        gain=1.0,
+    )
+
+    # One compiled program builds the retrieval and scores the inputs; it runs at gain 1 and then at
+    # the calibrated gain. (Op-by-op, every initializer and retrieval primitive would compile on its
+    # own: tens of seconds on a small CPU.)
+    @jax.jit
+    def selected_scores(gain):
+        retrieval = TuckerRetrieval(
+            memory, config.d_model, keys_per_side, initializers, nnx.Rngs(params=CALIBRATION_SEED)
+        )
+        retrieval.query_gain[...] = jnp.full_like(retrieval.query_gain[...], gain)
+        retrieval.key_gain[...] = jnp.full_like(retrieval.key_gain[...], gain)
+        inputs = jax.random.normal(
+            jax.random.key(CALIBRATION_SEED + 1), (memory.calibration_tokens, config.d_model)
+        )
+        core_scores = retrieval(inputs, implementation=memory.implementation).core_scores
+        return jnp.sum(core_scores, axis=-1)  # the total score each slot was selected by
+
+    # Evaluate eagerly even when the model is being built under a trace (e.g. nnx.eval_shape for
+    # sharded init): the calibration's inputs are all concrete.
+    with jax.ensure_compile_time_eval():
+        raw_mean = float(jnp.mean(selected_scores(1.0)))
+        if not raw_mean > 0:
+            raise RuntimeError(
+                f"memory init calibration: mean selected score at gain 1 is {raw_mean:.3g} (must be "
+                "> 0 to solve for the q/k gain); check the retrieval config"
+            )
+        gain = raw_mean**-0.25
+        scores = selected_scores(gain)
+        mean_score, sigma_s = float(jnp.mean(scores)), float(jnp.std(scores))
+    result = Calibration(
+        gain=gain,
+        raw_mean_score=raw_mean,
+        mean_score=mean_score,
+        sigma_s=sigma_s,
+        value_std=paper_value_std(config, sigma_s),
+        tokens=memory.calibration_tokens,
+    )
+    logger.info(
+        "memory init calibration (%d tokens): q/k gain %.4f, mean selected score %.4f, "
+        "sigma_s %.4f, value std %.4g",
+        result.tokens,
+        result.gain,
+        result.mean_score,
+        result.sigma_s,
+        result.value_std,
+    )
+    return result
+
+
+def _normal(std: float) -> nnx.Initializer:
+    def init(key, shape, dtype=jnp.float32):
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return init
+
+
+def _uniform01(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, jnp.float32, 0.0, 1.0).astype(dtype)
