@@ -1,0 +1,136 @@
+"""grouped_matmul: every implementation against the per-group loop, forward and gradients."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from umv2_jax.ops import grouped_matmul as gmm_lib
+from umv2_jax.ops.grouped_matmul import grouped_matmul, grouped_matmul_reference
+
+# (implementation, extra keyword arguments): everything that runs on CPU. megablox runs in the
+# Pallas interpreter.
+CPU_IMPLEMENTATIONS = [
+    ("block_padded", {"block_size": 1}),
+    ("block_padded", {"block_size": 4}),
+    ("block_padded", {}),  # the default block of 16 rows
+    ("ragged_dot", {}),
+    ("megablox", {"interpret": True}),
+]
+IDS = ["block1", "block4", "block16", "ragged_dot", "megablox-interpret"]
+
+# (rows M, group sizes): uneven with an empty group, one group takes everything, rows past the
+# groups (they must come out as zeros), no rows at all in any group.
+GROUPINGS = [
+    (32, [5, 0, 17, 10]),
+    (24, [0, 0, 24, 0]),
+    (20, [3, 4, 0, 2]),
+    (8, [0, 0, 0, 0]),
+]
+GROUPING_IDS = ["uneven", "one-group", "rows-past-groups", "all-empty"]
+
+
+def _inputs(rows: int, groups: int, in_dim: int = 12, out_dim: int = 20, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lhs = rng.standard_normal((rows, in_dim), np.float32)
+    rhs = rng.standard_normal((groups, in_dim, out_dim), np.float32)
+    cotangent = rng.standard_normal((rows, out_dim), np.float32)
+    return jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(cotangent)
+
+
+def _output_and_gradients(op, lhs, rhs, group_sizes, cotangent):
+    """op(lhs, rhs, group_sizes) and the gradients of sum(op(...) · cotangent) w.r.t. lhs and rhs."""
+
+    def run(a, b, gs, ct):
+        out, pullback = jax.vjp(lambda x, w: op(x, w, gs), a, b)
+        return out, pullback(ct)
+
+    return jax.jit(run)(lhs, rhs, group_sizes, cotangent)
+
+
+@functools.cache
+def _expected(rows: int, sizes: tuple[int, ...]):
+    lhs, rhs, cotangent = _inputs(rows, len(sizes), seed=rows)
+    reference = lambda a, b, _: grouped_matmul_reference(a, b, sizes)
+    return _output_and_gradients(reference, lhs, rhs, None, cotangent)
+
+
+@pytest.mark.parametrize("rows, sizes", GROUPINGS, ids=GROUPING_IDS)
+@pytest.mark.parametrize("implementation, options", CPU_IMPLEMENTATIONS, ids=IDS)
+def test_matches_per_group_loop_forward_and_gradients(implementation, options, rows, sizes):
+    lhs, rhs, cotangent = _inputs(rows, len(sizes), seed=rows)
+
+    def op(a, b, gs):
+        return grouped_matmul(a, b, gs, implementation=implementation, **options)
+
+    # group_sizes is traced: the implementations must not need it concrete.
+    group_sizes = jnp.array(sizes, jnp.int32)
+    out, grads = _output_and_gradients(op, lhs, rhs, group_sizes, cotangent)
+    expected, expected_grads = _expected(rows, tuple(sizes))
+
+    assert out.shape == (rows, rhs.shape[2]) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[sum(sizes) :], 0.0)
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["block_padded", "ragged_dot"])
+def test_bfloat16_inputs_give_bfloat16_close_to_fp32_reference(implementation):
+    lhs, rhs, _ = _inputs(40, 3, in_dim=32, out_dim=16, seed=7)
+    sizes = [13, 20, 7]
+    lhs16, rhs16 = lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16)
+    op = jax.jit(functools.partial(grouped_matmul, implementation=implementation))
+    out = op(lhs16, rhs16, jnp.array(sizes, jnp.int32))
+    expected = grouped_matmul_reference(lhs16.astype(jnp.float32), rhs16.astype(jnp.float32), sizes)
+    assert out.dtype == jnp.bfloat16
+    # Inputs are exact in both; only the bf16 rounding of the fp32-accumulated output differs.
+    np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_auto_is_block_padded_on_cpu():
+    assert gmm_lib.resolve_implementation("auto") == "block_padded"
+
+
+def test_unknown_implementation_lists_the_allowed_names():
+    lhs, rhs, _ = _inputs(4, 2)
+    with pytest.raises(ValueError, match="block_padded, ragged_dot, megablox"):
+        grouped_matmul(lhs, rhs, jnp.array([2, 2], jnp.int32), implementation="pallas")
+
+
+def test_megablox_off_tpu_without_interpret_is_refused():
+    lhs, rhs, _ = _inputs(4, 2)
+    with pytest.raises(ValueError, match="TPU kernel"):
+        grouped_matmul(lhs, rhs, jnp.array([2, 2], jnp.int32), implementation="megablox")
+
+
+def test_shape_mismatch_is_reported():
+    lhs, rhs, _ = _inputs(4, 2)
+    with pytest.raises(ValueError, match="disagree"):
+        grouped_matmul(lhs, rhs, jnp.array([1, 1, 2], jnp.int32))
+
+
+def test_megablox_forward_and_backward_lower_for_tpu(monkeypatch):
+    """The real (non-interpreted) kernel lowers to Mosaic TPU custom calls from this CPU machine."""
+    monkeypatch.setattr(gmm_lib, "_platform", lambda: "tpu")
+    shapes = (
+        jax.ShapeDtypeStruct((256, 128), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4, 128, 256), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4,), jnp.int32),
+    )
+
+    def op(a, b, gs):
+        return grouped_matmul(a, b, gs, implementation="megablox")
+
+    def loss(a, b, gs):
+        return jnp.sum(op(a, b, gs).astype(jnp.float32) ** 2)
+
+    forward = jax.jit(op).trace(*shapes).lower(lowering_platforms=("tpu",)).as_text()
+    backward = jax.jit(jax.grad(loss, (0, 1))).trace(*shapes).lower(lowering_platforms=("tpu",))
+    assert forward.count("tpu_custom_call") == 1
+    # Forward gmm, lhs-gradient gmm and rhs-gradient tgmm.
+    assert backward.as_text().count("tpu_custom_call") == 3
