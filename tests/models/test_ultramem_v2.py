@@ -282,7 +282,7 @@ def test_layer_matches_spec_reference_outputs_and_gradients(case):
         **extra,
     )
     memory = config.memory
-    layer, tables = random_layer(config, block, seed=hash(case) % 1000)
+    layer, tables = random_layer(config, block, seed=list(CASES).index(case))
     rng = np.random.default_rng(7)
     u = rng.standard_normal((*TOKENS, D_MODEL)).astype(np.float32)
     cotangent = rng.standard_normal((*TOKENS, D_MODEL)).astype(np.float32)
@@ -358,6 +358,27 @@ def test_layer_matches_spec_reference_outputs_and_gradients(case):
     np.testing.assert_allclose(aux["top1_score"], totals[:, :, 0].mean(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux["topm_score"], totals.mean(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux["output_std"], np.std(np.asarray(y_ref)), rtol=1e-4)
+
+
+def test_dropout_zeroes_and_rescales_the_output_only_when_not_deterministic():
+    rate = 0.5
+    config = model_config(dropout=rate)
+    layer, tables = random_layer(config, 0, seed=31)
+    u = jnp.asarray(np.random.default_rng(32).standard_normal((4, 8, D_MODEL)), jnp.float32)
+    graphdef, state = nnx.split(layer)
+
+    def run(state, u, key, deterministic):
+        context = SparseContext(shared=tables, deterministic=deterministic, dropout_rng=key)
+        return nnx.merge(graphdef, state)(u, context)[0]
+
+    run = jax.jit(run, static_argnums=3)
+    key = jax.random.key(0)
+    clean = np.asarray(run(state, u, key, True))
+    dropped = np.asarray(run(state, u, key, False))
+    kept = dropped != 0
+    assert 0.4 < kept.mean() < 0.6
+    np.testing.assert_allclose(dropped[kept], clean[kept] / (1 - rate), rtol=1e-6)
+    assert not np.array_equal(dropped, np.asarray(run(state, u, jax.random.key(1), False)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -279,10 +279,11 @@ class UltraMemV2(nnx.Module):
         aux: dict[str, jax.Array] = {}
         singular_values = result.singular_values  # [H, r]
         rank = singular_values.shape[-1]
-        if self.tucker_penalty > 0 and rank > 1:
-            # α/(r−1)·Σ_{i≥2} relu(λ_i − τ)²: keeps Σ_c C^c near rank 1 so stage 1 stays faithful.
+        if self.tucker_penalty > 0:
+            # α/(r−1)·Σ_{i≥2} relu(λ_i − τ)²: keeps Σ_c C^c near rank 1 so stage 1 stays faithful
+            # (mean over heads). With r = 1 the core sum is rank 1 by construction: the term is 0.
             excess = jax.nn.relu(singular_values[:, 1:] - self.tucker_tau)
-            per_head = jnp.sum(excess * excess, axis=-1) / (rank - 1)
+            per_head = jnp.sum(excess * excess, axis=-1) / max(rank - 1, 1)
             aux["loss/tucker_penalty"] = self.tucker_penalty * jnp.mean(per_head)
         if self.key_balance > 0:
             aux["loss/key_balance"] = self.key_balance * result.key_balance
