@@ -15,9 +15,11 @@
     score: the constant 0.2 treats silu(z) as z (E[silu(z)²] is 0.12, not 0.4, for z ~ N(0, 0.4)), so
     the formula overestimates the FFN's variance ≈ 3.3×; with per-core scores of mean 1 the memory
     output std comes out ≈ 2× the FFN's, while with totals of mean 1 each of the C = 2 cores carries
-    about half the score and the two std's agree within ≈ 10% at init (see tests/models/
-    test_memory_init.py). Without pre-values (D_p = 0) the same derivation gives σ_V² = 0.08·k_inner·h /
-    (m·heads·(1+σ_s²)·D_v·L).
+    about half the score and the memory output std is 1.06–1.24× the FFN's at init (measured on the
+    T- and S-umv2 configs of EVAL.md and on small variants; tests/models/test_memory_init.py checks the
+    0.5–2× band). The formula's silu constant is not corrected here, so other core counts drift from
+    parity: ≈ 2.3× with C = 1, ≈ 0.5× with C = 4. Without pre-values (D_p = 0) the same derivation gives
+    σ_V² = 0.08·k_inner·h / (m·heads·(1+σ_s²)·D_v·L).
     Keys ~ N(0, D_k^-0.5) truncated and cores ~ U[0, 1] as in the release: the paper gives no rule for
     them (keys are RMS-normalized on the fly, so their scale only sets the size of their gradients).
 
