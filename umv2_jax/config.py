@@ -184,6 +184,138 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class ProductKeyConfig:
+    """Product-key memory baselines (SPEC §7): `ultramem` (v1), `memory_plus`, `pkm`, `peer`.
+
+    Each head scores n row sub-keys and n column sub-keys; a grid cell (i, j) addresses row i·n + j of
+    an n²-row table (PEER: n² single-neuron experts). Equations: umv2_jax.models.product_key.
+    """
+
+    n_keys: int = 32  # n: sub-keys per side; n² value rows per table
+    key_dim: int = 32  # D_k: one sub-query / sub-key (a head's query has 2·D_k numbers)
+    heads: int = 1
+    topk: int = 8  # m: rows selected per token per head
+    rc_topk: int = 0  # candidates kept per side before the final top-m; 0 = topk (Lample)
+    value_dim: int = 0  # D_v; 0 = d_model (pkm and peer need d_model: their rows are outputs)
+    query_norm: bool = True  # RMSNorm on every sub-query (the BatchNorm-free query norm)
+    key_norm: bool = False  # RMSNorm on the sub-keys too (Memory+'s qk-norm)
+    activation: Literal["gelu", "identity"] = "gelu"  # peer: σ of an expert's neuron
+    skip_layers: str = ""  # ultramem: "a:b/c:d", input of block a → added after block b
+    value_expand: int = 1  # ultramem: virtual groups G (a square, E = sqrt(G)), W_o: G·D_v → h
+    tucker_rank: int = 2  # ultramem: Tucker rank r of its retrieval (TDQKR)
+    n_cores: int = 2  # ultramem: cores of multi-core scoring; D_v splits into this many chunks
+    norm_eps: float = 1e-5
+    implementation: Implementation = "auto"
+
+    def resolved_rc_topk(self) -> int:
+        return self.rc_topk or self.topk
+
+    def resolved_value_dim(self, d_model: int) -> int:
+        return self.value_dim or d_model
+
+    def key_expand(self) -> int:
+        """E = sqrt(G): the virtual key grid of UltraMem v1 is (E·n)² cells over n² rows."""
+        return math.isqrt(self.value_expand)
+
+    def skip_pairs(self, prefix: str = "model.product_key") -> tuple[tuple[int, int], ...]:
+        """Parses `skip_layers` "a:b/c:d" into ((a, b), (c, d)); "" gives ()."""
+        if not self.skip_layers:
+            return ()
+        pairs = []
+        for part in self.skip_layers.split("/"):
+            source, sep, target = part.strip().partition(":")
+            _require(
+                bool(sep) and source.strip().isdigit() and target.strip().isdigit(),
+                f"{prefix}.skip_layers",
+                f"'{part}' in '{self.skip_layers}' is not INPUT:OUTPUT (e.g. 2:5/6:9)",
+            )
+            pairs.append((int(source), int(target)))
+        return tuple(pairs)
+
+    def validate(self, prefix: str, kind: str, d_model: int, num_layers: int) -> None:
+        for name in (
+            "n_keys",
+            "key_dim",
+            "heads",
+            "topk",
+            "value_expand",
+            "tucker_rank",
+            "n_cores",
+        ):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+        _require(self.rc_topk >= 0, f"{prefix}.rc_topk", "must be >= 0 (0 = topk)")
+        _require(self.value_dim >= 0, f"{prefix}.value_dim", "must be >= 0 (0 = d_model)")
+        _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
+        _require(
+            self.activation in ("gelu", "identity"),
+            f"{prefix}.activation",
+            f"unknown activation '{self.activation}'; allowed: gelu, identity",
+        )
+        _require(
+            self.implementation in ("auto", "xla", "pallas"),
+            f"{prefix}.implementation",
+            f"unknown implementation '{self.implementation}'; allowed: auto, xla, pallas",
+        )
+        value_dim = self.resolved_value_dim(d_model)
+        if kind in ("pkm", "peer"):
+            _require(
+                value_dim == d_model,
+                f"{prefix}.value_dim",
+                f"{kind} rows are added to the residual, so value_dim must be d_model={d_model} "
+                "(or 0)",
+            )
+        if kind != "ultramem":
+            _require(
+                not self.skip_layers,
+                f"{prefix}.skip_layers",
+                "skip-layer wiring is UltraMem v1's (sparse: ultramem); place other layers with "
+                "model.sparse_layers",
+            )
+            _require(
+                self.value_expand == 1, f"{prefix}.value_expand", "only sparse: ultramem uses it"
+            )
+        expand = 1
+        if kind == "ultramem":
+            expand = self.key_expand()
+            _require(
+                expand * expand == self.value_expand,
+                f"{prefix}.value_expand",
+                f"{self.value_expand} is not a square (G = E² virtual groups; e.g. 1, 4, 9)",
+            )
+            _require(
+                value_dim % self.n_cores == 0,
+                f"{prefix}.value_dim",
+                f"{value_dim} is not divisible by n_cores={self.n_cores}",
+            )
+            pairs = self.skip_pairs(prefix)
+            for source, target in pairs:
+                _require(
+                    0 <= source <= target < num_layers,
+                    f"{prefix}.skip_layers",
+                    f"'{source}:{target}' needs 0 <= input <= output < num_layers={num_layers}",
+                )
+            spans = sorted(pairs)
+            for (_, end), (start, _) in zip(spans, spans[1:]):
+                _require(
+                    end < start,
+                    f"{prefix}.skip_layers",
+                    f"spans in '{self.skip_layers}' overlap (each block may belong to one span)",
+                )
+        side = expand * self.n_keys
+        rc_topk = self.resolved_rc_topk()
+        _require(
+            self.topk <= rc_topk <= side,
+            f"{prefix}.rc_topk",
+            f"{rc_topk} must be in [topk={self.topk}, keys per side={side}]",
+        )
+        _require(
+            self.n_keys**2 < 2**31 and side * side < 2**31,
+            f"{prefix}.n_keys",
+            f"({side})² grid cells do not fit int32 indices; lower n_keys",
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer (SPEC §1) with an optional sparse layer in each block."""
 
@@ -205,6 +337,7 @@ class ModelConfig:
     sparse_layers: tuple[int, ...] | None = None  # blocks holding the sparse layer; None = all
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    product_key: ProductKeyConfig = field(default_factory=ProductKeyConfig)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -217,6 +350,9 @@ class ModelConfig:
     def sparse_layer_indices(self) -> tuple[int, ...]:
         if self.sparse == "none":
             return ()
+        if self.sparse == "ultramem" and self.product_key.skip_layers:
+            # UltraMem v1's skip-layer memories sit in the block their output is added after.
+            return tuple(sorted(target for _, target in self.product_key.skip_pairs()))
         if self.sparse_layers is None:
             return tuple(range(self.num_layers))
         return tuple(self.sparse_layers)
@@ -261,6 +397,17 @@ class ModelConfig:
             self.memory.validate(f"{prefix}.memory", self.num_layers)
         if self.sparse == "moe":
             self.moe.validate(f"{prefix}.moe")
+        if self.sparse in ("ultramem", "memory_plus", "pkm", "peer"):
+            self.product_key.validate(
+                f"{prefix}.product_key", self.sparse, self.d_model, self.num_layers
+            )
+            if self.sparse == "ultramem" and self.product_key.skip_layers:
+                outputs = tuple(sorted(t for _, t in self.product_key.skip_pairs()))
+                _require(
+                    self.sparse_layers is None or tuple(sorted(self.sparse_layers)) == outputs,
+                    f"{prefix}.sparse_layers",
+                    f"must be unset or {list(outputs)}: product_key.skip_layers places the memories",
+                )
 
 
 @dataclass(frozen=True)
