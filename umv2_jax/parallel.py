@@ -68,7 +68,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> dict[str, Any]:
 
     def sharding(variable: nnx.Variable) -> NamedSharding:
         axes = variable.get_metadata().get("out_sharding")
-        return NamedSharding(mesh, logical_to_spec(axes, variable[...].shape, mesh))
+        return NamedSharding(mesh, logical_to_spec(axes, variable.get_raw_value().shape, mesh))
 
     tree = jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return tree.to_pure_dict()

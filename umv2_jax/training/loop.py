@@ -12,6 +12,7 @@ A non-finite loss stops the run with `TrainingDiverged`, keeping the last good c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -75,27 +76,34 @@ class Setup:
 
 
 def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
-    """Initializes the model and optimizer on the mesh (parameters sharded by their logical axes)."""
+    """Initializes the model and optimizer on the mesh, sharded by the parameters' logical axes.
+
+    Initialization is one jitted program whose outputs are laid out by `out_shardings`, so no host
+    ever holds the whole model (and op-by-op init, slow to dispatch, is avoided).
+    """
     mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    model = Transformer(config.model, nnx.Rngs(config.train.seed))
-    param_state = nnx.state(model, nnx.Param)
-    rest_state = nnx.state(model, nnx.Not(nnx.Param))
-    param_shardings = parallel.state_shardings(param_state, mesh)
-    rest_shardings = parallel.state_shardings(rest_state, mesh)
-    labels = parameter_labels(param_state)
-    parts, params, rest = ModelParts.split(model)
-    del model, param_state, rest_state
-    params = jax.device_put(params, param_shardings)
-    rest = jax.device_put(rest, rest_shardings)
+    seed = config.train.seed
+    abstract = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(seed)))
+    param_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh)
+    rest_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Not(nnx.Param)), mesh)
+    labels = parameter_labels(nnx.state(abstract, nnx.Param))
+    parts, _, _ = ModelParts.split(abstract)
+
+    @functools.partial(jax.jit, out_shardings=(param_shardings, rest_shardings))
+    def initialize():
+        _, params, rest = ModelParts.split(Transformer(config.model, nnx.Rngs(seed)))
+        return params, rest
+
+    params, rest = initialize()
     optimizer = make_optimizer(config, labels)
     references = parallel.path_index(param_shardings, params)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_shardings = parallel.shardings_like(opt_shapes, references, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     replicated = parallel.replicated(mesh)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    state = {"params": params, "opt_state": opt_state, "step": step}
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
-    state["step"] = jax.device_put(state["step"], replicated)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     return Setup(
         config, mesh, parts, state, rest, state_shardings, rest_shardings, optimizer, count
