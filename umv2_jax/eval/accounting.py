@@ -1,6 +1,6 @@
 """Parameters, FLOPs and decode memory traffic of a model config, computed without allocating it.
 
-    python -m umv2_jax.eval.accounting --config configs/paper/umv2_227m.yaml [--set k=v] [--json]
+    python -m umv2_jax.eval.accounting --config configs/paper/ultramem_v2_227m.yaml [--set k=v] [--json]
     python -m umv2_jax.eval.accounting --match configs/eval/s_moe.yaml configs/eval/s_umv2.yaml \\
         [--dense configs/eval/s_dense.yaml]            # exit status 1 when a match fails
     python -m umv2_jax.eval.accounting --paper-table  # the 227M family against the paper's numbers
