@@ -1,12 +1,14 @@
 """Forward + backward time and peak memory of one sparse block against the dense FFN it replaces.
 
     python benchmarks/layer_step.py                 # table
-    python benchmarks/layer_step.py --json          # one JSON object (umv2_over_dense, peaks in bytes)
+    python benchmarks/layer_step.py --json          # one JSON object: umv2_over_dense,
+                                                    # moe_over_dense, umv2_over_moe, peaks in bytes
 
 The blocks are the FFN slot of the S-size models of EVAL.md (d = 128), fed the same normalized input
 u: [tokens, d] and differentiated w.r.t. every parameter and u, as in a training step:
 
     dense   SwiGLU 512
+    moe     64 experts × SwiGLU 64, top-8, dropless (replaces the FFN)
     umv2    SwiGLU 416 + UltraMemV2 (n 146, D_k 32, r 2, C 2, k = m = 16, D_v 48, D_p 16, 1 head),
             reading a stack of 4 layers' value tables as a model's layer 0 does
 
@@ -37,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from umv2_jax.config import MemoryConfig, ModelConfig
+from umv2_jax.config import MemoryConfig, ModelConfig, MoEConfig
+from umv2_jax.models.moe import MoE
 from umv2_jax.models.sparse import SparseContext
 from umv2_jax.models.transformer import SwiGLU
 from umv2_jax.models.ultramem_v2 import MemoryTables, UltraMemV2
@@ -130,8 +133,41 @@ def build_umv2(tokens: int) -> Block:
     )
 
 
+def build_moe(tokens: int) -> Block:
+    """S-moe: 64 experts × SwiGLU 64, top-8, dropless, replacing the FFN (block_padded on CPU)."""
+    config = dataclasses.replace(
+        small_config(0),
+        sparse="moe",
+        moe=MoEConfig(num_experts=64, top_k=8, expert_d_ff=64),
+    )
+    config.validate()
+    graphdef, params = _init(lambda: MoE(config, nnx.Rngs(0)))
+
+    def apply(p, u):
+        y, aux = nnx.merge(graphdef, p)(u[None], SparseContext())
+        return y[0] + sum(v for k, v in aux.items() if k.startswith("loss/"))
+
+    return Block(
+        name="moe",
+        description=f"64 experts × SwiGLU 64, top-8 ({config.moe.implementation}: "
+        f"{_moe_implementation(config)}, block {config.moe.block_size})",
+        params=params,
+        apply=apply,
+    )
+
+
+def _moe_implementation(config: ModelConfig) -> str:
+    from umv2_jax.ops.grouped_matmul import resolve_implementation
+
+    return resolve_implementation(config.moe.implementation)
+
+
 # Builders by name; the first is the baseline every ratio is taken against.
-BLOCKS: dict[str, Callable[[int], Block]] = {"dense": build_dense, "umv2": build_umv2}
+BLOCKS: dict[str, Callable[[int], Block]] = {
+    "dense": build_dense,
+    "moe": build_moe,
+    "umv2": build_umv2,
+}
 
 
 def measure(blocks: list[Block], tokens: int, warmup: int, reps: int) -> dict[str, dict[str, Any]]:
@@ -209,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"{name}_gathered_residuals"] = result["gathered_residuals"]
         if name != names[0]:
             summary[f"{name}_over_{names[0]}"] = result["median_s"] / baseline["median_s"]
+    if "umv2" in results and "moe" in results:
+        summary["umv2_over_moe"] = results["umv2"]["median_s"] / results["moe"]["median_s"]
     if args.json:
         print(json.dumps(summary))
         return 0

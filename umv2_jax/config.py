@@ -166,7 +166,7 @@ class MoEConfig:
     z_loss: float = 0.001  # router z-loss weight
     shared_expert_d_ff: int = 0  # 0 = no shared expert
     implementation: Literal["auto", "block_padded", "ragged_dot", "megablox"] = "auto"
-    block_size: int = 16  # row block of the block-padded grouped matmul
+    block_size: int = 64  # row block of block_padded (64 is ≈2× faster than 16 on CPU at S-moe scale)
 
     def validate(self, prefix: str) -> None:
         _require(self.num_experts >= 1, f"{prefix}.num_experts", "must be >= 1")
@@ -370,9 +370,7 @@ class ModelConfig:
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
                 "set model.head_dim explicitly or change num_heads",
             )
-        _require(
-            self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim", "must be even for RoPE"
-        )
+        _require(self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim", "must be even for RoPE")
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be > 0")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
         if self.sparse_layers is not None:
@@ -669,7 +667,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Config:
     """Reads a YAML config (or the defaults when `path` is None), applies overrides, validates."""
     data: dict[str, Any] = {}
     if path is not None:

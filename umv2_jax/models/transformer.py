@@ -140,13 +140,17 @@ class Block(nnx.Module):
         u = self.ffn_norm(x_mid)
         context.taps[self.index] = u
         x_next = x_mid
+        ffn_out = None
         if self.ffn is not None:
-            x_next = x_next + self.ffn(u).astype(x.dtype)
+            ffn_out = self.ffn(u)
+            x_next = x_next + ffn_out.astype(x.dtype)
         aux: dict[str, jax.Array] = {}
         if self.sparse is not None:
             source = getattr(self.sparse, "input_block", self.index)
             y, aux = self.sparse(context.taps[source], context)
             x_next = x_next + y.astype(x.dtype)
+            if ffn_out is not None:  # SPEC §6: memory vs FFN output std, side by side
+                aux = {**aux, "ffn_output_std": jnp.std(ffn_out.astype(jnp.float32))}
         return x_next, aux
 
 
