@@ -611,6 +611,7 @@ def test_transformer_holds_the_tables_once_and_every_block_its_layer():
     assert logits.shape == (2, 4, config.padded_vocab_size)
     expected = {"rows_hit_fraction", "top1_score", "topm_score", "output_std", "lambda1", "lambda2"}
     expected.add("ffn_output_std")  # the block reports the FFN's beside the memory's (SPEC §6)
+    expected |= {"hits/rows", "hits/addressable"}  # per-row hit mask for eval-window coverage
     assert set(aux) == {f"layer{b}/{name}" for b in range(3) for name in expected}
 
 

@@ -133,3 +133,22 @@ def test_generate_from_checkpoint(tmp_path, tiny_config):
     assert step == 8
     text = generate(config, parts, params, rest, "ROMEO:", 10, 0.0, 0, 0)
     assert isinstance(text, str) and len(text.encode("utf-8", "replace")) <= 40
+
+
+def test_eval_reports_rows_hit_over_the_whole_eval_window():
+    from umv2_jax.training.step import summarize_eval
+
+    def batch(hit_rows):
+        mask = np.zeros(10, bool)
+        mask[hit_rows] = True
+        return {
+            "loss_sum": 2.0, "tokens": 4.0, "byte_loss_sum": 2.0, "bytes": 4.0,
+            "layer0/rows_hit_fraction": mask.sum() / 8,
+            "layer0/hits/rows": mask, "layer0/hits/addressable": 8.0,
+        }
+
+    summary = summarize_eval([batch([0, 1, 2]), batch([2, 3]), batch([7])])
+    assert summary["eval/layer0/rows_hit_fraction"] == pytest.approx((3 / 8 + 2 / 8 + 1 / 8) / 3)
+    assert summary["eval/layer0/rows_hit_fraction_window"] == pytest.approx(5 / 8)
+    assert summary["eval_loss"] == pytest.approx(0.5)
+    assert not any("hits/" in key for key in summary)

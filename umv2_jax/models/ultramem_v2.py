@@ -293,6 +293,10 @@ class UltraMemV2(nnx.Module):
         hit = jnp.zeros((window_size,), jnp.bool_).at[window_rows.reshape(-1)].set(True)
         first = stop(singular_values[0])
         aux["rows_hit_fraction"] = jnp.sum(hit, dtype=jnp.float32) / self.addressable_rows()
+        # The hit mask itself, so evaluation can report rows hit over a whole eval window (SPEC §6).
+        # Keys under `hits/` are per-row vectors, not scalars: the trainer drops them, eval ORs them.
+        aux["hits/rows"] = hit
+        aux["hits/addressable"] = jnp.asarray(self.addressable_rows(), jnp.float32)
         aux["top1_score"] = jnp.mean(total[:, :, 0])
         aux["topm_score"] = jnp.mean(total)
         aux["output_std"] = jnp.std(stop(y).astype(jnp.float32))

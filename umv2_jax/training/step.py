@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -57,13 +58,17 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+HITS = "hits/"  # aux entries that are per-row hit masks (memory layers), used by evaluation only
+
+
 def split_aux(aux: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(sum of the `…loss/…` entries, every entry as fp32 scalars)."""
+    """(sum of the `…loss/…` entries, every scalar entry as fp32; `hits/` masks are left out)."""
     total = jnp.zeros((), jnp.float32)
     for name, value in aux.items():
         if "loss/" in name:
             total = total + value.astype(jnp.float32)
-    return total, {name: jnp.asarray(value, jnp.float32) for name, value in aux.items()}
+    scalars = {n: jnp.asarray(v, jnp.float32) for n, v in aux.items() if HITS not in n}
+    return total, scalars
 
 
 def make_train_step(
@@ -148,7 +153,9 @@ def make_eval_step(parts: ModelParts):
         losses = token_losses(logits, batch["targets"]) * batch["loss_mask"]
         is_byte = (batch["targets"] < BYTE_VOCAB).astype(jnp.float32) * batch["loss_mask"]
         _, aux_metrics = split_aux(aux)
+        hits = {name: value for name, value in aux.items() if HITS in name}
         return {
+            **hits,
             "loss_sum": jnp.sum(losses),
             "tokens": jnp.sum(batch["loss_mask"]),
             "byte_loss_sum": jnp.sum(losses * is_byte),
@@ -160,8 +167,10 @@ def make_eval_step(parts: ModelParts):
 
 
 def summarize_eval(sums: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean loss (nats/token), bits per byte, and mean of every aux metric over eval batches."""
-    total = {key: sum(float(s[key]) for s in sums) for key in sums[0]}
+    """Mean loss (nats/token), bits per byte, the mean of every aux metric over eval batches, and
+    for memory layers the fraction of addressable rows hit anywhere in the eval window."""
+    scalars = [key for key in sums[0] if HITS not in key]
+    total = {key: sum(float(s[key]) for s in sums) for key in scalars}
     result = {
         "eval_loss": total["loss_sum"] / max(total["tokens"], 1.0),
         "eval_bpb": total["byte_loss_sum"] / max(total["bytes"], 1.0) / math.log(2.0),
@@ -169,4 +178,10 @@ def summarize_eval(sums: list[dict[str, Any]]) -> dict[str, float]:
     for key, value in total.items():
         if key not in ("loss_sum", "tokens", "byte_loss_sum", "bytes"):
             result[f"eval/{key}"] = value / len(sums)
+    for key in sums[0]:
+        if key.endswith(HITS + "rows"):
+            layer = key[: -len(HITS + "rows")]
+            hit_anywhere = np.logical_or.reduce([np.asarray(s[key], bool) for s in sums])
+            addressable = float(sums[0][layer + HITS + "addressable"])
+            result[f"eval/{layer}rows_hit_fraction_window"] = float(hit_anywhere.sum()) / addressable
     return result
