@@ -26,7 +26,9 @@ def test_defaults_validate():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: mine\nmodel:\n  num_layers: 3\ntrain:\n  steps: 7\n")
-    config = load_config(path, ["model.d_model=96", "model.num_heads=3", "train.learning_rate=1e-3"])
+    config = load_config(
+        path, ["model.d_model=96", "model.num_heads=3", "train.learning_rate=1e-3"]
+    )
     assert (config.name, config.model.num_layers, config.model.d_model) == ("mine", 3, 96)
     assert config.train.steps == 7 and config.train.learning_rate == pytest.approx(1e-3)
 
@@ -38,7 +40,9 @@ def test_round_trip_through_dict():
 
 
 def test_unknown_key_suggests_the_close_one():
-    with pytest.raises(ConfigError, match=r"unknown config key 'model.num_layer'; did you mean 'model.num_layers'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'model.num_layer'; did you mean 'model.num_layers'"
+    ):
         load_config(None, ["model.num_layer=4"])
 
 
@@ -54,7 +58,10 @@ def test_unknown_section():
         ("model.num_layers=2.5", "'model.num_layers': expected an integer"),
         ("model.tie_embeddings=3", "'model.tie_embeddings': expected true or false"),
         ("train.learning_rate=fast", "'train.learning_rate': expected a number"),
-        ("model.compute_dtype=float16", "'model.compute_dtype': 'float16' is not allowed; allowed: float32, bfloat16"),
+        (
+            "model.compute_dtype=float16",
+            "'model.compute_dtype': 'float16' is not allowed; allowed: float32, bfloat16",
+        ),
         ("model.sparse=switch", "'model.sparse': 'switch' is not allowed"),
     ],
 )

@@ -26,7 +26,9 @@ def load_run(workdir: str):
 
     path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{workdir} holds no run (no {checkpoint_lib.CONFIG_FILE}); train first")
+        raise CheckpointError(
+            f"{workdir} holds no run (no {checkpoint_lib.CONFIG_FILE}); train first"
+        )
     with open(path) as handle:
         data = json.load(handle)
     data["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
@@ -44,8 +46,15 @@ def load_run(workdir: str):
 
 
 def generate(
-    config, parts, params, rest, prompt: str, max_new_tokens: int, temperature: float,
-    top_k: int, seed: int,
+    config,
+    parts,
+    params,
+    rest,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
 ) -> str:
     from umv2_jax.data import tokenizer
 
@@ -96,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     text = generate(
-        config, parts, params, rest, args.prompt, args.max_new_tokens, args.temperature,
-        args.top_k, args.seed,
+        config,
+        parts,
+        params,
+        rest,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
     )
     print(f"[{config.name}, step {step}]")
     print(args.prompt + text)

@@ -11,9 +11,24 @@ from umv2_jax.training.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
-    "--set", "model.d_ff=64", "--set", "data.seq_len=32", "--set", "train.batch_size=4",
-    "--set", "train.eval_every=4", "--set", "train.eval_batches=1", "--set", "checkpoint.every=4",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.num_layers=1",
+    "--set",
+    "model.num_heads=2",
+    "--set",
+    "model.d_ff=64",
+    "--set",
+    "data.seq_len=32",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.eval_every=4",
+    "--set",
+    "train.eval_batches=1",
+    "--set",
+    "checkpoint.every=4",
 ]
 
 
@@ -46,7 +61,9 @@ def test_train_then_resume_then_incompatible_then_generate(tmp_path, capsys):
     assert main(TINY + ["--workdir", workdir, "--steps", "4", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "final validation (step 4)" in out and "bits/byte" in out
-    assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert (tmp_path / "run" / "loss.png").is_file() and (
+        tmp_path / "run" / "metrics.jsonl"
+    ).is_file()
 
     assert main(TINY + ["--workdir", workdir, "--steps", "8", "--quiet"]) == 0
     assert "Resumed from step 4" in capsys.readouterr().out

@@ -24,7 +24,9 @@ def test_rmsnorm_matches_numpy():
     norm = tf.RMSNorm(8, 1e-6, nnx.Rngs(0))
     norm.scale[...] = jnp.arange(1.0, 9.0)
     x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
-    expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * np.arange(1, 9)
+    expected = (
+        x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * np.arange(1, 9)
+    )
     np.testing.assert_allclose(norm(jnp.asarray(x)), expected, rtol=1e-5)
 
 
@@ -56,8 +58,20 @@ def test_attention_matches_naive_causal_softmax():
     q = np.einsum("bse,end->bsnd", _np(x), _np(attention.query[...]))
     k = np.einsum("bse,end->bsnd", _np(x), _np(attention.key[...]))
     v = np.einsum("bse,end->bsnd", _np(x), _np(attention.value[...]))
-    q = _np(tf.rope(jnp.asarray(head_norm(q, _np(attention.query_norm.scale[...])), jnp.float32), positions, 1e4))
-    k = _np(tf.rope(jnp.asarray(head_norm(k, _np(attention.key_norm.scale[...])), jnp.float32), positions, 1e4))
+    q = _np(
+        tf.rope(
+            jnp.asarray(head_norm(q, _np(attention.query_norm.scale[...])), jnp.float32),
+            positions,
+            1e4,
+        )
+    )
+    k = _np(
+        tf.rope(
+            jnp.asarray(head_norm(k, _np(attention.key_norm.scale[...])), jnp.float32),
+            positions,
+            1e4,
+        )
+    )
     logits = np.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(q.shape[-1])
     logits = np.where(np.tril(np.ones((7, 7), bool)), logits, -np.inf)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
@@ -96,7 +110,9 @@ def test_vocabulary_padding_and_tied_embeddings():
 
 
 def test_every_parameter_has_logical_axes():
-    model = tf.Transformer(dataclasses.replace(SMALL, qk_norm=True, tie_embeddings=False), nnx.Rngs(0))
+    model = tf.Transformer(
+        dataclasses.replace(SMALL, qk_norm=True, tie_embeddings=False), nnx.Rngs(0)
+    )
     state = nnx.state(model, nnx.Param)
     for path, variable in nnx.to_flat_state(state):
         axes = variable.get_metadata().get("out_sharding")

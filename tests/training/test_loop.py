@@ -21,7 +21,9 @@ def _params(workdir):
 
 
 def test_loss_decreases(tmp_path, tiny_config):
-    config = tiny_config("train.steps=60", "train.eval_every=60", "checkpoint.every=60", "train.learning_rate=1e-2")
+    config = tiny_config(
+        "train.steps=60", "train.eval_every=60", "checkpoint.every=60", "train.learning_rate=1e-2"
+    )
     result = loop.train(config, str(tmp_path), **QUIET)
     first, last = result.losses[0], float(np.mean(result.losses[-5:]))
     # Byte-level start: ln(384) ≈ 5.95 nats. 60 steps reach the unigram level (≈ 3.3) and below.
@@ -38,7 +40,10 @@ def test_resume_is_exact(tmp_path, tiny_config):
     second = loop.train(config, str(tmp_path / "split"), **QUIET)
     assert first.step == 4 and second.step == 8
     assert first.losses + second.losses == straight.losses
-    for a, b in zip(jax.tree.leaves(_params(tmp_path / "straight")), jax.tree.leaves(_params(tmp_path / "split"))):
+    for a, b in zip(
+        jax.tree.leaves(_params(tmp_path / "straight")),
+        jax.tree.leaves(_params(tmp_path / "split")),
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -76,7 +81,9 @@ def test_every_checkpoint_corrupt_is_an_error(tmp_path, tiny_config):
 def test_incompatible_checkpoint_is_refused_without_writing(tmp_path, tiny_config):
     loop.train(tiny_config(), str(tmp_path), stop_after=2, **QUIET)
     before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
-    with pytest.raises(CheckpointError, match=r"different config \(model.d_model: saved 32, now 48\)"):
+    with pytest.raises(
+        CheckpointError, match=r"different config \(model.d_model: saved 32, now 48\)"
+    ):
         loop.train(tiny_config("model.d_model=48"), str(tmp_path), **QUIET)
     assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 
@@ -101,14 +108,18 @@ def test_sigterm_finishes_the_step_saves_and_returns(tmp_path, tiny_config, monk
             self.inner.set_state(state)
 
     monkeypatch.setattr(
-        loop.pipeline, "make_train_iterator", lambda *a, **k: SignalAfterThree(make_iterator(*a, **k))
+        loop.pipeline,
+        "make_train_iterator",
+        lambda *a, **k: SignalAfterThree(make_iterator(*a, **k)),
     )
     result = loop.train(tiny_config("checkpoint.every=100"), str(tmp_path), **QUIET)
     assert result.preempted and result.step == 3
     assert Checkpointer(str(tmp_path), tiny_config().checkpoint).steps() == [3]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_config, monkeypatch
+):
     real = loop.make_train_step
 
     def poisoned(*args, **kwargs):
@@ -142,9 +153,13 @@ def test_eval_reports_rows_hit_over_the_whole_eval_window():
         mask = np.zeros(10, bool)
         mask[hit_rows] = True
         return {
-            "loss_sum": 2.0, "tokens": 4.0, "byte_loss_sum": 2.0, "bytes": 4.0,
+            "loss_sum": 2.0,
+            "tokens": 4.0,
+            "byte_loss_sum": 2.0,
+            "bytes": 4.0,
             "layer0/rows_hit_fraction": mask.sum() / 8,
-            "layer0/hits/rows": mask, "layer0/hits/addressable": 8.0,
+            "layer0/hits/rows": mask,
+            "layer0/hits/addressable": 8.0,
         }
 
     summary = summarize_eval([batch([0, 1, 2]), batch([2, 3]), batch([7])])

@@ -36,7 +36,9 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
     overrides = TINY + ["train.steps=3", "train.batch_size=8", "train.eval_every=3"]
     completed = subprocess.run(
         [sys.executable, "-c", PROGRAM, json.dumps(overrides), str(tmp_path / "mesh")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -49,6 +51,9 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
     from umv2_jax.config import load_config
 
     single = loop.train(
-        load_config(None, overrides), str(tmp_path / "single"), progress=False, echo=lambda line: None
+        load_config(None, overrides),
+        str(tmp_path / "single"),
+        progress=False,
+        echo=lambda line: None,
     )
     np.testing.assert_allclose(report["losses"], single.losses, rtol=2e-5)

@@ -17,7 +17,9 @@ from umv2_jax.training.optimizer import (
 
 
 def test_warmup_then_cosine_to_min_ratio():
-    config = load_config(None, ["train.steps=1000", "train.warmup_fraction=0.1", "train.learning_rate=1e-3"])
+    config = load_config(
+        None, ["train.steps=1000", "train.warmup_fraction=0.1", "train.learning_rate=1e-3"]
+    )
     schedule = learning_rate_schedule(config)
     assert float(schedule(0)) == 0.0
     assert float(schedule(50)) == pytest.approx(0.5e-3)
@@ -27,7 +29,14 @@ def test_warmup_then_cosine_to_min_ratio():
 
 
 def test_value_lr_multiplier_decay_and_constant():
-    config = load_config(None, ["train.steps=100", "model.memory.value_lr=decay:4", "model.memory.value_lr_decay_fraction=0.5"])
+    config = load_config(
+        None,
+        [
+            "train.steps=100",
+            "model.memory.value_lr=decay:4",
+            "model.memory.value_lr_decay_fraction=0.5",
+        ],
+    )
     multiplier = value_lr_multiplier(config)
     assert float(multiplier(0)) == pytest.approx(4.0)
     assert float(multiplier(25)) == pytest.approx(2.5)
@@ -55,8 +64,14 @@ class _Toy(nnx.Module):
 def test_values_group_gets_the_multiplied_learning_rate_and_decay():
     config = load_config(
         None,
-        ["train.steps=10", "train.warmup_fraction=0", "train.learning_rate=0.1", "train.weight_decay=0.5",
-         "train.grad_clip=0", "model.memory.value_lr=constant:3"],
+        [
+            "train.steps=10",
+            "train.warmup_fraction=0",
+            "train.learning_rate=0.1",
+            "train.weight_decay=0.5",
+            "train.grad_clip=0",
+            "model.memory.value_lr=constant:3",
+        ],
     )
     toy = _Toy()
     state = nnx.state(toy, nnx.Param)

@@ -84,5 +84,7 @@ def get_sparse_builder(name: str) -> SparseBuilder:
                 raise
     if name not in _REGISTRY:
         available = ", ".join(sorted(_REGISTRY)) or "none yet"
-        raise ConfigError(f"config 'model.sparse': '{name}' is not implemented (available: {available})")
+        raise ConfigError(
+            f"config 'model.sparse': '{name}' is not implemented (available: {available})"
+        )
     return _REGISTRY[name]

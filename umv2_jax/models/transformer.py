@@ -162,7 +162,9 @@ class Transformer(nnx.Module):
         h, vocab = config.d_model, config.padded_vocab_size
         self.compute_dtype = dtype_of(config.compute_dtype)
         self.embed = init_lib.make_param(
-            rngs, init_lib.truncated_normal(init_lib.backbone_std(config)), (vocab, h),
+            rngs,
+            init_lib.truncated_normal(init_lib.backbone_std(config)),
+            (vocab, h),
             ("vocab", "embed"),
         )
         sparse_blocks = set(config.sparse_layer_indices())
@@ -182,7 +184,9 @@ class Transformer(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = init_lib.make_param(
-                rngs, init_lib.truncated_normal(init_lib.backbone_std(config)), (h, vocab),
+                rngs,
+                init_lib.truncated_normal(init_lib.backbone_std(config)),
+                (h, vocab),
                 ("embed", "vocab"),
             )
 

@@ -122,11 +122,15 @@ class Checkpointer:
             except CheckpointError:
                 raise
             except Exception as error:  # orbax/tensorstore raise many types for a damaged file
-                reason = str(error).strip().splitlines()[0][:160] if str(error) else type(error).__name__
+                reason = (
+                    str(error).strip().splitlines()[0][:160] if str(error) else type(error).__name__
+                )
                 failures.append(step)
                 log.warning(
                     "checkpoint at step %d in %s is unreadable (%s); trying the previous one",
-                    step, self.directory, reason,
+                    step,
+                    self.directory,
+                    reason,
                 )
                 continue
             if failures:
@@ -134,7 +138,9 @@ class Checkpointer:
                 log.warning(
                     "resumed from step %d because the checkpoint(s) at step(s) %s are unreadable "
                     "(moved to %s)",
-                    step, ", ".join(map(str, failures)), moved,
+                    step,
+                    ", ".join(map(str, failures)),
+                    moved,
                 )
             return step, restored.state, rest, dict(restored.data)
         raise CheckpointError(

@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="train.py",
         description="Train an UltraMemV2 / MoE / dense transformer (resumes from WORKDIR).",
     )
-    parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    parser.add_argument(
+        "--config", default=None, help="YAML config (default: configs/default.yaml)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

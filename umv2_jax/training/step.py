@@ -183,5 +183,7 @@ def summarize_eval(sums: list[dict[str, Any]]) -> dict[str, float]:
             layer = key[: -len(HITS + "rows")]
             hit_anywhere = np.logical_or.reduce([np.asarray(s[key], bool) for s in sums])
             addressable = float(sums[0][layer + HITS + "addressable"])
-            result[f"eval/{layer}rows_hit_fraction_window"] = float(hit_anywhere.sum()) / addressable
+            result[f"eval/{layer}rows_hit_fraction_window"] = (
+                float(hit_anywhere.sum()) / addressable
+            )
     return result
