@@ -174,6 +174,23 @@ def test_output_and_gradients_match_per_token_loop(implementation, monkeypatch):
     assert "dropped_fraction" not in aux
 
 
+@pytest.mark.parametrize("implementation", ["block_padded", "ragged_dot"])
+def test_experts_spanning_several_blocks_match_per_token_loop(implementation):
+    # 16 tokens × top-3 = 48 assignments over 4 experts in blocks of 2: most experts fill several
+    # blocks, some end in a half-empty one.
+    config = _config(implementation=implementation, top_k=3, block_size=2)
+    layer = moe_lib.MoE(config, nnx.Rngs(17))
+    _check_against_reference(layer, config.moe, _random((2, 8, HIDDEN), 18))
+
+
+@pytest.mark.parametrize("num_keys, size", [(5, 64), (60_000, 40_000)])
+def test_stable_argsort_is_numpys_stable_argsort(num_keys, size):
+    # The second case overflows packed int32 keys (60 000 · 40 000 ≥ 2³¹) and takes the pair sort.
+    keys = np.random.default_rng(19).integers(0, min(num_keys, 50), size).astype(np.int32)
+    order = jax.jit(moe_lib._stable_argsort, static_argnums=1)(jnp.asarray(keys), num_keys)
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+
+
 def test_renormalize_makes_the_weights_sum_to_one():
     config = _config(renormalize=True)
     layer = moe_lib.MoE(config, nnx.Rngs(3))

@@ -134,3 +134,62 @@ def test_megablox_forward_and_backward_lower_for_tpu(monkeypatch):
     assert forward.count("tpu_custom_call") == 1
     # Forward gmm, lhs-gradient gmm and rhs-gradient tgmm.
     assert backward.as_text().count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize("rows, sizes", GROUPINGS, ids=GROUPING_IDS)
+def test_block_layout_maps_rows_and_slots_to_each_other(rows, sizes):
+    block = 4
+    layout = jax.jit(gmm_lib.block_layout, static_argnums=(1, 2))(
+        jnp.array(sizes, jnp.int32), rows, block
+    )
+    slot_row, slot_valid = np.asarray(layout.slot_row), np.asarray(layout.slot_valid)
+    row_slot, row_valid = np.asarray(layout.row_slot), np.asarray(layout.row_valid)
+    np.testing.assert_array_equal(row_valid, np.arange(rows) < sum(sizes))
+    np.testing.assert_array_equal(slot_row[row_slot[row_valid]], np.flatnonzero(row_valid))
+    assert slot_valid.sum() == sum(sizes)
+    np.testing.assert_array_equal(row_slot[slot_row[slot_valid]], np.flatnonzero(slot_valid))
+    # Every group starts on a block boundary and the used blocks are exactly the padded groups.
+    padded = [-(-size // block) * block for size in sizes]
+    assert int(layout.used_blocks) == sum(padded) // block
+    expected_groups = np.repeat(np.arange(len(sizes)), np.array(padded) // block)
+    used = int(layout.used_blocks)
+    np.testing.assert_array_equal(np.asarray(layout.block_group)[:used], expected_groups)
+
+
+def test_block_padded_matmul_leaves_blocks_past_the_groups_zero():
+    sizes = jnp.array([3, 0, 6], jnp.int32)
+    layout = gmm_lib.block_layout(sizes, 9, 4)
+    lhs, rhs, _ = _inputs(layout.slot_row.shape[0], 3, seed=3)
+    out = gmm_lib.block_padded_matmul(lhs, rhs, layout)
+    used = int(layout.used_blocks) * 4
+    np.testing.assert_array_equal(out[used:], 0.0)
+    expected = jnp.concatenate([lhs[:4] @ rhs[0], lhs[4:used] @ rhs[2]])
+    np.testing.assert_allclose(out[:used], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_gather_rows_gradient_is_the_scatter_add_of_plain_indexing(copies):
+    """The gather-through-the-inverse gradient equals autodiff's scatter-add of plain indexing."""
+    rng = np.random.default_rng(4)
+    sources, out_dim = 5, 6
+    # Every source row is read `copies` times, in shuffled order, and two output rows are padding.
+    index = rng.permutation(np.repeat(np.arange(sources), copies))
+    index = np.concatenate([index, [0, 0]])
+    valid = np.arange(index.size) < sources * copies
+    inverse = np.stack([np.flatnonzero((index == s) & valid) for s in range(sources)])
+    if copies == 1:
+        inverse = inverse[:, 0]
+    source = jnp.asarray(rng.standard_normal((sources, out_dim), np.float32))
+    cotangent = jnp.asarray(rng.standard_normal((index.size, out_dim), np.float32))
+    args = (jnp.asarray(index), jnp.asarray(valid), jnp.asarray(inverse))
+
+    def gathered(x):
+        return gmm_lib.gather_rows(x, *args, jnp.ones(inverse.shape, bool))
+
+    def plain(x):
+        return jnp.where(jnp.asarray(valid)[:, None], x[jnp.asarray(index)], 0.0)
+
+    np.testing.assert_array_equal(gathered(source), plain(source))
+    grad = jax.grad(lambda x: jnp.sum(gathered(x) * cotangent))(source)
+    grad_plain = jax.grad(lambda x: jnp.sum(plain(x) * cotangent))(source)
+    np.testing.assert_allclose(grad, grad_plain, rtol=1e-6, atol=1e-6)
