@@ -130,6 +130,7 @@ def train(
     total_steps = config.train.steps
     last_step = min(stop_after, total_steps) if stop_after is not None else total_steps
     mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
+    config.check_mesh_fits_model(mesh.shape["expert"])
     process_index, process_count = jax.process_index(), jax.process_count()
     if config.train.batch_size % (process_count * _data_parallel(mesh)):
         from umv2_jax.errors import ConfigError
