@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 
@@ -115,7 +114,6 @@ def _xla_flops_per_token(model, batch: int, seq: int) -> float:
     [
         ("configs/eval/t_dense.yaml", []),
         ("configs/eval/t_umv2.yaml", []),
-        ("configs/eval/t_moe.yaml", []),
         (
             "configs/eval/t_dense.yaml",
             [
@@ -127,29 +125,30 @@ def _xla_flops_per_token(model, batch: int, seq: int) -> float:
             ],
         ),
     ],
-    ids=["dense", "umv2", "moe", "pkm"],
+    ids=["dense", "umv2", "pkm"],
 )
 def test_forward_flops_agree_with_xla_cost_analysis(path, overrides):
     """XLA counts every op: norms, SiLU, softmax, RoPE, residual adds, the one-hot matmuls that pick
     selected candidates, so it reads a few percent above the matmul-only formula at these tiny widths
-    (h = 64), never below. On CPU the MoE runs `block_padded` grouped matmuls, which compute every
-    row of a static buffer of round_up(T·k + E·(b−1), b) rows: the expert term is scaled to that
-    buffer before comparing. Tolerance: 0 ≤ XLA/analytic − 1 ≤ 8%."""
+    (h = 64), never below. Tolerance: 0 ≤ XLA/analytic − 1 ≤ 8%.
+
+    MoE is not in this list: on CPU its expert matmuls run as a loop over the used row blocks of
+    `block_padded`, and XLA's cost analysis counts a loop body once whatever its trip count, so XLA
+    cannot cross-check it here; `test_moe_forward_flops_equal_a_hand_count` checks the formula."""
     batch, seq = 4, 64
     config = load_config(_path(path), overrides + [f"data.seq_len={seq}"])
-    result = acc.account(config)
-    expected = result.flops_per_token
+    expected = acc.account(config).flops_per_token
     model = config.model
-    if model.sparse == "moe":
-        moe = model.moe
-        assignments = batch * seq * moe.top_k
-        buffer = moe.block_size * math.ceil(
-            (assignments + moe.num_experts * (moe.block_size - 1)) / moe.block_size
-        )
-        expert_flops = model.num_layers * moe.top_k * 6 * model.d_model * moe.expert_d_ff
-        expected += expert_flops * (buffer / assignments - 1.0)
     measured = _xla_flops_per_token(model, batch, seq)
     assert 0.0 <= measured / expected - 1.0 <= 0.08, (measured, expected)
+
+
+def test_moe_forward_flops_equal_a_hand_count():
+    """T-moe (h 64, 2 layers, 32 experts × SwiGLU 32, top-8): per token and layer the router is
+    2·h·E and the k chosen experts three matmuls of 2·h·d_e each (multiply-adds counted as 2 FLOPs)."""
+    result = _account("configs/eval/t_moe.yaml")
+    h, layers, experts, top_k, d_e = 64, 2, 32, 8, 32
+    assert result.flops_breakdown["sparse"] == layers * (2 * h * experts + top_k * 3 * 2 * h * d_e)
 
 
 def test_training_flops_are_three_forwards():
