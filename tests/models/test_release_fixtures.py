@@ -10,7 +10,6 @@ tolerance (≤ 1e-5 relative).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.fixtures import load_release_case
 from umv2_jax.config import MemoryConfig, ModelConfig
 from umv2_jax.models.retrieval import rank_one_vectors
 from umv2_jax.models.sparse import SparseContext
 from umv2_jax.models.ultramem_v2 import MemoryTables, UltraMemV2
-
-FIXTURES = Path(__file__).parents[2].parent / "shared/fixtures/release"
-
-pytestmark = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"release fixtures not found at {FIXTURES}"
-)
 
 TOLERANCE = 1e-5
 
@@ -43,7 +37,7 @@ def assert_close(actual, expected, name):
 
 
 def load_case(name: str):
-    data = dict(np.load(FIXTURES / f"{name}.npz"))
+    data = dict(load_release_case(name))
     meta = json.loads(str(data["meta_json"]))["args"]
     return data, meta
 

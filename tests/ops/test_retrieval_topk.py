@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures import load_release_case
 from umv2_jax.ops import retrieval_topk as retrieval_module
 
 # Jitted once per shape: eager op-by-op dispatch costs more than the tiny computations here.
@@ -18,8 +17,6 @@ retrieval_topk = jax.jit(
 retrieval_topk_reference = jax.jit(
     retrieval_module.retrieval_topk_reference, static_argnames=("rc_topk", "topk")
 )
-
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "release"
 
 
 def _rms_normalized(rng: np.random.Generator, shape) -> jnp.ndarray:
@@ -154,10 +151,7 @@ def test_heads_by_vmap_match_per_head_calls():
 
 @pytest.mark.parametrize("case", ["small_sn", "ket2_sn"])
 def test_reproduces_release_selection(case):
-    path = FIXTURES / f"{case}.npz"
-    if not path.exists():
-        pytest.skip(f"release fixture {path} not present")
-    data = np.load(path)
+    data = load_release_case(case)
     # Feed the release's per-rank scores through one-hot keys: S[t, a, i] = <q[t, a], e_i>.
     s_row = data["tdqkr/scores1_refine"][:, 0].transpose(0, 2, 1)  # [T, r, K]
     s_col = data["tdqkr/scores2_refine"][:, 0].transpose(0, 2, 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +10,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
+from tests.fixtures import load_release_case
 from umv2_jax.ops.value_bag import value_bag, value_bag_reference
-
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "release"
 
 # Small shapes; T = 37 is not a multiple of the token chunk of 8 (5 blocks, the last one padded).
 TOKENS, SLOTS, N_ROWS, VALUE_DIM, PRE_DIM, N_CORES, CHUNK = 37, 5, 30, 8, 6, 2, 8
@@ -219,10 +217,7 @@ def test_forward_and_backward_never_materialize_all_gathered_rows():
 
 @pytest.mark.parametrize("case", ["small_sn", "ket2_sn"])
 def test_reproduces_release_lookup_and_table_gradients(case):
-    path = FIXTURES / f"{case}.npz"
-    if not path.exists():
-        pytest.skip(f"release fixture {path} not present")
-    data = np.load(path)
+    data = load_release_case(case)
     values = jnp.asarray(data["param/value_layer/values_for_look_up"])
     pre_values = jnp.asarray(data["param/value_layer/pre_values_for_look_up"])
     w_out = jnp.asarray(data["param/query_layer/values_proj.weight"])  # torch [out, in]
