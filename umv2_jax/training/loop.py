@@ -132,6 +132,9 @@ def train(
     mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
     config.check_mesh_fits_model(mesh.shape["expert"])
     process_index, process_count = jax.process_index(), jax.process_count()
+    primary = process_index == 0  # the one process that writes files and talks to the terminal
+    if not primary:
+        echo = lambda line: None  # noqa: E731
     if config.train.batch_size % (process_count * _data_parallel(mesh)):
         from umv2_jax.errors import ConfigError
 
@@ -144,7 +147,7 @@ def train(
     eval_batches = pipeline.make_eval_batches(
         config, config.train.eval_batches, process_index, process_count
     )
-    if not resume:
+    if not resume and primary:
         _clear_run(workdir, echo)
 
     setup = build(config, mesh)
@@ -157,7 +160,8 @@ def train(
         )
         train_iterator.set_state(data_state)
         echo(f"Resumed from step {start_step} in {checkpointer.directory}")
-    checkpoint_lib.write_config(workdir, config)
+    if primary:
+        checkpoint_lib.write_config(workdir, config)
     _print_summary(config, setup, workdir, echo)
 
     batch_sharding = parallel.batch_sharding(mesh)
@@ -185,7 +189,7 @@ def train(
         sums = [jax.device_get(eval_step(params, rest, to_global(b))) for b in eval_batches]
         return summarize_eval(sums)
 
-    writer = metrics_lib.MetricsWriter(workdir)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
     stop_requested = {"signal": None}
 
     def on_sigterm(signum, frame):
@@ -199,11 +203,16 @@ def train(
         initial=start_step,
         desc="train",
         unit="step",
-        disable=not progress,
+        disable=not (progress and primary),
         mininterval=1.0,
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+    def say(line: str) -> None:
+        if primary:
+            bar.write(line)  # above the progress bar, not through it
+
     pending: list[tuple[int, dict]] = []
     losses: list[float] = []
     eval_result: dict[str, float] = {}
@@ -254,7 +263,7 @@ def train(
                 flush_metrics()
                 eval_result = evaluate(state["params"])
                 writer.write(step, eval_result)
-                bar.write(
+                say(
                     f"step {step}: eval loss {eval_result['eval_loss']:.4f}, "
                     f"bits/byte {eval_result['eval_bpb']:.4f}"
                 )
@@ -263,7 +272,7 @@ def train(
                 checkpointer.save(step, state, rest, train_iterator.get_state(), config, force=True)
                 last_good = step
             if preempted:
-                bar.write(f"SIGTERM received: saved step {step}, exiting")
+                say(f"SIGTERM received: saved step {step}, exiting")
                 break
     finally:
         bar.close()
@@ -272,7 +281,7 @@ def train(
         writer.close()
     if not eval_result:
         eval_result = evaluate(state["params"])
-    plot = metrics_lib.plot_loss(workdir)
+    plot = metrics_lib.plot_loss(workdir) if primary else None
     return RunResult(
         workdir=workdir,
         step=step,

@@ -15,11 +15,12 @@ PLOT_FILE = "loss.png"
 class MetricsWriter:
     """Appends records to metrics.jsonl (a resumed run keeps appending to the same file)."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
+        """`enabled=False` (every process but the first of a multi-host run) writes nothing."""
         self.path = os.path.join(workdir, METRICS_FILE)
-        self._handle = open(self.path, "a")
+        self._handle = open(self.path, "a") if enabled else None
         self._tensorboard = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
@@ -28,6 +29,8 @@ class MetricsWriter:
                 self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, record: dict[str, Any]) -> None:
+        if self._handle is None:
+            return
         clean = {key: _plain(value) for key, value in record.items()}
         self._handle.write(json.dumps({"step": step, **clean}) + "\n")
         self._handle.flush()
@@ -37,7 +40,8 @@ class MetricsWriter:
                     self._tensorboard.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
