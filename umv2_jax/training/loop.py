@@ -329,15 +329,20 @@ def _restore_handler(previous) -> None:
 
 
 def _print_summary(config: Config, setup: Setup, workdir: str, echo) -> None:
+    from umv2_jax.eval.accounting import account
+
     model = config.model
-    embedding = model.padded_vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
+    counts = account(config)
     devices = jax.devices()
     mesh_shape = ", ".join(f"{k}={v}" for k, v in setup.mesh.shape.items())
     sparse = model.sparse if model.sparse != "none" else "dense"
     lines = [
         f"run       {config.name}  ({sparse}, {model.num_layers} layers, d_model {model.d_model},"
         f" {model.compute_dtype} compute)",
-        f"params    {setup.param_count:,} total, {setup.param_count - embedding:,} non-embedding",
+        f"params    {setup.param_count:,} in all; {counts.activated_params:,} activated,"
+        f" {counts.total_params:,} total (paper convention)",
+        f"flops     {counts.flops_per_token / 1e6:.2f}M per token forward,"
+        f" {counts.training_flops_per_token / 1e6:.2f}M training",
         f"devices   {len(devices)} × {devices[0].platform} ({devices[0].device_kind}),"
         f" {jax.process_count()} process(es); mesh {mesh_shape}",
         f"data      {pipeline.describe_source(config)}; seq {config.data.seq_len},"
