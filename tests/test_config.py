@@ -101,7 +101,9 @@ def test_moe_top_k_larger_than_experts():
 
 def test_experts_must_divide_over_the_expert_axis():
     moe = ["model.sparse=moe", "model.d_ff=0", "model.moe.num_experts=6", "model.moe.top_k=2"]
-    with pytest.raises(ConfigError, match="'mesh.expert': 4 does not divide model.moe.num_experts=6"):
+    with pytest.raises(
+        ConfigError, match="'mesh.expert': 4 does not divide model.moe.num_experts=6"
+    ):
         load_config(None, moe + ["mesh.expert=4"])
     load_config(None, moe + ["mesh.expert=3"])
 
