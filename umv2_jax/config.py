@@ -32,6 +32,21 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config '{key}': {message}")
 
 
+def _check_choices(section: Any, prefix: str) -> None:
+    """Every `Literal[...]` field of a config section (and of its sub-sections) holds an allowed
+    value. The YAML loader checks these too; this covers configs built directly in Python."""
+    hints = typing.get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        value, hint = getattr(section, item.name), hints[item.name]
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}.{item.name}")
+        elif typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            allowed = ", ".join(str(choice) for choice in typing.get_args(hint))
+            _require(
+                False, f"{prefix}.{item.name}", f"{value!r} is not allowed; allowed: {allowed}"
+            )
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -98,21 +113,6 @@ class MemoryConfig:
             f"{prefix}.n_keys",
             f"{num_layers} stacked tables of {self.n_keys}² rows do not fit int32 row indices; "
             "lower n_keys",
-        )
-        _require(
-            self.pre_score_act in ("identity", "gelu"),
-            f"{prefix}.pre_score_act",
-            f"unknown activation '{self.pre_score_act}'; allowed: identity, gelu",
-        )
-        _require(
-            self.init in ("paper", "release"),
-            f"{prefix}.init",
-            f"unknown scheme '{self.init}'; allowed: paper, release",
-        )
-        _require(
-            self.implementation in ("auto", "xla", "pallas"),
-            f"{prefix}.implementation",
-            f"unknown implementation '{self.implementation}'; allowed: auto, xla, pallas",
         )
         _require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", "must be in [0, 1)")
         _require(self.calibration_tokens >= 16, f"{prefix}.calibration_tokens", "must be >= 16")
@@ -246,16 +246,6 @@ class ProductKeyConfig:
         _require(self.rc_topk >= 0, f"{prefix}.rc_topk", "must be >= 0 (0 = topk)")
         _require(self.value_dim >= 0, f"{prefix}.value_dim", "must be >= 0 (0 = d_model)")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
-        _require(
-            self.activation in ("gelu", "identity"),
-            f"{prefix}.activation",
-            f"unknown activation '{self.activation}'; allowed: gelu, identity",
-        )
-        _require(
-            self.implementation in ("auto", "xla", "pallas"),
-            f"{prefix}.implementation",
-            f"unknown implementation '{self.implementation}'; allowed: auto, xla, pallas",
-        )
         value_dim = self.resolved_value_dim(d_model)
         if kind in ("pkm", "peer"):
             _require(
@@ -358,6 +348,7 @@ class ModelConfig:
         return tuple(self.sparse_layers)
 
     def validate(self, prefix: str = "model") -> None:
+        _check_choices(self, prefix)
         _require(self.vocab_size >= 2, f"{prefix}.vocab_size", "must be >= 2")
         for name in ("d_model", "num_layers", "num_heads", "max_seq_len"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
