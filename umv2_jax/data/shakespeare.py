@@ -166,31 +166,28 @@ def split_into_chunks(text: str, chunk_chars: int) -> list[str]:
     pieces: list[str] = []
     for paragraph in paragraphs:
         pieces.extend(_split_long(paragraph, chunk_chars))
-    chunks: list[str] = []
-    current = ""
-    for piece in pieces:
-        if current and len(current) + 2 + len(piece) > chunk_chars:
-            chunks.append(current)
-            current = ""
-        current = f"{current}\n\n{piece}" if current else piece
-    if current:
-        chunks.append(current)
-    return chunks
+    return _pack(pieces, "\n\n", chunk_chars)
 
 
 def _split_long(paragraph: str, chunk_chars: int) -> list[str]:
     if len(paragraph) <= chunk_chars:
         return [paragraph]
-    parts: list[str] = []
+    return _pack(paragraph.split("\n"), "\n", chunk_chars)
+
+
+def _pack(pieces: list[str], separator: str, limit: int) -> list[str]:
+    """Greedily joins consecutive pieces with `separator` into strings of at most `limit` chars
+    (a single piece longer than `limit` stays whole)."""
+    packed: list[str] = []
     current = ""
-    for line in paragraph.split("\n"):
-        if current and len(current) + 1 + len(line) > chunk_chars:
-            parts.append(current)
+    for piece in pieces:
+        if current and len(current) + len(separator) + len(piece) > limit:
+            packed.append(current)
             current = ""
-        current = f"{current}\n{line}" if current else line
+        current = f"{current}{separator}{piece}" if current else piece
     if current:
-        parts.append(current)
-    return parts
+        packed.append(current)
+    return packed
 
 
 def _first_line(text: str) -> str:
