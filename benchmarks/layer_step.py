@@ -111,7 +111,7 @@ def build_umv2(tokens: int) -> Block:
 
     def apply(p, u):
         ffn, layer, tables = nnx.merge(graphdef, p, rest)
-        y, _ = layer(u, SparseContext(shared=tables))
+        y = layer(u, SparseContext(shared=tables)).y
         return ffn(u) + y
 
     def gathered(p, u):
@@ -144,8 +144,8 @@ def build_moe(tokens: int) -> Block:
     graphdef, params = _init(lambda: MoE(config, nnx.Rngs(0)))
 
     def apply(p, u):
-        y, aux = nnx.merge(graphdef, p)(u[None], SparseContext())
-        return y[0] + sum(v for k, v in aux.items() if k.startswith("loss/"))
+        out = nnx.merge(graphdef, p)(u[None], SparseContext())
+        return out.y[0] + sum(out.losses.values())
 
     return Block(
         name="moe",
@@ -157,9 +157,11 @@ def build_moe(tokens: int) -> Block:
 
 
 def _moe_implementation(config: ModelConfig) -> str:
-    from umv2_jax.ops.grouped_matmul import resolve_implementation
+    """What the MoE dispatch op runs first on the platform this benchmark runs on."""
+    from umv2_jax.ops import registry
 
-    return resolve_implementation(config.moe.implementation)
+    platform = {"gpu": "cuda"}.get(jax.devices()[0].platform, jax.devices()[0].platform)
+    return registry.resolve("moe_dispatch", config.moe.implementation)[platform][0]
 
 
 # Builders by name; the first is the baseline every ratio is taken against.

@@ -6,9 +6,13 @@ import pytest
 
 from umv2_jax.config import (
     Config,
+    LrMultiplier,
+    MemoryConfig,
     MeshConfig,
     ModelConfig,
     MoEConfig,
+    UltraMemConfig,
+    ValueShare,
     apply_overrides,
     config_from_dict,
     load_config,
@@ -142,3 +146,208 @@ def test_every_shipped_config_validates():
     assert configs, "no configs shipped"
     for path in configs:
         load_config(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks that used to live in the models: they fail in load_config, naming the dotted key.
+# --------------------------------------------------------------------------------------------------
+
+UMV2 = ["model.sparse=ultramem_v2", "model.memory.n_keys=8", "model.memory.calibration_tokens=64"]
+
+
+@pytest.mark.parametrize("topology", ["ring", "noring", "block"])
+def test_sharing_window_is_bounded_by_the_memory_layers_not_the_blocks(topology):
+    two_memories = UMV2 + ["model.num_layers=4", "model.sparse_layers=[0, 1]"]
+    with pytest.raises(
+        ConfigError,
+        match=r"'model.memory.value_share': window 3 is larger than the number of layers holding "
+        r"a memory \(2\)",
+    ):
+        load_config(None, two_memories + [f"model.memory.value_share={topology}:3"])
+    load_config(None, two_memories + [f"model.memory.value_share={topology}:2"])
+
+
+def test_stacked_tables_must_fit_int32_rows_counting_memory_layers_only():
+    # 8000² = 6.4e7 rows per table: 33 tables fit below 2³¹, 34 do not (40 blocks either way).
+    big = ["model.sparse=ultramem_v2", "model.num_layers=40", "model.memory.n_keys=8000"]
+    with pytest.raises(ConfigError, match=r"'model.memory.n_keys': 34 stacked tables"):
+        load_config(None, big + [f"model.sparse_layers={list(range(34))}"])
+    load_config(None, big + [f"model.sparse_layers={list(range(33))}"])
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("spiral:2", "unknown topology 'spiral:2'"),
+        ("ring", "'ring' needs a positive window"),
+        ("ring:0", "'ring:0' needs a positive window"),
+        ("block:x", "'block:x' needs a positive window"),
+        (3, "expected a string like 'none'"),
+    ],
+)
+def test_bad_value_share_is_a_one_line_config_error(value, message):
+    with pytest.raises(ConfigError, match=f"'model.memory.value_share': {message}") as error:
+        load_config(None, UMV2 + [f"model.memory.value_share={value}"])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["decay", "linear:4", "decay:-1", "constant:x", "decay:nan"])
+def test_bad_value_lr_names_the_key(value):
+    with pytest.raises(ConfigError, match=f"'model.memory.value_lr': '{value}' is not decay:F"):
+        load_config(None, [f"model.memory.value_lr={value}"])
+
+
+def test_no_model_module_raises_config_errors():
+    """The config is the single source of truth: models may assert, never validate user input."""
+    from pathlib import Path
+
+    models = Path(__file__).parents[1] / "umv2_jax" / "models"
+    offenders = [p.name for p in sorted(models.rglob("*.py")) if "ConfigError" in p.read_text()]
+    assert offenders == []
+
+
+# --------------------------------------------------------------------------------------------------
+# The string languages: parsed once into typed values, written back as the same strings.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_string_languages_parse_into_typed_values():
+    config = load_config(
+        None,
+        UMV2
+        + [
+            "model.num_layers=6",
+            "model.memory.value_share=noring:3",
+            "model.memory.value_lr=constant:0.5",
+        ],
+    )
+    assert config.model.memory.value_share == ValueShare("noring", 3)
+    assert config.model.memory.value_lr == LrMultiplier("constant", 0.5)
+    v1 = load_config(
+        None,
+        [
+            "model.sparse=ultramem",
+            "model.num_layers=6",
+            "model.ultramem.skip_layers=0:2/3:5",
+            "model.ultramem.n_keys=8",
+        ],
+    )
+    assert v1.model.ultramem.skip_layers == ((0, 2), (3, 5))
+    assert v1.model.sparse_layer_indices() == (2, 5)
+    assert load_config(None).model.memory.value_share == ValueShare("none", 1)
+
+
+def test_one_skip_pair_on_the_command_line_is_not_read_as_a_base_60_number():
+    # YAML 1.1 reads an unquoted 2:3 as 2·60 + 3; `--set` keeps the text instead.
+    config = load_config(None, ["model.sparse=ultramem", "model.ultramem.skip_layers=2:3"])
+    assert config.model.ultramem.skip_layers == ((2, 3),)
+    with pytest.raises(ConfigError, match="quote it in YAML"):
+        config_from_dict({"model": {"sparse": "ultramem", "ultramem": {"skip_layers": 123}}})
+
+
+def test_typed_values_and_strings_are_interchangeable_from_python():
+    assert MemoryConfig(value_share="ring:4") == MemoryConfig(value_share=ValueShare("ring", 4))
+    assert MemoryConfig(value_lr="decay:2") == MemoryConfig(value_lr=LrMultiplier("decay", 2.0))
+    assert UltraMemConfig(skip_layers="1:2/3:4").skip_layers == ((1, 2), (3, 4))
+    assert UltraMemConfig(skip_layers=[[1, 2]]).skip_layers == ((1, 2),)
+    replaced = dataclasses.replace(MemoryConfig(), value_share="block:2")
+    assert replaced.value_share == ValueShare("block", 2)
+    with pytest.raises(ConfigError, match="'model.memory.value_share'"):
+        ValueShare("ring", 0)
+    with pytest.raises(ConfigError, match="'model.memory.value_share'"):
+        ValueShare("none", 2)
+    with pytest.raises(ConfigError, match="'model.ultramem.skip_layers'"):
+        UltraMemConfig(skip_layers="0-1")
+
+
+def test_to_dict_writes_the_strings_back_and_round_trips(tmp_path):
+    import json
+
+    overrides = [
+        "model.num_layers=6",
+        "model.memory.value_share=ring:3",
+        "model.memory.value_lr=decay:2.5",
+    ]
+    config = load_config(None, UMV2 + overrides)
+    data = to_dict(config)
+    assert data["model"]["memory"]["value_share"] == "ring:3"
+    assert data["model"]["memory"]["value_lr"] == "decay:2.5"
+    assert load_config(None).to_dict()["model"]["memory"]["value_lr"] == "decay:4"
+    # Through JSON, as the config.json beside checkpoints does.
+    assert config_from_dict(json.loads(json.dumps(data))) == config
+    v1 = load_config(
+        None,
+        ["model.sparse=ultramem", "model.num_layers=4", "model.ultramem.skip_layers=0:1/2:3"],
+    )
+    assert to_dict(v1)["model"]["ultramem"]["skip_layers"] == "0:1/2:3"
+    assert config_from_dict(json.loads(json.dumps(to_dict(v1)))) == v1
+    # And through YAML.
+    import yaml
+
+    path = tmp_path / "saved.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    assert load_config(path) == config
+
+
+def test_resuming_with_the_same_config_is_compatible(tmp_path):
+    from umv2_jax.training.checkpoint import check_compatible, write_config
+
+    config = load_config(None, UMV2 + ["model.memory.value_lr=constant:2"])
+    write_config(str(tmp_path), config)
+    assert check_compatible(
+        str(tmp_path), load_config(None, UMV2 + ["model.memory.value_lr=constant:2"])
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# UltraMem v1's own section; fields that left model.product_key say where they went.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value", [("skip_layers", "0:1"), ("value_expand", 4), ("tucker_rank", 2), ("n_cores", 2)]
+)
+def test_v1_fields_moved_out_of_product_key(name, value):
+    with pytest.raises(
+        ConfigError,
+        match=f"'model.product_key.{name}' was moved to 'model.ultramem.{name}'",
+    ):
+        load_config(None, ["model.sparse=ultramem", f"model.product_key.{name}={value}"])
+
+
+def test_ultramem_ignores_no_product_key_field_silently():
+    with pytest.raises(ConfigError, match="'model.product_key': sparse: ultramem reads its fields"):
+        load_config(None, ["model.sparse=ultramem", "model.product_key.n_keys=16"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.ultramem.value_expand=3"], "'model.ultramem.value_expand': 3 is not a square"),
+        (["model.ultramem.skip_layers=0:1/2:9"], "'model.ultramem.skip_layers': '2:9' needs"),
+        (["model.ultramem.skip_layers=0:2/1:3"], "'model.ultramem.skip_layers': spans"),
+        (["model.ultramem.rc_topk=40"], "'model.ultramem.rc_topk': 40 must be in"),
+        (["model.ultramem.value_dim=9"], "'model.ultramem.value_dim': 9 is not divisible"),
+    ],
+)
+def test_ultramem_section_is_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.sparse=ultramem"] + overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fields that used to be dead.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_param_dtype_accepts_bfloat16_and_nothing_else():
+    assert load_config(None, ["model.param_dtype=bfloat16"]).model.param_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="'model.param_dtype': 'float16' is not allowed"):
+        load_config(None, ["model.param_dtype=float16"])
+
+
+def test_model_init_release_reaches_the_backbone_std():
+    from umv2_jax.models.init import backbone_std
+
+    paper, release = (load_config(None, [f"model.init={i}"]).model for i in ("paper", "release"))
+    assert backbone_std(paper) != backbone_std(release)

@@ -21,10 +21,15 @@ from typing import Any, Literal
 import yaml
 
 from umv2_jax.errors import ConfigError
+from umv2_jax.ops import registry
 
 SparseKind = Literal["none", "ultramem_v2", "moe", "ultramem", "memory_plus", "pkm", "peer"]
-Implementation = Literal["auto", "xla", "pallas"]
+# The op registry's vocabulary (umv2_jax.ops.registry), one for every op.
+Implementation = Literal[registry.IMPLEMENTATIONS]
 DType = Literal["float32", "bfloat16"]
+# `model.scan_layers: auto` scans over the blocks from this depth on (shallower models compile fast
+# as a loop, and their checkpoints keep one entry per block).
+SCAN_MIN_LAYERS = 8
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -38,6 +43,8 @@ def _check_choices(section: Any, prefix: str) -> None:
     hints = typing.get_type_hints(type(section))
     for item in dataclasses.fields(section):
         value, hint = getattr(section, item.name), hints[item.name]
+        if item.metadata.get(_LANGUAGE):  # parsed and checked by its language when set
+            continue
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{prefix}.{item.name}")
         elif typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
@@ -45,6 +52,169 @@ def _check_choices(section: Any, prefix: str) -> None:
             _require(
                 False, f"{prefix}.{item.name}", f"{value!r} is not allowed; allowed: {allowed}"
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# The small string languages, parsed once into typed values
+# --------------------------------------------------------------------------------------------------
+#
+# YAML, `--set` overrides and config.json hold these as short strings ("ring:9", "decay:4", "2:5/6:9");
+# the sections hold the typed values. A field marked with `_language(...)` accepts either form (from
+# YAML or from Python), and `to_dict` writes the string back, so saved configs round-trip.
+
+
+@dataclass(frozen=True)
+class ValueShare:
+    """`model.memory.value_share` (SPEC §3): `none` | `ring:g` | `noring:g` | `block:g`.
+
+    topology: which g tables a memory layer's window spans; window: g (1 for `none`).
+    """
+
+    topology: Literal["none", "ring", "noring", "block"] = "none"
+    window: int = 1
+
+    def __post_init__(self) -> None:
+        key = "model.memory.value_share"
+        _require(
+            self.topology in ("none", "ring", "noring", "block"),
+            key,
+            f"unknown topology '{self.topology}'; allowed: none, ring:g, noring:g, block:g",
+        )
+        _require(
+            isinstance(self.window, int) and self.window >= 1,
+            key,
+            f"window {self.window!r} must be a positive integer, e.g. {self.topology}:4",
+        )
+        _require(self.topology != "none" or self.window == 1, key, "'none' has window 1")
+
+    @classmethod
+    def parse(cls, text: str, key: str = "model.memory.value_share") -> ValueShare:
+        if text == "none":
+            return cls()
+        topology, _, window = text.partition(":")
+        _require(
+            topology in ("ring", "noring", "block"),
+            key,
+            f"unknown topology '{text}'; allowed: none, ring:g, noring:g, block:g",
+        )
+        _require(
+            window.isdigit() and int(window) >= 1,
+            key,
+            f"'{text}' needs a positive window, e.g. {topology}:4",
+        )
+        return cls(topology, int(window))
+
+    def __str__(self) -> str:
+        return "none" if self.topology == "none" else f"{self.topology}:{self.window}"
+
+
+@dataclass(frozen=True)
+class LrMultiplier:
+    """`model.memory.value_lr` (SPEC §5): `decay:F` (F× decaying linearly to 1×) | `constant:F`."""
+
+    kind: Literal["decay", "constant"] = "decay"
+    factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.kind in ("decay", "constant")
+            and isinstance(self.factor, int | float)
+            and not isinstance(self.factor, bool)
+            and self.factor > 0,
+            "model.memory.value_lr",
+            f"({self.kind!r}, {self.factor!r}) is not decay:F or constant:F with F > 0",
+        )
+        object.__setattr__(self, "factor", float(self.factor))
+
+    @classmethod
+    def parse(cls, text: str, key: str = "model.memory.value_lr") -> LrMultiplier:
+        kind, _, factor = text.partition(":")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = -1.0
+        _require(
+            kind in ("decay", "constant") and value > 0 and math.isfinite(value),
+            key,
+            f"'{text}' is not decay:F or constant:F with F > 0 (e.g. decay:4)",
+        )
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        factor = int(self.factor) if self.factor.is_integer() else self.factor
+        return f"{self.kind}:{factor}"
+
+
+SkipPairs = tuple[tuple[int, int], ...]  # ((input block, output block), ...)
+
+
+def parse_skip_layers(text: str, key: str = "model.ultramem.skip_layers") -> SkipPairs:
+    """`"a:b/c:d"` → ((a, b), (c, d)); `""` → (). Syntax only; `UltraMemConfig.validate` checks ranges."""
+    if not text.strip():
+        return ()
+    pairs = []
+    for part in text.split("/"):
+        source, sep, target = part.strip().partition(":")
+        _require(
+            bool(sep) and source.strip().isdigit() and target.strip().isdigit(),
+            key,
+            f"'{part}' in '{text}' is not INPUT:OUTPUT (e.g. 2:5/6:9)",
+        )
+        pairs.append((int(source), int(target)))
+    return tuple(pairs)
+
+
+def format_skip_layers(pairs: SkipPairs) -> str:
+    return "/".join(f"{source}:{target}" for source, target in pairs)
+
+
+@dataclass(frozen=True)
+class _Language:
+    """How a typed field reads its string form (or a typed value) and writes it back."""
+
+    coerce: Any  # (value, dotted key) -> typed value; ConfigError naming the key
+    format: Any  # typed value -> str
+
+
+_LANGUAGE = "language"
+
+
+def _typed(cls: type) -> _Language:
+    def coerce(value: Any, key: str) -> Any:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value, key)
+        raise ConfigError(f"config '{key}': expected a string like '{cls()}', got {value!r}")
+
+    return _Language(coerce=coerce, format=str)
+
+
+def _coerce_skip_layers(value: Any, key: str) -> SkipPairs:
+    if isinstance(value, str):
+        return parse_skip_layers(value, key)
+    if isinstance(value, list | tuple) and all(
+        isinstance(pair, list | tuple)
+        and len(pair) == 2
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        for pair in value
+    ):
+        return tuple((int(source), int(target)) for source, target in value)
+    hint = " (quote it in YAML: unquoted 2:5 is the number 125)" if isinstance(value, int) else ""
+    raise ConfigError(f"config '{key}': expected a string like '2:5/6:9', got {value!r}{hint}")
+
+
+def _language(default: Any, language: _Language) -> Any:
+    return field(default=default, metadata={_LANGUAGE: language})
+
+
+def _parse_languages(section: Any, prefix: str) -> None:
+    """Turns the string form of every language field of a frozen section into its typed value."""
+    for item in dataclasses.fields(section):
+        language = item.metadata.get(_LANGUAGE)
+        if language is not None:
+            value = language.coerce(getattr(section, item.name), f"{prefix}.{item.name}")
+            object.__setattr__(section, item.name, value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,21 +236,25 @@ class MemoryConfig:
     value_dim: int = 64  # D_v
     pre_value_dim: int = 32  # D_p; 0 disables the PEER-style pre-values
     key_expand: int = 1  # E: virtual grid (E·n)² aliasing onto n² rows
-    value_share: str = "none"  # none | ring:g | noring:g | block:g
+    value_share: ValueShare = _language(ValueShare(), _typed(ValueShare))  # none | ring:g | …
     pre_score_act: Literal["identity", "gelu"] = "identity"
     per_rank_query: bool = True  # SPEC §9.1; false reproduces the release's shared query
     dropout: float = 0.0
     init: Literal["paper", "release"] = "paper"
     calibration_tokens: int = 512  # Monte-Carlo tokens for the `paper` init calibration
     norm_eps: float = 1e-5  # RMSNorm eps of queries and keys (the release's value)
-    value_lr: str = "decay:4"  # decay:F | constant:F  (LR multiplier of values and pre-values)
+    value_lr: LrMultiplier = _language(LrMultiplier(), _typed(LrMultiplier))  # decay:F | constant:F
     value_lr_decay_fraction: float = 1.0  # fraction of training over which decay:F reaches 1×
     tucker_penalty: float = 0.0  # α of the Tucker penalty; 0 = off
     tucker_tau: float = 0.15
     key_balance: float = 0.0  # β of the key-balance loss; 0 = off
     implementation: Implementation = "auto"
 
-    def validate(self, prefix: str, num_layers: int) -> None:
+    def __post_init__(self) -> None:
+        _parse_languages(self, "model.memory")
+
+    def validate(self, prefix: str, memory_layers: int) -> None:
+        """memory_layers: how many blocks hold a memory (they stack their tables, SPEC §3)."""
         for name in ("n_keys", "key_dim", "tucker_rank", "n_cores", "rc_topk", "topk", "heads"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
         _require(self.value_dim >= 1, f"{prefix}.value_dim", "must be >= 1")
@@ -91,8 +265,14 @@ class MemoryConfig:
             f"{prefix}.value_dim",
             f"{self.value_dim} is not divisible by n_cores={self.n_cores}",
         )
-        n_eff = self.effective_keys(num_layers, prefix)
-        side = self.key_expand * n_eff
+        window = self.value_share.window
+        _require(
+            window <= memory_layers,
+            f"{prefix}.value_share",
+            f"window {window} is larger than the number of layers holding a memory "
+            f"({memory_layers}); lower the window or add memory layers (model.sparse_layers)",
+        )
+        side = self.key_expand * self.effective_keys()
         _require(
             self.rc_topk <= side,
             f"{prefix}.rc_topk",
@@ -109,14 +289,13 @@ class MemoryConfig:
             f"virtual grid ({side})² does not fit int32 indices; lower key_expand or n_keys",
         )
         _require(
-            num_layers * self.n_keys**2 < 2**31,
+            memory_layers * self.n_keys**2 < 2**31,
             f"{prefix}.n_keys",
-            f"{num_layers} stacked tables of {self.n_keys}² rows do not fit int32 row indices; "
-            "lower n_keys",
+            f"{memory_layers} stacked tables of {self.n_keys}² rows do not fit int32 row indices; "
+            "lower n_keys or the number of memory layers",
         )
         _require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", "must be in [0, 1)")
         _require(self.calibration_tokens >= 16, f"{prefix}.calibration_tokens", "must be >= 16")
-        parse_lr_multiplier(self.value_lr, f"{prefix}.value_lr")
         _require(
             0.0 < self.value_lr_decay_fraction <= 1.0,
             f"{prefix}.value_lr_decay_fraction",
@@ -125,32 +304,9 @@ class MemoryConfig:
         _require(self.tucker_penalty >= 0, f"{prefix}.tucker_penalty", "must be >= 0")
         _require(self.key_balance >= 0, f"{prefix}.key_balance", "must be >= 0")
 
-    def sharing(self, prefix: str = "model.memory") -> tuple[str, int]:
-        """Parses `value_share` into (topology, window g); `none` gives ("none", 1)."""
-        if self.value_share == "none":
-            return "none", 1
-        topology, _, window = self.value_share.partition(":")
-        _require(
-            topology in ("ring", "noring", "block"),
-            f"{prefix}.value_share",
-            f"unknown topology '{self.value_share}'; allowed: none, ring:g, noring:g, block:g",
-        )
-        _require(
-            window.isdigit() and int(window) >= 1,
-            f"{prefix}.value_share",
-            f"'{self.value_share}' needs a positive window, e.g. {topology}:4",
-        )
-        return topology, int(window)
-
-    def effective_keys(self, num_layers: int, prefix: str = "model.memory") -> int:
-        """Keys per side n_eff = floor(sqrt(g)·n) for a sharing window g (SPEC §3)."""
-        _, window = self.sharing(prefix)
-        _require(
-            window <= num_layers,
-            f"{prefix}.value_share",
-            f"window {window} is larger than the number of layers ({num_layers})",
-        )
-        return int(math.floor(math.sqrt(window) * self.n_keys + 1e-9))
+    def effective_keys(self) -> int:
+        """Keys per side n_eff = floor(sqrt(g)·n) for the sharing window g (SPEC §3)."""
+        return int(math.floor(math.sqrt(self.value_share.window) * self.n_keys + 1e-9))
 
 
 @dataclass(frozen=True)
@@ -165,7 +321,7 @@ class MoEConfig:
     lb_loss: float = 0.01  # Switch-form load-balancing loss weight
     z_loss: float = 0.001  # router z-loss weight
     shared_expert_d_ff: int = 0  # 0 = no shared expert
-    implementation: Literal["auto", "block_padded", "ragged_dot", "megablox"] = "auto"
+    implementation: Implementation = "auto"  # auto: xla (block-padded loop) on CPU
     block_size: int = 64  # row block of block_padded (S-moe on CPU: 64 best; 16 ≈15% slower)
 
     def validate(self, prefix: str) -> None:
@@ -185,7 +341,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ProductKeyConfig:
-    """Product-key memory baselines (SPEC §7): `ultramem` (v1), `memory_plus`, `pkm`, `peer`.
+    """Product-key memory baselines (SPEC §7): `memory_plus`, `pkm`, `peer` (v1: `UltraMemConfig`).
 
     Each head scores n row sub-keys and n column sub-keys; a grid cell (i, j) addresses row i·n + j of
     an n²-row table (PEER: n² single-neuron experts). Equations: umv2_jax.models.product_key.
@@ -200,10 +356,6 @@ class ProductKeyConfig:
     query_norm: bool = True  # RMSNorm on every sub-query (the BatchNorm-free query norm)
     key_norm: bool = False  # RMSNorm on the sub-keys too (Memory+'s qk-norm)
     activation: Literal["gelu", "identity"] = "gelu"  # peer: σ of an expert's neuron
-    skip_layers: str = ""  # ultramem: "a:b/c:d", input of block a → added after block b
-    value_expand: int = 1  # ultramem: virtual groups G (a square, E = sqrt(G)), W_o: G·D_v → h
-    tucker_rank: int = 2  # ultramem: Tucker rank r of its retrieval (TDQKR)
-    n_cores: int = 2  # ultramem: cores of multi-core scoring; D_v splits into this many chunks
     norm_eps: float = 1e-5
     implementation: Implementation = "auto"
 
@@ -213,35 +365,8 @@ class ProductKeyConfig:
     def resolved_value_dim(self, d_model: int) -> int:
         return self.value_dim or d_model
 
-    def key_expand(self) -> int:
-        """E = sqrt(G): the virtual key grid of UltraMem v1 is (E·n)² cells over n² rows."""
-        return math.isqrt(self.value_expand)
-
-    def skip_pairs(self, prefix: str = "model.product_key") -> tuple[tuple[int, int], ...]:
-        """Parses `skip_layers` "a:b/c:d" into ((a, b), (c, d)); "" gives ()."""
-        if not self.skip_layers:
-            return ()
-        pairs = []
-        for part in self.skip_layers.split("/"):
-            source, sep, target = part.strip().partition(":")
-            _require(
-                bool(sep) and source.strip().isdigit() and target.strip().isdigit(),
-                f"{prefix}.skip_layers",
-                f"'{part}' in '{self.skip_layers}' is not INPUT:OUTPUT (e.g. 2:5/6:9)",
-            )
-            pairs.append((int(source), int(target)))
-        return tuple(pairs)
-
-    def validate(self, prefix: str, kind: str, d_model: int, num_layers: int) -> None:
-        for name in (
-            "n_keys",
-            "key_dim",
-            "heads",
-            "topk",
-            "value_expand",
-            "tucker_rank",
-            "n_cores",
-        ):
+    def validate(self, prefix: str, kind: str, d_model: int) -> None:
+        for name in ("n_keys", "key_dim", "heads", "topk"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
         _require(self.rc_topk >= 0, f"{prefix}.rc_topk", "must be >= 0 (0 = topk)")
         _require(self.value_dim >= 0, f"{prefix}.value_dim", "must be >= 0 (0 = d_model)")
@@ -254,44 +379,91 @@ class ProductKeyConfig:
                 f"{kind} rows are added to the residual, so value_dim must be d_model={d_model} "
                 "(or 0)",
             )
-        if kind != "ultramem":
+        rc_topk = self.resolved_rc_topk()
+        _require(
+            self.topk <= rc_topk <= self.n_keys,
+            f"{prefix}.rc_topk",
+            f"{rc_topk} must be in [topk={self.topk}, keys per side={self.n_keys}]",
+        )
+        _require(
+            self.n_keys**2 < 2**31,
+            f"{prefix}.n_keys",
+            f"({self.n_keys})² grid cells do not fit int32 indices; lower n_keys",
+        )
+
+
+@dataclass(frozen=True)
+class UltraMemConfig:
+    """UltraMem v1 (`sparse: ultramem`, arXiv 2411.12364; SPEC §7): TDQKR retrieval with multi-core
+    scoring over a virtual (E·n)² grid (E² = G = `value_expand`), one query projection shared by the
+    heads, no pre-values, optional skip-layer wiring. Equations: umv2_jax.models.product_key.
+    """
+
+    n_keys: int = 32  # n: keys per side of the physical table; n² value rows per layer
+    key_dim: int = 32  # D_k
+    heads: int = 1  # each head its own keys, cores and gains; one query projection for all
+    topk: int = 8  # m: rows selected per token per head
+    rc_topk: int = 0  # k: stage-1 candidates per side; 0 = topk
+    value_dim: int = 0  # D_v; 0 = d_model
+    value_expand: int = 1  # virtual groups G (a square, E = sqrt(G)); W_o: G·D_v → h
+    # "a:b/c:d": the memory reading block a's normalized input is added after block b
+    skip_layers: SkipPairs = _language((), _Language(_coerce_skip_layers, format_skip_layers))
+    tucker_rank: int = 2  # r of the Tucker-decomposed retrieval
+    n_cores: int = 2  # cores of multi-core scoring; D_v splits into this many chunks
+    norm_eps: float = 1e-5
+    implementation: Implementation = "auto"
+
+    def __post_init__(self) -> None:
+        _parse_languages(self, "model.ultramem")
+
+    def resolved_rc_topk(self) -> int:
+        return self.rc_topk or self.topk
+
+    def resolved_value_dim(self, d_model: int) -> int:
+        return self.value_dim or d_model
+
+    def key_expand(self) -> int:
+        """E = sqrt(G): the virtual key grid is (E·n)² cells over n² rows."""
+        return math.isqrt(self.value_expand)
+
+    def keys_per_side(self) -> int:
+        """N = E·n: keys per side of the virtual grid."""
+        return self.key_expand() * self.n_keys
+
+    def validate(self, prefix: str, d_model: int, num_layers: int) -> None:
+        positive = ("n_keys", "key_dim", "heads", "topk", "value_expand", "tucker_rank", "n_cores")
+        for name in positive:
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+        _require(self.rc_topk >= 0, f"{prefix}.rc_topk", "must be >= 0 (0 = topk)")
+        _require(self.value_dim >= 0, f"{prefix}.value_dim", "must be >= 0 (0 = d_model)")
+        _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
+        expand = self.key_expand()
+        _require(
+            expand * expand == self.value_expand,
+            f"{prefix}.value_expand",
+            f"{self.value_expand} is not a square (G = E² virtual groups; e.g. 1, 4, 9)",
+        )
+        value_dim = self.resolved_value_dim(d_model)
+        _require(
+            value_dim % self.n_cores == 0,
+            f"{prefix}.value_dim",
+            f"{value_dim} is not divisible by n_cores={self.n_cores}",
+        )
+        text = format_skip_layers(self.skip_layers)
+        for source, target in self.skip_layers:
             _require(
-                not self.skip_layers,
+                0 <= source <= target < num_layers,
                 f"{prefix}.skip_layers",
-                "skip-layer wiring is UltraMem v1's (sparse: ultramem); place other layers with "
-                "model.sparse_layers",
+                f"'{source}:{target}' needs 0 <= input <= output < num_layers={num_layers}",
             )
+        spans = sorted(self.skip_layers)
+        for (_, end), (start, _) in zip(spans, spans[1:]):
             _require(
-                self.value_expand == 1, f"{prefix}.value_expand", "only sparse: ultramem uses it"
+                end < start,
+                f"{prefix}.skip_layers",
+                f"spans in '{text}' overlap (each block may belong to one span)",
             )
-        expand = 1
-        if kind == "ultramem":
-            expand = self.key_expand()
-            _require(
-                expand * expand == self.value_expand,
-                f"{prefix}.value_expand",
-                f"{self.value_expand} is not a square (G = E² virtual groups; e.g. 1, 4, 9)",
-            )
-            _require(
-                value_dim % self.n_cores == 0,
-                f"{prefix}.value_dim",
-                f"{value_dim} is not divisible by n_cores={self.n_cores}",
-            )
-            pairs = self.skip_pairs(prefix)
-            for source, target in pairs:
-                _require(
-                    0 <= source <= target < num_layers,
-                    f"{prefix}.skip_layers",
-                    f"'{source}:{target}' needs 0 <= input <= output < num_layers={num_layers}",
-                )
-            spans = sorted(pairs)
-            for (_, end), (start, _) in zip(spans, spans[1:]):
-                _require(
-                    end < start,
-                    f"{prefix}.skip_layers",
-                    f"spans in '{self.skip_layers}' overlap (each block may belong to one span)",
-                )
-        side = expand * self.n_keys
+        side = self.keys_per_side()
         rc_topk = self.resolved_rc_topk()
         _require(
             self.topk <= rc_topk <= side,
@@ -320,14 +492,23 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     max_seq_len: int = 2048  # longest sequence RoPE and generation support
+    # Backbone init (SPEC §4; umv2_jax.models.init): paper = N(0, sqrt(2/(5h))) with the
+    # 1/sqrt(2L) output scaling; release = the OLMo recipe the authors' release trains with.
     init: Literal["paper", "release"] = "paper"
     compute_dtype: DType = "float32"
-    param_dtype: Literal["float32"] = "float32"
+    param_dtype: DType = "float32"  # bfloat16 stores parameters in bf16; optimizer state stays fp32
     sparse: SparseKind = "none"
     sparse_layers: tuple[int, ...] | None = None  # blocks holding the sparse layer; None = all
+    # Scan over layers: runs of identical blocks are stacked along a `layers` axis and run by one
+    # lax.scan (compile time and program size independent of depth). auto = on from SCAN_MIN_LAYERS.
+    scan_layers: Literal["auto", True, False] = "auto"
+    # Rematerialization of each block in the backward: none, full (recompute the whole block),
+    # save_dots (keep matmul outputs, recompute the rest).
+    remat: Literal["none", "full", "save_dots"] = "none"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     product_key: ProductKeyConfig = field(default_factory=ProductKeyConfig)
+    ultramem: UltraMemConfig = field(default_factory=UltraMemConfig)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -337,12 +518,19 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
+    @property
+    def resolved_scan_layers(self) -> bool:
+        """Whether the model scans over its blocks (`scan_layers`, auto: from SCAN_MIN_LAYERS)."""
+        if self.scan_layers == "auto":
+            return self.num_layers >= SCAN_MIN_LAYERS
+        return bool(self.scan_layers)
+
     def sparse_layer_indices(self) -> tuple[int, ...]:
         if self.sparse == "none":
             return ()
-        if self.sparse == "ultramem" and self.product_key.skip_layers:
+        if self.sparse == "ultramem" and self.ultramem.skip_layers:
             # UltraMem v1's skip-layer memories sit in the block their output is added after.
-            return tuple(sorted(target for _, target in self.product_key.skip_pairs()))
+            return tuple(sorted(target for _, target in self.ultramem.skip_layers))
         if self.sparse_layers is None:
             return tuple(range(self.num_layers))
         return tuple(self.sparse_layers)
@@ -383,19 +571,25 @@ class ModelConfig:
             "0 (no FFN) is only allowed with sparse: moe",
         )
         if self.sparse == "ultramem_v2":
-            self.memory.validate(f"{prefix}.memory", self.num_layers)
+            self.memory.validate(f"{prefix}.memory", len(self.sparse_layer_indices()))
         if self.sparse == "moe":
             self.moe.validate(f"{prefix}.moe")
-        if self.sparse in ("ultramem", "memory_plus", "pkm", "peer"):
-            self.product_key.validate(
-                f"{prefix}.product_key", self.sparse, self.d_model, self.num_layers
+        if self.sparse in ("memory_plus", "pkm", "peer"):
+            self.product_key.validate(f"{prefix}.product_key", self.sparse, self.d_model)
+        if self.sparse == "ultramem":
+            _require(
+                self.product_key == ProductKeyConfig(),
+                f"{prefix}.product_key",
+                "sparse: ultramem reads its fields from model.ultramem (UltraMem v1's own section); "
+                "move them there",
             )
-            if self.sparse == "ultramem" and self.product_key.skip_layers:
-                outputs = tuple(sorted(t for _, t in self.product_key.skip_pairs()))
+            self.ultramem.validate(f"{prefix}.ultramem", self.d_model, self.num_layers)
+            if self.ultramem.skip_layers:
+                outputs = tuple(sorted(t for _, t in self.ultramem.skip_layers))
                 _require(
                     self.sparse_layers is None or tuple(sorted(self.sparse_layers)) == outputs,
                     f"{prefix}.sparse_layers",
-                    f"must be unset or {list(outputs)}: product_key.skip_layers places the memories",
+                    f"must be unset or {list(outputs)}: ultramem.skip_layers places the memories",
                 )
 
 
@@ -544,24 +738,18 @@ class Config:
         return to_dict(self)
 
 
-def parse_lr_multiplier(spec: str, key: str = "model.memory.value_lr") -> tuple[str, float]:
-    """Parses `decay:F` / `constant:F` into (kind, factor)."""
-    kind, _, factor = spec.partition(":")
-    try:
-        value = float(factor)
-    except ValueError:
-        value = -1.0
-    _require(
-        kind in ("decay", "constant") and value > 0,
-        key,
-        f"'{spec}' is not decay:F or constant:F with F > 0 (e.g. decay:4)",
-    )
-    return kind, value
-
-
 # --------------------------------------------------------------------------------------------------
 # Loading: dicts → dataclasses with type checks, YAML files, dotted overrides
 # --------------------------------------------------------------------------------------------------
+
+
+# Keys that left their section, with where they went (a config written before the move gets the fix).
+_MOVED = {
+    **{
+        f"model.product_key.{name}": f"model.ultramem.{name}"
+        for name in ("skip_layers", "value_expand", "tucker_rank", "n_cores")
+    },
+}
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
@@ -573,13 +761,22 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields and dotted in _MOVED:
+            raise ConfigError(
+                f"config '{dotted}' was moved to '{_MOVED[dotted]}' (UltraMem v1 has its own "
+                "section, model.ultramem); set it there"
+            )
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
             raise ConfigError(
                 f"unknown config key '{dotted}'{hint} (allowed: {', '.join(sorted(fields))})"
             )
-        kwargs[key] = _coerce(hints[key], value, dotted)
+        language = fields[key].metadata.get(_LANGUAGE)
+        if language is not None:
+            kwargs[key] = language.coerce(value, dotted)
+        else:
+            kwargs[key] = _coerce(hints[key], value, dotted)
     return cls(**kwargs)
 
 
@@ -599,6 +796,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[-1])
     if origin is Literal:
+        if args == registry.IMPLEMENTATIONS and value in registry.RENAMED:
+            raise ConfigError(
+                f"config '{key}': {value!r} was renamed; use {registry.RENAMED[value]!r}"
+            )
         if value not in args:
             allowed = ", ".join(str(a) for a in args)
             raise ConfigError(f"config '{key}': {value!r} is not allowed; allowed: {allowed}")
@@ -633,16 +834,24 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """The config as plain YAML/JSON-able data (tuples become lists)."""
+    """The config as plain YAML/JSON-able data: tuples become lists, typed language values their
+    strings ("ring:9", "decay:4", "2:5/6:9"), so `config_from_dict(to_dict(c)) == c`."""
 
     def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return to_dict(value)
         if isinstance(value, tuple | list):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(config))
+    data = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        language = item.metadata.get(_LANGUAGE)
+        data[item.name] = language.format(value) if language is not None else plain(value)
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -654,6 +863,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
+            value = raw
+        if isinstance(value, int) and ":" in raw:  # YAML 1.1 reads 2:5 as base 60; keep the text
             value = raw
         node = data
         parts = key.split(".")

@@ -22,7 +22,7 @@ def load_run(workdir: str):
     """(config, parts, params, rest, step) of the latest checkpoint in `workdir`."""
     from umv2_jax.config import config_from_dict
     from umv2_jax.training import checkpoint as checkpoint_lib
-    from umv2_jax.training.loop import abstract_like, build
+    from umv2_jax.training.state import abstract_like, build
 
     path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
     if not os.path.isfile(path):
@@ -45,17 +45,23 @@ def load_run(workdir: str):
     return config, setup.parts, state["params"], rest, step
 
 
-def generate(
+def generate_ids(
     config,
     parts,
     params,
     rest,
-    prompt: str,
+    prompt_ids: list[int],
     max_new_tokens: int,
     temperature: float,
     top_k: int,
     seed: int,
-) -> str:
+) -> list[int]:
+    """The new token ids after `prompt_ids` (BOS included by the caller), stopping at EOS (not kept).
+
+    Each token comes from the logits at the context's last real position: the window holds the
+    last `data.seq_len` ids left-aligned and PAD-filled after them (causal attention keeps the
+    padding from reaching that position). temperature 0 = greedy (argmax).
+    """
     from umv2_jax.data import tokenizer
 
     window = config.data.seq_len
@@ -66,7 +72,7 @@ def generate(
         logits, _ = parts.build(params, rest)(tokens)
         return logits[0, position, :vocab]
 
-    ids = [tokenizer.BOS] + list(tokenizer.encode(prompt))
+    ids = list(prompt_ids)
     key = jax.random.key(seed)
     generated: list[int] = []
     for _ in range(max_new_tokens):
@@ -87,6 +93,27 @@ def generate(
             break
         ids.append(token)
         generated.append(token)
+    return generated
+
+
+def generate(
+    config,
+    parts,
+    params,
+    rest,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+) -> str:
+    """The text continuing `prompt` (see `generate_ids`; the prompt is prefixed with BOS)."""
+    from umv2_jax.data import tokenizer
+
+    prompt_ids = [tokenizer.BOS] + list(tokenizer.encode(prompt))
+    generated = generate_ids(
+        config, parts, params, rest, prompt_ids, max_new_tokens, temperature, top_k, seed
+    )
     return tokenizer.decode(np.asarray(generated, np.int32))
 
 

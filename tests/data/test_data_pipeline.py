@@ -1,4 +1,5 @@
-"""Data package: byte tokenizer, embedded Shakespeare dataset, grain pipelines, tfds:NAME, errors."""
+"""Data package: embedded Shakespeare dataset, grain pipelines, tfds:NAME, errors (the tokenizer:
+test_tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from umv2_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+from umv2_jax.config import Config, DataConfig, TrainConfig
 from umv2_jax.data import pipeline, shakespeare, tokenizer
 from umv2_jax.errors import ConfigError, DataError
 
@@ -55,34 +56,6 @@ def reference_stream(texts: list[bytes]) -> np.ndarray:
         stream.append(tokenizer.BOS)
         stream.extend(text)
     return np.array(stream, np.int32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------------
-
-
-def test_tokenizer_ids_are_utf8_bytes_and_round_trip():
-    text = "To be, or not to be — Café 東京 🎭\n"
-    ids = tokenizer.encode(text)
-    assert ids.dtype == np.int32
-    assert ids.tolist() == list(text.encode("utf-8"))
-    assert tokenizer.decode(ids) == text
-    assert tokenizer.encode("").shape == (0,)
-
-
-def test_tokenizer_specials_and_vocab_match_the_model_default():
-    assert (tokenizer.BOS, tokenizer.EOS, tokenizer.PAD) == (256, 257, 258)
-    assert tokenizer.VOCAB_SIZE == 259 == ModelConfig().vocab_size
-    ids = tokenizer.encode("hi", add_bos=True, add_eos=True)
-    assert ids.tolist() == [256, 104, 105, 257]
-    # Specials and ids past the byte range (the model's padded vocabulary) are dropped.
-    assert tokenizer.decode([256, 104, 258, 300, 105, 257, 258]) == "hi"
-
-
-def test_tokenizer_replaces_invalid_utf8():
-    assert tokenizer.decode([0xFF, 65, 0xC3]) == "\ufffdA\ufffd"
-    assert tokenizer.decode(np.array([[72, 105]], np.int64)) == "Hi"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def test_train_then_resume_then_incompatible_then_generate(tmp_path, capsys):
     assert main(TINY + ["--workdir", workdir, "--steps", "4", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "final validation (step 4)" in out and "bits/byte" in out
+    # train.py hands the loop the accounting, so the summary has the paper-convention numbers.
+    assert "activated," in out and "total (paper convention)" in out
+    assert "M per token forward" in out
     assert (tmp_path / "run" / "loss.png").is_file() and (
         tmp_path / "run" / "metrics.jsonl"
     ).is_file()

@@ -99,7 +99,7 @@ def unit_inputs(tokens: int = 2048, seed: int = 0) -> jax.Array:
 
 def forward(layer, tables, u):
     graphdef, state = nnx.split(layer)
-    return jax.jit(lambda s, t, u: nnx.merge(graphdef, s)(u, SparseContext(shared=t))[0])(
+    return jax.jit(lambda s, t, u: nnx.merge(graphdef, s)(u, SparseContext(shared=t)).y)(
         state, tables, u
     )
 

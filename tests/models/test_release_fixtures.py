@@ -85,6 +85,9 @@ def build_layer(data, meta):
     layer.pre_value_proj.set_value(jnp.asarray(data[q + "pre_values_proj.weight"].T))
     layer.output_proj.set_value(jnp.asarray(data[q + "values_proj.weight"].T))
     layer.permutation.set_value(jnp.asarray(data["buffer/query_layer/shuffle_index"], jnp.int32))
+    # One memory layer reading its own table (eval_shape left the structural state abstract).
+    layer.window.set_value(jnp.asarray([0], jnp.int32))
+    layer.block_index.set_value(jnp.int32(0))
     v = "param/value_layer/"
     tables.values.set_value(jnp.asarray(data[v + "values_for_look_up"][None]))
     tables.pre_values.set_value(jnp.asarray(data[v + "pre_values_for_look_up"][None]))
@@ -105,7 +108,9 @@ def case(request):
 
     def loss(params, x):
         layer, tables = nnx.merge(graphdef, params, rest)
-        out, aux = layer(x, SparseContext(shared=tables), rank_one=rank_one)
+        output = layer(x, SparseContext(shared=tables), rank_one=rank_one)
+        out = output.y
+        aux = {**{f"loss/{k}": v for k, v in output.losses.items()}, **output.metrics}
         result = layer.retrieval(x, implementation="xla", rank_one=rank_one)
         rows, _, groups = layer.physical_rows(result.grid_indices)
         return jnp.sum(out * out), (out, aux, result, rows, groups)

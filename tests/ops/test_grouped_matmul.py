@@ -10,18 +10,21 @@ import numpy as np
 import pytest
 
 from umv2_jax.ops import grouped_matmul as gmm_lib
+from umv2_jax.ops import registry
 from umv2_jax.ops.grouped_matmul import grouped_matmul, grouped_matmul_reference
 
-# (implementation, extra keyword arguments): everything that runs on CPU. megablox runs in the
-# Pallas interpreter.
+# (implementation, extra keyword arguments): every registered implementation, run on CPU; the
+# block-padded loop (xla) at several block sizes, Pallas kernels (megablox) in the interpreter.
+_OPTIONS = {
+    "xla": [{"block_size": 1}, {"block_size": 4}, {}],  # {}: the default block of 16 rows
+    "pallas": [{"interpret": True}],
+}
 CPU_IMPLEMENTATIONS = [
-    ("block_padded", {"block_size": 1}),
-    ("block_padded", {"block_size": 4}),
-    ("block_padded", {}),  # the default block of 16 rows
-    ("ragged_dot", {}),
-    ("megablox", {"interpret": True}),
+    (name, options)
+    for name in registry.registered("grouped_matmul")
+    for options in _OPTIONS.get(name, [{}])
 ]
-IDS = ["block1", "block4", "block16", "ragged_dot", "megablox-interpret"]
+IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in o.items())}" for name, o in CPU_IMPLEMENTATIONS]
 
 # (rows M, group sizes): uneven with an empty group, one group takes everything, rows past the
 # groups (they must come out as zeros), no rows at all in any group.
@@ -79,7 +82,7 @@ def test_matches_per_group_loop_forward_and_gradients(implementation, options, r
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["block_padded", "ragged_dot"])
+@pytest.mark.parametrize("implementation", ["xla", "ragged_dot"])
 def test_bfloat16_inputs_give_bfloat16_close_to_fp32_reference(implementation):
     lhs, rhs, _ = _inputs(40, 3, in_dim=32, out_dim=16, seed=7)
     sizes = [13, 20, 7]
@@ -92,20 +95,23 @@ def test_bfloat16_inputs_give_bfloat16_close_to_fp32_reference(implementation):
     np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
 
 
-def test_auto_is_block_padded_on_cpu():
-    assert gmm_lib.resolve_implementation("auto") == "block_padded"
+def test_auto_is_the_block_padded_loop_on_cpu_and_prefers_kernels_elsewhere():
+    plan = registry.resolve("grouped_matmul")
+    assert plan["cpu"] == ("xla",)
+    assert plan["cuda"] == ("ragged_dot", "xla")  # no GPU kernel yet
+    assert plan["tpu"] == ("pallas", "ragged_dot", "xla")
 
 
 def test_unknown_implementation_lists_the_allowed_names():
     lhs, rhs, _ = _inputs(4, 2)
-    with pytest.raises(ValueError, match="block_padded, ragged_dot, megablox"):
-        grouped_matmul(lhs, rhs, jnp.array([2, 2], jnp.int32), implementation="pallas")
+    with pytest.raises(ValueError, match="choose one of auto, xla, pallas, ragged_dot"):
+        grouped_matmul(lhs, rhs, jnp.array([2, 2], jnp.int32), implementation="block_padded")
 
 
-def test_megablox_off_tpu_without_interpret_is_refused():
+def test_the_tpu_kernel_without_interpret_does_not_lower_for_cpu():
     lhs, rhs, _ = _inputs(4, 2)
-    with pytest.raises(ValueError, match="TPU kernel"):
-        grouped_matmul(lhs, rhs, jnp.array([2, 2], jnp.int32), implementation="megablox")
+    with pytest.raises(NotImplementedError, match="platform cpu"):
+        grouped_matmul(lhs, rhs, jnp.array([2, 2], jnp.int32), implementation="pallas")
 
 
 def test_shape_mismatch_is_reported():
@@ -114,9 +120,9 @@ def test_shape_mismatch_is_reported():
         grouped_matmul(lhs, rhs, jnp.array([1, 1, 2], jnp.int32))
 
 
-def test_megablox_forward_and_backward_lower_for_tpu(monkeypatch):
+@pytest.mark.parametrize("implementation", ["pallas", "auto"])
+def test_megablox_forward_and_backward_lower_for_tpu(implementation):
     """The real (non-interpreted) kernel lowers to Mosaic TPU custom calls from this CPU machine."""
-    monkeypatch.setattr(gmm_lib, "_platform", lambda: "tpu")
     shapes = (
         jax.ShapeDtypeStruct((256, 128), jnp.bfloat16),
         jax.ShapeDtypeStruct((4, 128, 256), jnp.bfloat16),
@@ -124,7 +130,7 @@ def test_megablox_forward_and_backward_lower_for_tpu(monkeypatch):
     )
 
     def op(a, b, gs):
-        return grouped_matmul(a, b, gs, implementation="megablox")
+        return grouped_matmul(a, b, gs, implementation=implementation)
 
     def loss(a, b, gs):
         return jnp.sum(op(a, b, gs).astype(jnp.float32) ** 2)
@@ -134,6 +140,23 @@ def test_megablox_forward_and_backward_lower_for_tpu(monkeypatch):
     assert forward.count("tpu_custom_call") == 1
     # Forward gmm, lhs-gradient gmm and rhs-gradient tgmm.
     assert backward.as_text().count("tpu_custom_call") == 3
+
+
+def test_auto_lowers_one_program_to_each_platforms_choice():
+    """One traced program: the block loop for CPU, ragged_dot for CUDA, megablox for TPU."""
+    shapes = (
+        jax.ShapeDtypeStruct((64, 128), jnp.float32),
+        jax.ShapeDtypeStruct((4, 128, 128), jnp.float32),
+        jax.ShapeDtypeStruct((4,), jnp.int32),
+    )
+    # Squared, so the backward needs the forward product: gmm, gmm and tgmm on TPU.
+    loss = lambda a, b, gs: jnp.sum(grouped_matmul(a, b, gs) ** 2)  # noqa: E731
+    traced = jax.jit(jax.grad(loss, (0, 1))).trace(*shapes)
+    texts = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
+    assert "stablehlo.while" in texts["cpu"] and "ragged_dot" not in texts["cpu"]
+    assert "tpu_custom_call" not in texts["cpu"]
+    assert "ragged_dot" in texts["cuda"] and "stablehlo.while" not in texts["cuda"]
+    assert texts["tpu"].count("tpu_custom_call") == 3 and "ragged_dot" not in texts["tpu"]
 
 
 @pytest.mark.parametrize("rows, sizes", GROUPINGS, ids=GROUPING_IDS)

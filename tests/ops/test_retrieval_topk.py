@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 
 from tests.fixtures import load_release_case
+from umv2_jax.ops import registry
 from umv2_jax.ops import retrieval_topk as retrieval_module
 
 # Jitted once per shape: eager op-by-op dispatch costs more than the tiny computations here.
 retrieval_topk = jax.jit(
-    retrieval_module.retrieval_topk, static_argnames=("rc_topk", "topk", "implementation")
+    retrieval_module.retrieval_topk,
+    static_argnames=("rc_topk", "topk", "implementation", "interpret"),
 )
+# Every registered implementation, Pallas kernels in the interpreter.
+IMPLEMENTATIONS = [
+    pytest.param(name, name == "pallas", id=name) for name in registry.registered("retrieval_topk")
+]
 retrieval_topk_reference = jax.jit(
     retrieval_module.retrieval_topk_reference, static_argnames=("rc_topk", "topk")
 )
@@ -58,9 +64,12 @@ def _brute_force_topm(q_row, q_col, k_row, k_col, cores, topk):
     return best, scores
 
 
-def test_matches_reference_on_rank2_cores():
+@pytest.mark.parametrize("implementation, interpret", IMPLEMENTATIONS)
+def test_matches_reference_on_rank2_cores(implementation, interpret):
     problem = _problem(seed=0, tokens=48, n_keys=32)
-    got_idx, got_scores = retrieval_topk(*problem, rc_topk=10, topk=12)
+    got_idx, got_scores = retrieval_topk(
+        *problem, rc_topk=10, topk=12, implementation=implementation, interpret=interpret
+    )
     want_idx, want_scores = retrieval_topk_reference(*problem, rc_topk=10, topk=12)
     assert got_idx.dtype == jnp.int32 and got_idx.shape == (48, 12)
     assert got_scores.shape == (48, 12, 2)
@@ -106,16 +115,18 @@ def test_rank2_recall_against_brute_force():
     assert recall >= 0.4
 
 
-def test_gradients_match_fixed_index_reference():
+@pytest.mark.parametrize("implementation, interpret", IMPLEMENTATIONS)
+def test_gradients_match_fixed_index_reference(implementation, interpret):
     problem = _problem(seed=3, tokens=16, n_keys=20)
     rc_topk, topk = 6, 8
-    grid_idx, _ = retrieval_topk(*problem, rc_topk=rc_topk, topk=topk)
+    options = dict(implementation=implementation, interpret=interpret)
+    grid_idx, _ = retrieval_topk(*problem, rc_topk=rc_topk, topk=topk, **options)
     n_keys = problem[2].shape[0]
     weights = jnp.asarray(np.random.default_rng(4).normal(size=(16, topk, 2)), jnp.float32)
 
     def loss_op(q_row, q_col, k_row, k_col, cores):
         _, scores = retrieval_topk(
-            q_row, q_col, k_row, k_col, cores, *problem[5:], rc_topk=rc_topk, topk=topk
+            q_row, q_col, k_row, k_col, cores, *problem[5:], rc_topk=rc_topk, topk=topk, **options
         )
         return jnp.sum(weights * scores)
 
@@ -176,9 +187,9 @@ def test_reproduces_release_selection(case):
 
 
 def test_implementation_switch():
-    # "auto" resolving to "xla" on CPU is tested with the dispatch helper (test_dispatch.py).
+    # "auto" resolving to "xla" on CPU is tested with the registry (test_registry.py).
     problem = _problem(seed=5, tokens=4, n_keys=8)
-    with pytest.raises(ValueError, match=r"pallas_kernels\.retrieval_topk.*use 'xla' or 'auto'"):
+    with pytest.raises(ValueError, match=r"pallas_kernels\.retrieval_topk.*use one of auto, xla"):
         retrieval_topk(*problem, rc_topk=4, topk=4, implementation="pallas")
     with pytest.raises(ValueError, match="auto, xla, pallas"):
         retrieval_topk(*problem, rc_topk=4, topk=4, implementation="cuda")

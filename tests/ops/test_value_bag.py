@@ -11,7 +11,14 @@ import pytest
 from jax.extend import core as jax_core
 
 from tests.fixtures import load_release_case
+from umv2_jax.ops import registry
+from umv2_jax.ops import value_bag as value_bag_lib
 from umv2_jax.ops.value_bag import value_bag, value_bag_reference
+
+# Every registered implementation, Pallas kernels in the interpreter.
+IMPLEMENTATIONS = [
+    pytest.param(name, name == "pallas", id=name) for name in registry.registered("value_bag")
+]
 
 # Small shapes; T = 37 is not a multiple of the token chunk of 8 (5 blocks, the last one padded).
 TOKENS, SLOTS, N_ROWS, VALUE_DIM, PRE_DIM, N_CORES, CHUNK = 37, 5, 30, 8, 6, 2, 8
@@ -79,9 +86,18 @@ def _reference_grads(with_pre: bool, act: str):
         (False, "identity", "segmented_scan"),
     ],
 )
-def test_custom_vjp_matches_autodiff_of_reference(with_pre, act, reduction):
+@pytest.mark.parametrize("implementation, interpret", IMPLEMENTATIONS)
+def test_custom_vjp_matches_autodiff_of_reference(
+    with_pre, act, reduction, implementation, interpret
+):
     inputs = _inputs(seed=0, with_pre=with_pre)
-    op = functools.partial(value_bag, token_chunk=CHUNK, table_reduction=reduction)
+    op = functools.partial(
+        value_bag,
+        token_chunk=CHUNK,
+        table_reduction=reduction,
+        implementation=implementation,
+        interpret=interpret,
+    )
     got_loss, got = _loss_and_grads(op, inputs, act)
     want_loss, want = _reference_grads(with_pre, act)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
@@ -92,10 +108,12 @@ def test_custom_vjp_matches_autodiff_of_reference(with_pre, act, reduction):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_forward_matches_reference_and_direct_loop():
+@pytest.mark.parametrize("implementation, interpret", IMPLEMENTATIONS)
+def test_forward_matches_reference_and_direct_loop(implementation, interpret):
     values, pre_values, rows, core_scores, x_p = _inputs(seed=1)
+    options = dict(implementation=implementation, interpret=interpret)
     out, pre_scores = jax.jit(
-        functools.partial(value_bag, token_chunk=CHUNK, return_pre_scores=True)
+        functools.partial(value_bag, token_chunk=CHUNK, return_pre_scores=True, **options)
     )(values, pre_values, rows, core_scores, x_p)
     # Straight from SPEC step 8, one slot at a time, in float64.
     v, p, x, s, r = (
@@ -146,6 +164,50 @@ def test_table_gradients_are_bitwise_deterministic(reduction):
     second = table_grads(values, pre_values)
     for name, a, b in zip(GRAD_NAMES[:2], first, second):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def _table_gradient_scatters(platform: str) -> list[str]:
+    """The stablehlo.scatter ops of the table gradients, lowered for `platform` from this machine."""
+    values, pre_values, rows, core_scores, x_p = _inputs(seed=3)
+    op = functools.partial(value_bag, token_chunk=CHUNK)  # table_reduction "auto"
+
+    def table_grads(v, p):
+        return jax.grad(lambda v, p: jnp.sum(op(v, p, rows, core_scores, x_p) ** 2), (0, 1))(v, p)
+
+    lowered = jax.jit(table_grads).trace(values, pre_values).lower(lowering_platforms=(platform,))
+    return [line for line in lowered.as_text().splitlines() if "stablehlo.scatter" in line]
+
+
+def test_table_gradients_on_gpu_scatter_only_unique_sorted_indices():
+    """Determinism proven structurally: lowered for CUDA (where scatter-adds of colliding indices
+    are atomics in no fixed order), every table-gradient scatter writes unique, sorted indices."""
+    scatters = _table_gradient_scatters("cuda")
+    assert len(scatters) == 2  # values and pre-values
+    for scatter in scatters:
+        assert "indices_are_sorted = true" in scatter, scatter
+        assert "unique_indices = true" in scatter, scatter
+    # The same program lowered for CPU keeps the sequential sorted scatter (no uniqueness claim).
+    assert all("unique_indices = false" in line for line in _table_gradient_scatters("cpu"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_run_targets_are_unique_sorted_and_name_each_runs_row(seed):
+    """The uniqueness the scatter flags claim holds: one target per run, strictly ascending."""
+    rng = np.random.default_rng(seed)
+    n_rows, slots = 12, 40
+    rows = np.sort(rng.integers(0, n_rows, slots - 5))
+    rows = np.concatenate([rows, np.full(5, n_rows)])  # padding slots point past the table
+    targets, end_slot = jax.jit(value_bag_lib._run_targets, static_argnums=1)(
+        jnp.asarray(rows, jnp.int32), n_rows
+    )
+    targets, end_slot = np.asarray(targets), np.asarray(end_slot)
+    assert np.all(np.diff(targets) > 0)
+    distinct = np.unique(rows)
+    np.testing.assert_array_equal(targets[: distinct.size], distinct)
+    # Each run's target reads the run's last slot (where the segmented prefix sum is complete).
+    last = np.array([np.flatnonzero(rows == r)[-1] for r in distinct])
+    np.testing.assert_array_equal(end_slot[: distinct.size], last)
+    assert np.all(targets[distinct.size :] >= n_rows)  # the rest are dropped
 
 
 def test_zero_core_scores_zero_exactly_that_value_chunk():
@@ -255,7 +317,7 @@ def test_rejects_bad_inputs():
         value_bag(values, pre_values, rows, core_scores, None)
     with pytest.raises(ValueError, match="pre_score_act"):
         value_bag(values, pre_values, rows, core_scores, x_p, pre_score_act="relu")
-    with pytest.raises(ValueError, match=r"pallas_kernels\.value_bag.*use 'xla' or 'auto'"):
+    with pytest.raises(ValueError, match=r"pallas_kernels\.value_bag.*use one of auto, xla"):
         value_bag(values, pre_values, rows, core_scores, x_p, implementation="pallas")
     with pytest.raises(ValueError, match="auto, xla, pallas"):
         value_bag(values, pre_values, rows, core_scores, x_p, implementation="gpu")

@@ -85,3 +85,44 @@ def test_values_group_gets_the_multiplied_learning_rate_and_decay():
     np.testing.assert_allclose(updates["matrix"], -0.1 * 0.5 * np.ones((3, 3)), rtol=1e-6)
     np.testing.assert_allclose(updates["table"], -3 * 0.1 * 0.5 * np.ones((4, 3)), rtol=1e-6)
     np.testing.assert_allclose(updates["gain"], 0.0)
+
+
+def test_values_group_update_follows_the_decaying_multiplier_step_by_step():
+    """The multiplier the optimizer applies (not only `value_lr_multiplier`) moves from F× to 1×."""
+    steps, peak, decay, factor, min_ratio = 100, 0.1, 0.5, 4.0, 0.1
+    config = load_config(
+        None,
+        [
+            f"train.steps={steps}",
+            "train.warmup_fraction=0",
+            f"train.learning_rate={peak}",
+            f"train.min_lr_ratio={min_ratio}",
+            f"train.weight_decay={decay}",
+            "train.grad_clip=0",
+            f"model.memory.value_lr=decay:{factor:g}",
+            "model.memory.value_lr_decay_fraction=0.5",
+        ],
+    )
+    state = nnx.state(_Toy(), nnx.Param)
+    params = state.to_pure_dict()
+    optimizer = make_optimizer(config, parameter_labels(state))
+    update = jax.jit(optimizer.update)
+    opt_state = optimizer.init(params)
+    # Constant unit gradients: Adam's m̂/(√v̂ + ε) is 1/(1 + ε) at every step, so each update is
+    # -lr(t) · group multiplier(t) · (1/(1 + ε) + weight decay · param) with params held at 1.
+    grads = jax.tree.map(jnp.ones_like, params)
+    adam = 1.0 / (1.0 + config.train.eps)
+    seen = {}
+    for t in range(steps):
+        updates, opt_state = update(grads, opt_state, params)
+        lr = peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + np.cos(np.pi * t / steps)))
+        multiplier = factor + (1.0 - factor) * min(t / (0.5 * steps), 1.0)  # 4× at 0, 1× from 50
+        np.testing.assert_allclose(updates["matrix"], -lr * (adam + decay), rtol=1e-5)
+        np.testing.assert_allclose(updates["gain"], -lr * adam, rtol=1e-5)
+        np.testing.assert_allclose(
+            updates["table"], -lr * multiplier * (adam + decay), rtol=1e-5, err_msg=f"step {t}"
+        )
+        seen[t] = float(updates["table"][0, 0] / updates["matrix"][0, 0])
+    assert seen[0] == pytest.approx(4.0, rel=1e-5)
+    assert seen[25] == pytest.approx(2.5, rel=1e-5)
+    assert seen[50] == pytest.approx(1.0, rel=1e-5) == seen[99]

@@ -218,7 +218,11 @@ def _parameter_counts(model: ModelConfig) -> dict[str, int]:
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         size = math.prod(variable.shape)
         names = [str(getattr(p, "key", p)) for p in path]
-        axes = variable.get_metadata().get("out_sharding") or ()
+        axes = tuple(variable.get_metadata().get("out_sharding") or ())
+        # A block stacked for scan over layers holds its layers' copies along a leading "layers".
+        stacked = names[0] == "blocks" and axes[:1] == ("layers",)
+        copies = variable.shape[0] if stacked else 1
+        axes = axes[1:] if stacked else axes
         if names[0] in ("embed", "lm_head"):
             counts["embedding"] += size
         elif names[0] == "shared" or "sparse" in names:
@@ -226,7 +230,7 @@ def _parameter_counts(model: ModelConfig) -> dict[str, int]:
                 counts["sparse_table"] += size
                 # Rows a token reads from this table: H·m per memory layer reading it (all of them
                 # for a model-level table, one for a layer's own table).
-                readers = memory_layers if names[0] == "shared" else 1
+                readers = memory_layers if names[0] == "shared" else copies
                 counts["sparse_touched"] += readers * slots * variable.shape[-1]
             elif axes and axes[0] == "experts":
                 counts["sparse_table"] += size
@@ -244,6 +248,8 @@ def _slots_per_token(model: ModelConfig) -> int:
     """Table rows one token reads per memory layer: heads · topk."""
     if model.sparse == "ultramem_v2":
         return model.memory.heads * model.memory.topk
+    if model.sparse == "ultramem":
+        return model.ultramem.heads * model.ultramem.topk
     if model.sparse in MEMORY_KINDS:
         return model.product_key.heads * model.product_key.topk
     return 0
@@ -283,22 +289,24 @@ def sparse_layer_flops(model: ModelConfig) -> float:
         )
     if kind == "ultramem_v2":
         mem = model.memory
-        keys = mem.key_expand * mem.effective_keys(model.num_layers)
+        keys = mem.key_expand * mem.effective_keys()
         query_ranks = mem.tucker_rank if mem.per_rank_query else 1
         per_head = 2 * h * 2 * query_ranks * mem.key_dim + _tucker_flops(
             keys, mem.key_dim, mem.tucker_rank, mem.n_cores, mem.rc_topk, mem.topk
         )
         per_head += 2 * mem.topk * (mem.pre_value_dim + mem.value_dim)
         return mem.heads * per_head + 2 * h * mem.pre_value_dim + 2 * mem.value_dim * h
+    if kind == "ultramem":
+        v1 = model.ultramem
+        value_dim = v1.resolved_value_dim(h)
+        k, m = v1.resolved_rc_topk(), v1.topk
+        per_head = _tucker_flops(v1.keys_per_side(), v1.key_dim, v1.tucker_rank, v1.n_cores, k, m)
+        per_head += 2 * m * value_dim
+        query = 2 * h * 2 * v1.tucker_rank * v1.key_dim
+        return query + v1.heads * per_head + 2 * v1.value_expand * value_dim * h
     pk = model.product_key
     value_dim = pk.resolved_value_dim(h)
     k, m = pk.resolved_rc_topk(), pk.topk
-    if kind == "ultramem":
-        keys = pk.key_expand() * pk.n_keys
-        per_head = _tucker_flops(keys, pk.key_dim, pk.tucker_rank, pk.n_cores, k, m)
-        per_head += 2 * m * value_dim
-        query = 2 * h * 2 * pk.tucker_rank * pk.key_dim
-        return query + pk.heads * per_head + 2 * pk.value_expand * value_dim * h
     per_head = 2 * h * 2 * pk.key_dim + 2 * 2 * pk.n_keys * pk.key_dim + k * k + 2 * m * value_dim
     if kind == "peer":
         per_head += 2 * m * h
@@ -364,9 +372,11 @@ def _memory_rows_and_width(model: ModelConfig) -> tuple[int, int]:
     h = model.d_model
     if model.sparse == "ultramem_v2":
         mem = model.memory
-        _, window = mem.sharing()
-        side = mem.key_expand * mem.effective_keys(model.num_layers)
+        window = mem.value_share.window
+        side = mem.key_expand * mem.effective_keys()
         return min(window * mem.n_keys**2, side * side), mem.value_dim + mem.pre_value_dim
+    if model.sparse == "ultramem":
+        return model.ultramem.n_keys**2, model.ultramem.resolved_value_dim(h)
     pk = model.product_key
     rows = pk.n_keys**2
     if model.sparse == "peer":

@@ -149,7 +149,7 @@ def calibrate(config: ModelConfig) -> Calibration:
     calibrated gain, with `implementation=config.memory.implementation`. Logs the result.
     """
     memory = config.memory
-    keys_per_side = memory.key_expand * memory.effective_keys(config.num_layers)
+    keys_per_side = memory.key_expand * memory.effective_keys()
     initializers = RetrievalInit(
         query=init_lib.truncated_normal(projection_std(config)),
         keys=init_lib.truncated_normal(memory.key_dim**-0.5),
@@ -162,7 +162,7 @@ def calibrate(config: ModelConfig) -> Calibration:
     # own: tens of seconds on a small CPU.)
     @jax.jit
     def selected_scores(gain):
-        retrieval = TuckerRetrieval(
+        retrieval = TuckerRetrieval.from_memory(
             memory, config.d_model, keys_per_side, initializers, nnx.Rngs(params=CALIBRATION_SEED)
         )
         retrieval.query_gain[...] = jnp.full_like(retrieval.query_gain[...], gain)

@@ -1,6 +1,6 @@
 """OLMoE-style mixture of experts replacing the FFN (SPEC §7).
 
-    y, aux = MoE(config, rngs)(u, context)      # u: [batch, seq, embed] → y: [batch, seq, embed]
+    out = MoE(config, rngs)(u, context)      # u: [batch, seq, embed] → out.y: [batch, seq, embed]
 
 Per token `x` (T = batch·seq tokens, E experts, k = top_k):
 
@@ -8,16 +8,15 @@ Per token `x` (T = batch·seq tokens, E experts, k = top_k):
     w, e    = top_k(probs)                             # not renormalized unless `renormalize`
     y       = Σ_j w_j · W_down[e_j]( silu(W_gate[e_j] x) * (W_up[e_j] x) )   (+ shared expert)
 
-Dispatch is dropless: the T·k (token, slot) assignments are stably sorted by expert, the expert
-SwiGLUs run as grouped matmuls over the sorted rows (`umv2_jax.ops.grouped_matmul`), and the results
-are un-sorted with the inverse permutation and combined with the router weights. Rows move by gathers
-whose gradients are gathers through the inverse map; with `block_padded` tokens are gathered straight
-into the block-padded buffer and both expert matmuls run there. With
+The layer is router → dispatch → combine. The dispatch is the op `umv2_jax.ops.moe_dispatch` (stable
+sort of the T·k (token, slot) assignments by expert, grouped SwiGLU experts, unsort; it picks its
+implementation per platform); the layer weighs the k outputs by the router. Dispatch is dropless; with
 `capacity_factor > 0` each expert keeps at most `ceil(cf·T·k/E)` assignments, the first ones in token
 order; the rest are dropped (contribute nothing) and reported as `dropped_fraction`.
 
-Aux (see `umv2_jax.models.sparse`): `loss/lb` = lb_loss · E·Σ_e f_e·p_e (Switch form; f_e = share of the
-T·k assignments routed to e, p_e = mean router probability), `loss/z` = z_loss · mean(logsumexp(logits)²),
+Output (`umv2_jax.models.sparse.SparseOutput`): losses `lb` = lb_loss · E·Σ_e f_e·p_e (Switch form;
+f_e = share of the T·k assignments routed to e, p_e = mean router probability) and
+`z` = z_loss · mean(logsumexp(logits)²),
 and the metrics `tokens_per_expert_cv`, `router_entropy`, `max_expert_fraction` (and
 `dropped_fraction` in capacity mode). f_e counts the router's choices before any capacity drop.
 
@@ -35,16 +34,9 @@ from flax import nnx
 
 from umv2_jax.config import ModelConfig
 from umv2_jax.models import init as init_lib
-from umv2_jax.models.sparse import SparseBuilder, SparseContext, register_sparse
+from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
 from umv2_jax.models.transformer import SwiGLU, dtype_of
-from umv2_jax.ops.grouped_matmul import (
-    BlockLayout,
-    block_layout,
-    block_padded_matmul,
-    gather_rows,
-    grouped_matmul,
-    resolve_implementation,
-)
+from umv2_jax.ops.moe_dispatch import moe_dispatch
 
 
 class MoE(nnx.Module):
@@ -76,10 +68,8 @@ class MoE(nnx.Module):
         else:
             self.shared_expert = None
 
-    def __call__(
-        self, u: jax.Array, context: SparseContext | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """u: [batch, seq, embed] → (y [batch, seq, embed] in compute dtype, aux {name: scalar})."""
+    def __call__(self, u: jax.Array, context: SparseContext | None = None) -> SparseOutput:
+        """u: [batch, seq, embed] → SparseOutput (y [batch, seq, embed] in compute dtype)."""
         del context  # the MoE reads nothing but its input
         batch, seq, h = u.shape
         tokens, k, experts = batch * seq, self.top_k, self.num_experts
@@ -98,22 +88,12 @@ class MoE(nnx.Module):
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
 
         # Assignment a = t·k + j is (token t, slot j); flat order is token order.
-        expert_of = chosen.reshape(tokens * k)
-        counts = jnp.zeros((experts,), jnp.int32).at[expert_of].add(1)
+        counts = jnp.zeros((experts,), jnp.int32).at[chosen.reshape(tokens * k)].add(1)
+        capacity = None
         if self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * tokens * k / experts)
-            kept = _rank_within_expert(expert_of, counts) < capacity
-            group_sizes = jnp.minimum(counts, capacity)
-            # Dropped assignments sort after every expert's rows, past sum(group_sizes): the grouped
-            # matmul gives them zeros.
-            sort_key = jnp.where(kept, expert_of, experts)
-        else:
-            kept = None
-            group_sizes = counts
-            sort_key = expert_of
-        order = _stable_argsort(sort_key, experts + 1)  # sorted position → assignment
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-        expert_out = self._dispatch_experts_combine(x.astype(dtype), order, inverse, group_sizes)
+        expert_out, kept = self._dispatch_experts_combine(x.astype(dtype), chosen, capacity)
+        kept = kept.reshape(tokens * k) if capacity is not None else None
         combine = weights.reshape(tokens * k)
         if kept is not None:
             combine = jnp.where(kept, combine, 0.0)
@@ -129,71 +109,33 @@ class MoE(nnx.Module):
             y = y + self.shared_expert(x).astype(jnp.float32)
         y = y.astype(dtype).reshape(batch, seq, h)
 
-        aux = self._losses(logits, probs, counts, tokens * k)
+        losses, metrics = self._losses(logits, probs, counts, tokens * k)
         if kept is not None:
-            aux["dropped_fraction"] = jax.lax.stop_gradient(
+            metrics["dropped_fraction"] = jax.lax.stop_gradient(
                 1.0 - jnp.mean(kept.astype(jnp.float32))
             )
-        return y, aux
+        return SparseOutput(y=y, losses=losses, metrics=metrics)
 
     def _dispatch_experts_combine(
-        self, x: jax.Array, order: jax.Array, inverse: jax.Array, group_sizes: jax.Array
-    ) -> jax.Array:
-        """x: [T, embed]; order / inverse: sorted position ↔ assignment [T·k]; group_sizes: [E]
-        → each assignment's expert output [T·k, embed] (zeros past sum(group_sizes)).
-
-        Rows move by gathers whose gradients are gathers through the inverse map (no scatter-add).
-        With `block_padded`, tokens go straight into the block-padded buffer and both expert matmuls
-        run in it: one gather in, one gather out."""
-        tokens, k = x.shape[0], self.top_k
-        assignments = tokens * k
-        everything = jnp.ones((assignments,), bool)
-        padded = self.implementation in ("auto", "block_padded")
-        if not (padded and resolve_implementation(self.implementation) == "block_padded"):
-            rows = gather_rows(
-                x, order // k, everything, inverse.reshape(tokens, k), everything.reshape(tokens, k)
-            )
-            sorted_out = self._experts(rows, group_sizes)
-            return gather_rows(sorted_out, inverse, everything, order, everything)
-        layout = block_layout(group_sizes, assignments, self.block_size)
-        slot_assignment = order[layout.slot_row]  # [P]
-        assignment_slot = layout.row_slot[inverse]  # [T·k]
-        assignment_valid = layout.row_valid[inverse]
-        buffer = gather_rows(
+        self, x: jax.Array, chosen: jax.Array, capacity: int | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """x: [T, embed], chosen: [T, k] experts → (each assignment's expert output [T, k, embed],
+        kept [T, k]); the `moe_dispatch` op picks its implementation."""
+        return moe_dispatch(
             x,
-            slot_assignment // k,
-            layout.slot_valid,
-            assignment_slot.reshape(tokens, k),
-            assignment_valid.reshape(tokens, k),
+            chosen,
+            self.gate[...],
+            self.up[...],
+            self.down[...],
+            capacity=capacity,
+            implementation=self.implementation,
+            block_size=self.block_size,
         )
-        out = self._experts(buffer, group_sizes, layout)
-        return gather_rows(
-            out, assignment_slot, assignment_valid, slot_assignment, layout.slot_valid
-        )
-
-    def _experts(
-        self, rows: jax.Array, group_sizes: jax.Array, layout: BlockLayout | None = None
-    ) -> jax.Array:
-        """rows: [M, embed] sorted by expert (or in `layout`), group_sizes: [E] → SwiGLU of each
-        row's expert [M, embed]."""
-        dtype = self.compute_dtype
-        d_e = self.expert_d_ff
-        # Gate and up share one grouped matmul (one dispatch plan, one pass over the rows).
-        gate_up = jnp.concatenate([self.gate[...], self.up[...]], axis=-1).astype(dtype)
-        down = self.down[...].astype(dtype)
-        if layout is not None:
-            projected = block_padded_matmul(rows, gate_up, layout)
-            hidden = jax.nn.silu(projected[:, :d_e]) * projected[:, d_e:]
-            return block_padded_matmul(hidden, down, layout)
-        options = dict(implementation=self.implementation, block_size=self.block_size)
-        projected = grouped_matmul(rows, gate_up, group_sizes, **options)
-        hidden = jax.nn.silu(projected[:, :d_e]) * projected[:, d_e:]
-        return grouped_matmul(hidden, down, group_sizes, **options)
 
     def _losses(
         self, logits: jax.Array, probs: jax.Array, counts: jax.Array, assignments: int
-    ) -> dict[str, jax.Array]:
-        """Weighted auxiliary losses and routing diagnostics, all fp32 scalars."""
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """(weighted auxiliary losses by type, routing diagnostics), all fp32 scalars."""
         experts = self.num_experts
         routed_share = counts.astype(jnp.float32) / assignments  # f_e (no gradient: a count)
         mean_prob = jnp.mean(probs, axis=0)  # p_e
@@ -206,30 +148,8 @@ class MoE(nnx.Module):
             "router_entropy": jnp.mean(entropy),
             "max_expert_fraction": jnp.max(routed_share),
         }
-        return {
-            "loss/lb": self.lb_weight * load_balance,
-            "loss/z": self.z_weight * z,
-            **{name: jax.lax.stop_gradient(value) for name, value in metrics.items()},
-        }
-
-
-def _rank_within_expert(expert_of: jax.Array, counts: jax.Array) -> jax.Array:
-    """For each assignment, how many earlier assignments (in token order) chose the same expert."""
-    order = _stable_argsort(expert_of, counts.shape[0])
-    starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(expert_of.size, dtype=jnp.int32) - starts[expert_of[order]]
-    return jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)
-
-
-def _stable_argsort(keys: jax.Array, num_keys: int) -> jax.Array:
-    """jnp.argsort(keys, stable=True) for int keys in [0, num_keys): one sort of packed int32 keys
-    (key · n + position, all distinct) when they fit, several times faster on CPU than sorting
-    (key, position) pairs."""
-    size = keys.shape[0]
-    if num_keys * size >= 2**31:
-        return jnp.argsort(keys, stable=True)
-    position = jnp.arange(size, dtype=jnp.int32)
-    return jax.lax.sort(keys.astype(jnp.int32) * size + position) % size
+        losses = {"lb": self.lb_weight * load_balance, "z": self.z_weight * z}
+        return losses, {name: jax.lax.stop_gradient(value) for name, value in metrics.items()}
 
 
 def _build_layer(config: ModelConfig, block_index: int, rngs: nnx.Rngs) -> MoE:

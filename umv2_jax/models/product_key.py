@@ -1,6 +1,7 @@
 """The product-key memory baselines of SPEC §7, each a sparse layer of the shared backbone.
 
-    config.sparse = "pkm" | "memory_plus" | "peer" | "ultramem"      (fields: config.product_key)
+    config.sparse = "pkm" | "memory_plus" | "peer"   (fields: config.product_key)
+    config.sparse = "ultramem"                        (fields: config.ultramem, UltraMem v1's own)
     y, aux = layer(u, context)          # u: [batch, seq, h] → y: [batch, seq, h]
 
 Notation (per token, per head): x = u ∈ R^h, n sub-keys per side, D_k = key_dim, m = topk,
@@ -43,54 +44,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from umv2_jax.config import MemoryConfig, ModelConfig, ProductKeyConfig
+from umv2_jax.config import ModelConfig, UltraMemConfig
 from umv2_jax.models import init as init_lib
 from umv2_jax.models.retrieval import RetrievalInit, TuckerRetrieval, rms_normalize
-from umv2_jax.models.sparse import SparseBuilder, SparseContext, register_sparse
+from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
 from umv2_jax.models.transformer import dtype_of
 from umv2_jax.models.ultramem_v2 import GridPermutation, map_virtual_rows
+from umv2_jax.ops.product_key_topk import product_key_topk
 from umv2_jax.ops.value_bag import value_bag
-
-# Selection decides which rows a token reads: score in full fp32 (as umv2_jax.ops.retrieval_topk).
-_PRECISION = lax.Precision.HIGHEST
-
-
-def product_key_topk(
-    q_row: jax.Array,
-    q_col: jax.Array,
-    k_row: jax.Array,
-    k_col: jax.Array,
-    *,
-    rc_topk: int,
-    topk: int,
-) -> tuple[jax.Array, jax.Array]:
-    """Product-key selection for one head (Lample et al. 2019, §3.2): sum of half scores.
-
-    q_row, q_col: [T, D_k] sub-queries; k_row, k_col: [n, D_k] sub-keys.
-    Returns rows [T, m] int32 = i·n + j ordered by descending score, and scores [T, m] fp32
-    s = <q_row, K_row[i]> + <q_col, K_col[j]> (differentiable w.r.t. queries and selected keys).
-    """
-    n_tokens, n_keys = q_row.shape[0], k_row.shape[0]
-    s_row = jnp.einsum("td,nd->tn", q_row, k_row, precision=_PRECISION).astype(jnp.float32)
-    s_col = jnp.einsum("td,nd->tn", q_col, k_col, precision=_PRECISION).astype(jnp.float32)
-    _, cand_row = lax.top_k(lax.stop_gradient(s_row), rc_topk)  # [T, k]
-    _, cand_col = lax.top_k(lax.stop_gradient(s_col), rc_topk)
-    r_cand = jnp.take_along_axis(s_row, cand_row, axis=1)  # [T, k], distinct keys per token
-    c_cand = jnp.take_along_axis(s_col, cand_col, axis=1)
-    grid = lax.stop_gradient(r_cand[:, :, None] + c_cand[:, None, :])  # [T, k, k]
-    _, best = lax.top_k(grid.reshape(n_tokens, rc_topk * rc_topk), topk)
-    best_i, best_j = best // rc_topk, best % rc_topk
-    rows = (
-        jnp.take_along_axis(cand_row, best_i, axis=1) * n_keys
-        + jnp.take_along_axis(cand_col, best_j, axis=1)
-    ).astype(jnp.int32)
-    # Selected cells share candidates, so pick them with one-hot matmuls: their backward is a matmul,
-    # where an indexed gather would scatter-add colliding values in a backend-dependent order.
-    f32 = jnp.float32
-    scores = jnp.einsum(
-        "tmi,ti->tm", jax.nn.one_hot(best_i, rc_topk, dtype=f32), r_cand
-    ) + jnp.einsum("tmj,tj->tm", jax.nn.one_hot(best_j, rc_topk, dtype=f32), c_cand)
-    return rows, scores
 
 
 class ProductKeyRetrieval(nnx.Module):
@@ -136,8 +97,12 @@ class ProductKeyRetrieval(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: [T, h] → (rows [T, H·m] int32, softmax weights [T, H·m] fp32), head-major slots."""
+    def __call__(
+        self, x: jax.Array, implementation: str | tuple[str, ...] = "auto"
+    ) -> tuple[jax.Array, jax.Array]:
+        """x: [T, h] → (rows [T, H·m] int32, softmax weights [T, H·m] fp32), head-major slots.
+
+        implementation: of the selection op `umv2_jax.ops.product_key_topk`."""
         dtype = self.compute_dtype
         queries = jnp.einsum("th,hnsd->nstd", x.astype(dtype), self.query[...].astype(dtype))
         queries = queries.astype(jnp.float32)  # [H, 2, T, D_k]
@@ -149,7 +114,15 @@ class ProductKeyRetrieval(nnx.Module):
         keys = jnp.broadcast_to(keys, (self.heads, *keys.shape[1:]))
 
         def one_head(q, k):
-            return product_key_topk(q[0], q[1], k[0], k[1], rc_topk=self.rc_topk, topk=self.topk)
+            return product_key_topk(
+                q[0],
+                q[1],
+                k[0],
+                k[1],
+                rc_topk=self.rc_topk,
+                topk=self.topk,
+                implementation=implementation,
+            )
 
         rows, scores = jax.vmap(one_head)(queries, keys)  # [H, T, m]
         weights = jax.nn.softmax(scores, axis=-1)
@@ -178,26 +151,35 @@ class _ProductKeyLayer(nnx.Module):
     """What PKM, Memory+ and PEER share: retrieval, flattening and diagnostics."""
 
     def _setup(self, config: ModelConfig, block_index: int, rngs: nnx.Rngs, shared_keys: bool):
+        del block_index  # layers of one kind are built alike (they stack for scan over layers)
         pk = config.product_key
-        self.block_index = block_index
-        self.input_block = block_index
         self.implementation = pk.implementation
         self.compute_dtype = dtype_of(config.compute_dtype)
         self.n_rows = pk.n_keys**2
         self.retrieval = ProductKeyRetrieval(config, rngs, shared_keys=shared_keys)
 
-    def _finish(self, u: jax.Array, y: jax.Array, rows: jax.Array, weights: jax.Array):
+    def _finish(
+        self,
+        u: jax.Array,
+        y: jax.Array,
+        rows: jax.Array,
+        weights: jax.Array,
+        context: SparseContext,
+    ) -> SparseOutput:
         """Reshapes y to u's shape and adds the diagnostics (no gradient)."""
         y = y.astype(self.compute_dtype)
-        hit = jnp.zeros((self.n_rows,), jnp.bool_).at[rows.reshape(-1)].set(True)
         heads = self.retrieval.heads
         top1 = lax.stop_gradient(weights).reshape(weights.shape[0], heads, -1)[..., 0]
-        aux = {
-            "rows_hit_fraction": jnp.sum(hit, dtype=jnp.float32) / self.n_rows,
+        metrics = {
             "top1_weight": jnp.mean(top1),
             "output_std": jnp.std(lax.stop_gradient(y).astype(jnp.float32)),
         }
-        return y.reshape(u.shape), aux
+        return _with_row_hits(
+            SparseOutput(y=y.reshape(u.shape), metrics=metrics, addressable_rows=self.n_rows),
+            rows,
+            self.n_rows,
+            context,
+        )
 
 
 class PKM(_ProductKeyLayer):
@@ -210,11 +192,10 @@ class PKM(_ProductKeyLayer):
             rngs, init_lib.truncated_normal(h**-0.5), (self.n_rows, h), ("mem_rows", "mem_dim")
         )
 
-    def __call__(self, u: jax.Array, context: SparseContext) -> tuple[jax.Array, dict]:
-        """u: [..., h] → (y [..., h], aux)."""
-        del context
+    def __call__(self, u: jax.Array, context: SparseContext) -> SparseOutput:
+        """u: [..., h] → SparseOutput (y [..., h])."""
         x = u.reshape(-1, u.shape[-1])
-        rows, weights = self.retrieval(x)
+        rows, weights = self.retrieval(x, implementation=self.implementation)
         y = value_bag(
             self.values[...],
             None,
@@ -223,7 +204,7 @@ class PKM(_ProductKeyLayer):
             None,
             implementation=self.implementation,
         )
-        return self._finish(u, y, rows, weights)
+        return self._finish(u, y, rows, weights, context)
 
 
 class MemoryPlus(_ProductKeyLayer):
@@ -246,13 +227,13 @@ class MemoryPlus(_ProductKeyLayer):
             ("mem_dim", "embed"),
         )
 
-    def __call__(self, u: jax.Array, context: SparseContext) -> tuple[jax.Array, dict]:
-        """u: [..., h] → (y [..., h], aux). context.shared: the model's `SharedValues`."""
+    def __call__(self, u: jax.Array, context: SparseContext) -> SparseOutput:
+        """u: [..., h] → SparseOutput (y [..., h]). context.shared: the model's `SharedValues`."""
         if not isinstance(context.shared, SharedValues):
             raise TypeError("MemoryPlus needs context.shared to be the model's SharedValues")
         dtype = self.compute_dtype
         x = u.reshape(-1, u.shape[-1])
-        rows, weights = self.retrieval(x)
+        rows, weights = self.retrieval(x, implementation=self.implementation)
         o = value_bag(
             context.shared.values[...],
             None,
@@ -263,7 +244,7 @@ class MemoryPlus(_ProductKeyLayer):
         )
         gate = jax.nn.silu(x.astype(dtype) @ self.gate_proj[...].astype(dtype))
         y = (o.astype(dtype) * gate) @ self.output_proj[...].astype(dtype)
-        return self._finish(u, y, rows, weights)
+        return self._finish(u, y, rows, weights, context)
 
 
 class PEER(_ProductKeyLayer):
@@ -282,11 +263,10 @@ class PEER(_ProductKeyLayer):
             rngs, init_lib.truncated_normal(init_lib.output_std(config)), (self.n_rows, h), axes
         )
 
-    def __call__(self, u: jax.Array, context: SparseContext) -> tuple[jax.Array, dict]:
-        """u: [..., h] → (y [..., h], aux)."""
-        del context
+    def __call__(self, u: jax.Array, context: SparseContext) -> SparseOutput:
+        """u: [..., h] → SparseOutput (y [..., h])."""
         x = u.reshape(-1, u.shape[-1])
-        rows, weights = self.retrieval(x)
+        rows, weights = self.retrieval(x, implementation=self.implementation)
         y = value_bag(
             self.expert_down[...],
             self.expert_up[...],
@@ -296,7 +276,7 @@ class PEER(_ProductKeyLayer):
             pre_score_act=self.activation,
             implementation=self.implementation,
         )
-        return self._finish(u, y, rows, weights)
+        return self._finish(u, y, rows, weights, context)
 
 
 class SharedQueryRetrieval(TuckerRetrieval):
@@ -305,12 +285,26 @@ class SharedQueryRetrieval(TuckerRetrieval):
     Each head keeps its own keys, cores and q/k gains; only `queries` differs from the parent.
     """
 
-    def __init__(self, memory: MemoryConfig, d_model: int, keys_per_side: int, init, rngs, dtype):
-        super().__init__(memory, d_model, keys_per_side, init, rngs, dtype)
+    def __init__(self, v1: UltraMemConfig, d_model: int, init: RetrievalInit, rngs, dtype):
+        super().__init__(
+            d_model,
+            v1.keys_per_side(),
+            init,
+            rngs,
+            heads=v1.heads,
+            key_dim=v1.key_dim,
+            tucker_rank=v1.tucker_rank,
+            n_cores=v1.n_cores,
+            rc_topk=v1.resolved_rc_topk(),
+            topk=v1.topk,
+            norm_eps=v1.norm_eps,
+            per_rank_query=True,
+            compute_dtype=dtype,
+        )
         self.query = init_lib.make_param(
             rngs,
             init.query,
-            (d_model, 1, 2, memory.tucker_rank, memory.key_dim),
+            (d_model, 1, 2, v1.tucker_rank, v1.key_dim),
             ("embed", None, None, None, None),
         )
 
@@ -325,71 +319,45 @@ class SharedQueryRetrieval(TuckerRetrieval):
         return normalized[:, 0], normalized[:, 1]
 
 
-def v1_memory_config(pk: ProductKeyConfig, d_model: int) -> MemoryConfig:
-    """The MemoryConfig that `TuckerRetrieval` reads for UltraMem v1's retrieval."""
-    return MemoryConfig(
-        n_keys=pk.n_keys,
-        key_dim=pk.key_dim,
-        tucker_rank=pk.tucker_rank,
-        n_cores=pk.n_cores,
-        rc_topk=pk.resolved_rc_topk(),
-        topk=pk.topk,
-        heads=pk.heads,
-        value_dim=pk.resolved_value_dim(d_model),
-        pre_value_dim=0,
-        key_expand=pk.key_expand(),
-        per_rank_query=True,
-        norm_eps=pk.norm_eps,
-        init="release",
-        implementation=pk.implementation,
-    )
-
-
 class UltraMemV1(nnx.Module):
     """UltraMem v1 (see the module docstring). Values V [n², D_v] per layer; W_o [G·D_v, h]."""
 
     def __init__(self, config: ModelConfig, block_index: int, rngs: nnx.Rngs):
-        pk = config.product_key
+        v1 = config.ultramem
         h = config.d_model
-        memory = v1_memory_config(pk, h)
-        sources = {target: source for source, target in pk.skip_pairs()}
-        self.block_index = block_index
-        self.input_block = sources.get(block_index, block_index)
-        self.groups = pk.value_expand
-        self.rows_per_table = pk.n_keys**2
-        self.value_dim = memory.value_dim
-        self.implementation = pk.implementation
+        del block_index  # the Transformer wires skip-layer inputs; layers are built alike
+        self.groups = v1.value_expand
+        self.rows_per_table = v1.n_keys**2
+        self.value_dim = v1.resolved_value_dim(h)
+        self.implementation = v1.implementation
         self.compute_dtype = dtype_of(config.compute_dtype)
-        keys_per_side = pk.key_expand() * pk.n_keys
+        keys_per_side = v1.keys_per_side()
         projection = init_lib.truncated_normal(init_lib.backbone_std(config))
         init = RetrievalInit(
             query=projection,
-            keys=init_lib.truncated_normal(pk.key_dim**-0.5),
+            keys=init_lib.truncated_normal(v1.key_dim**-0.5),
             cores=nnx.initializers.uniform(1.0),
-            gain=pk.key_dim ** (-1.0 / 3.0),  # UltraMem v1's q/k norm gain D_k^-1/3
+            gain=v1.key_dim ** (-1.0 / 3.0),  # UltraMem v1's q/k norm gain D_k^-1/3
         )
-        self.retrieval = SharedQueryRetrieval(
-            memory, h, keys_per_side, init, rngs, self.compute_dtype
-        )
+        self.retrieval = SharedQueryRetrieval(v1, h, init, rngs, self.compute_dtype)
         self.values = init_lib.make_value_param(
             rngs,
             init_lib.truncated_normal(0.02),
-            (self.rows_per_table, memory.value_dim),
+            (self.rows_per_table, self.value_dim),
             ("mem_rows", "mem_dim"),
         )
         self.output_proj = init_lib.make_param(
             rngs,
-            init_lib.truncated_normal((self.groups * memory.value_dim) ** -0.5),
-            (self.groups * memory.value_dim, h),
+            init_lib.truncated_normal((self.groups * self.value_dim) ** -0.5),
+            (self.groups * self.value_dim, h),
             ("mem_dim", "embed"),
         )
         self.permutation = GridPermutation(
             jax.random.permutation(rngs.params(), keys_per_side**2).astype(jnp.int32)
         )
 
-    def __call__(self, u: jax.Array, context: SparseContext) -> tuple[jax.Array, dict]:
-        """u: [..., h] (block `input_block`'s normalized input) → (y [..., h], aux)."""
-        del context
+    def __call__(self, u: jax.Array, context: SparseContext) -> SparseOutput:
+        """u: [..., h] (the normalized input the skip wiring names) → SparseOutput (y [..., h])."""
         x = u.reshape(-1, u.shape[-1])
         n_tokens = x.shape[0]
         result = self.retrieval(x, implementation=self.implementation)
@@ -414,14 +382,26 @@ class UltraMemV1(nnx.Module):
         o = o.reshape(self.groups, n_tokens, self.value_dim).transpose(1, 0, 2)
         dtype = self.compute_dtype
         y = o.reshape(n_tokens, -1).astype(dtype) @ self.output_proj[...].astype(dtype)
-        hit = jnp.zeros((self.rows_per_table,), jnp.bool_).at[rows.reshape(-1)].set(True)
         total = jnp.sum(lax.stop_gradient(result.core_scores), axis=-1)
-        aux = {
-            "rows_hit_fraction": jnp.sum(hit, dtype=jnp.float32) / self.rows_per_table,
+        metrics = {
             "top1_score": jnp.mean(total[:, :, 0]),
             "output_std": jnp.std(lax.stop_gradient(y).astype(jnp.float32)),
         }
-        return y.reshape(u.shape), aux
+        out = SparseOutput(
+            y=y.reshape(u.shape), metrics=metrics, addressable_rows=self.rows_per_table
+        )
+        return _with_row_hits(out, rows, self.rows_per_table, context)
+
+
+def _with_row_hits(
+    out: SparseOutput, rows: jax.Array, n_rows: int, context: SparseContext
+) -> SparseOutput:
+    """Adds the row-hit mask and fraction (evaluation diagnostics) when the context asks for them."""
+    if context.diagnostics:
+        hit = jnp.zeros((n_rows,), jnp.bool_).at[rows.reshape(-1)].set(True)
+        out.row_hits = hit
+        out.metrics["rows_hit_fraction"] = jnp.sum(hit, dtype=jnp.float32) / n_rows
+    return out
 
 
 def _builder(cls, build_shared=None) -> SparseBuilder:
@@ -442,5 +422,4 @@ __all__ = [
     "SharedValues",
     "UltraMemV1",
     "product_key_topk",
-    "v1_memory_config",
 ]

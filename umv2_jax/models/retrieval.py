@@ -1,6 +1,6 @@
 """Tucker-decomposed query-key retrieval (TDQKR, SPEC §2 steps 1–5) for every head of one memory layer.
 
-    retrieval = TuckerRetrieval(memory_config, d_model, keys_per_side, initializers, rngs)
+    retrieval = TuckerRetrieval.from_memory(memory, d_model, keys_per_side, initializers, rngs)
     result = retrieval(x)            # x: [T, h]
     result.grid_indices              # [heads, T, m] int32, I_row·N + I_col, best first
     result.core_scores               # [heads, T, m, C] fp32, s^c of the selected cells (differentiable)
@@ -83,6 +83,24 @@ def core_singular_values(cores: jax.Array) -> jax.Array:
     return jnp.linalg.svd(cores.astype(jnp.float32).sum(0), compute_uv=False)
 
 
+def rank_one_and_singular_values(cores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(u* [r], t* [r], λ [r]) of C = Σ_c C^c from ONE fp32 SVD. cores: [C, r, r].
+
+    u*, t* are `rank_one_vectors` (sign rule, no gradient). λ_i = u_iᵀ C v_i with the singular
+    vectors held constant: its value is the i-th singular value and its gradient u_i v_iᵀ is the
+    exact derivative of a simple singular value, as `core_singular_values` would give by
+    differentiating a second SVD (avoiding the SVD's own JVP, which divides by λ_i² − λ_j²).
+    """
+    core_sum = cores.astype(jnp.float32).sum(0)
+    left, _, right_t = jnp.linalg.svd(jax.lax.stop_gradient(core_sum), full_matrices=False)
+    left, right_t = jax.lax.stop_gradient(left), jax.lax.stop_gradient(right_t)
+    singular_values = jnp.einsum(
+        "ai,ab,ib->i", left, core_sum, right_t, precision=jax.lax.Precision.HIGHEST
+    )
+    u_star, t_star = canonical_sign(left[:, 0], right_t[0, :])
+    return u_star, t_star, singular_values
+
+
 def rms_normalize(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x², last axis) + eps) · gain, in fp32. x: [..., D_k], gain: [D_k]."""
     x = x.astype(jnp.float32)
@@ -102,19 +120,27 @@ class TuckerRetrieval(nnx.Module):
 
     def __init__(
         self,
-        memory: MemoryConfig,
         d_model: int,
         keys_per_side: int,
         initializers: RetrievalInit,
         rngs: nnx.Rngs,
+        *,
+        heads: int,
+        key_dim: int,
+        tucker_rank: int,
+        n_cores: int,
+        rc_topk: int,
+        topk: int,
+        norm_eps: float,
+        per_rank_query: bool = True,
         compute_dtype=jnp.float32,
     ):
-        heads, rank, key_dim = memory.heads, memory.tucker_rank, memory.key_dim
-        query_ranks = rank if memory.per_rank_query else 1
+        rank = tucker_rank
+        query_ranks = rank if per_rank_query else 1
         self.heads, self.rank, self.key_dim = heads, rank, key_dim
         self.keys_per_side = keys_per_side
-        self.rc_topk, self.topk = memory.rc_topk, memory.topk
-        self.eps = memory.norm_eps
+        self.rc_topk, self.topk = rc_topk, topk
+        self.eps = norm_eps
         self.compute_dtype = compute_dtype
         self.query = init_lib.make_param(
             rngs,
@@ -132,7 +158,34 @@ class TuckerRetrieval(nnx.Module):
             (None, None, None, None, None),
         )
         self.cores = init_lib.make_param(
-            rngs, initializers.cores, (heads, memory.n_cores, rank, rank), (None, None, None, None)
+            rngs, initializers.cores, (heads, n_cores, rank, rank), (None, None, None, None)
+        )
+
+    @classmethod
+    def from_memory(
+        cls,
+        memory: MemoryConfig,
+        d_model: int,
+        keys_per_side: int,
+        initializers: RetrievalInit,
+        rngs: nnx.Rngs,
+        compute_dtype=jnp.float32,
+    ) -> TuckerRetrieval:
+        """The retrieval of an UltraMemV2 layer configured by `model.memory`."""
+        return cls(
+            d_model,
+            keys_per_side,
+            initializers,
+            rngs,
+            heads=memory.heads,
+            key_dim=memory.key_dim,
+            tucker_rank=memory.tucker_rank,
+            n_cores=memory.n_cores,
+            rc_topk=memory.rc_topk,
+            topk=memory.topk,
+            norm_eps=memory.norm_eps,
+            per_rank_query=memory.per_rank_query,
+            compute_dtype=compute_dtype,
         )
 
     def __call__(
@@ -151,39 +204,42 @@ class TuckerRetrieval(nnx.Module):
         """
         q_row, q_col = self.queries(x)  # [H, T, r, D_k] each
         k_row, k_col = self.normalized_keys()  # [H, N, r, D_k] each
-        cores = self.cores[...]
-        indices, scores, balances = [], [], []
-        for head in range(self.heads):
-            if rank_one is None:
-                u_star, t_star = rank_one_vectors(cores[head])
-            else:
-                u_star = jax.lax.stop_gradient(jnp.asarray(rank_one[0][head], jnp.float32))
-                t_star = jax.lax.stop_gradient(jnp.asarray(rank_one[1][head], jnp.float32))
-            grid, core_scores = retrieval_topk(
-                q_row[head],
-                q_col[head],
-                k_row[head],
-                k_col[head],
-                cores[head].astype(jnp.float32),
+        cores = self.cores[...].astype(jnp.float32)  # [H, C, r, r]
+        # One SVD per head per step gives both the stage-1 vectors and the singular values.
+        u_star, t_star, singular_values = jax.vmap(rank_one_and_singular_values)(cores)
+        if rank_one is not None:
+            u_star = jax.lax.stop_gradient(jnp.asarray(rank_one[0], jnp.float32))
+            t_star = jax.lax.stop_gradient(jnp.asarray(rank_one[1], jnp.float32))
+
+        def one_head(q_row, q_col, k_row, k_col, cores, u_star, t_star):
+            return retrieval_topk(
+                q_row,
+                q_col,
+                k_row,
+                k_col,
+                cores,
                 u_star,
                 t_star,
                 rc_topk=self.rc_topk,
                 topk=self.topk,
                 implementation=implementation,
             )
-            indices.append(grid)
-            scores.append(core_scores.astype(jnp.float32))
-            if key_balance:
-                balances.append(
-                    _key_balance(q_row[head], k_row[head], u_star, self.rc_topk)
-                    + _key_balance(q_col[head], k_col[head], t_star, self.rc_topk)
+
+        heads = (q_row, q_col, k_row, k_col, cores, u_star, t_star)
+        grid_indices, core_scores = jax.vmap(one_head)(*heads)
+        balance = None
+        if key_balance:
+            per_head = jax.vmap(
+                lambda qr, qc, kr, kc, u, t: (
+                    _key_balance(qr, kr, u, self.rc_topk) + _key_balance(qc, kc, t, self.rc_topk)
                 )
-        singular_values = jax.vmap(core_singular_values)(cores)
+            )(q_row, q_col, k_row, k_col, u_star, t_star)
+            balance = jnp.mean(per_head)
         return RetrievalResult(
-            grid_indices=jnp.stack(indices),
-            core_scores=jnp.stack(scores),
+            grid_indices=grid_indices,
+            core_scores=core_scores.astype(jnp.float32),
             singular_values=singular_values,
-            key_balance=jnp.mean(jnp.stack(balances)) if key_balance else None,
+            key_balance=balance,
         )
 
     def queries(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -2,13 +2,17 @@
 
 A sparse layer (UltraMemV2, MoE, PKM, …) is an `nnx.Module` called as
 
-    y, aux = layer(u, context)        # u: [batch, seq, d_model] → y: [batch, seq, d_model]
+    out = layer(u, context)        # u: [batch, seq, d_model] → out: SparseOutput, out.y like u
 
-where `u` is the normalized input of block `layer.input_block` (normally the block the layer sits
-in; UltraMem v1's skip-layer wiring reads an earlier block's), and `aux` is a flat dict of scalars:
-keys starting with `loss/` are already-weighted auxiliary losses that the trainer adds to the LM loss
-(and reports separately); every other key is a diagnostic metric. The Transformer prefixes the keys
-with `layer{index}/`.
+where `u` is the normalized input the block hands it (its own block's, or an earlier block's for
+UltraMem v1's skip-layer wiring: the Transformer decides, the layer never looks it up). `out` is typed:
+`losses` are already-weighted auxiliary losses keyed by their type (`lb`, `z`, `tucker_penalty`, …),
+which the Transformer sums over layers per type and the trainer adds to the LM loss; `metrics` are
+diagnostics (fp32 scalars, no gradient); `row_hits` is the per-row hit mask that evaluation ORs over
+its window, computed only when `context.diagnostics` asks for it, so a train step pays nothing for it.
+
+A layer must be stackable for scan over layers: everything that differs between two layers of one
+kind (windows, permutations, indices) is an array in an `nnx.Variable`, never a Python attribute.
 
 Later issues add layers with `register_sparse(...)` without touching the block's code.
 """
@@ -16,6 +20,7 @@ Later issues add layers with `register_sparse(...)` without touching the block's
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +28,6 @@ import jax
 from flax import nnx
 
 from umv2_jax.config import ModelConfig
-from umv2_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -32,15 +36,38 @@ class SparseContext:
 
     shared:        the model-level module built by the registry's `build_shared` (e.g. value tables
                    stacked over layers, `[L, n², D]`), or None.
-    taps:          normalized block inputs `u` recorded so far, by block index (skip-layer wiring).
     deterministic: True disables dropout.
     dropout_rng:   a PRNG key when `deterministic` is False; layers fold in their own index.
+    diagnostics:   compute the evaluation-only diagnostics (row-hit masks and fractions).
     """
 
     shared: Any = None
-    taps: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
     deterministic: bool = True
     dropout_rng: jax.Array | None = None
+    diagnostics: bool = False
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("y", "losses", "metrics", "row_hits"),
+    meta_fields=("addressable_rows",),
+)
+@dataclasses.dataclass
+class SparseOutput:
+    """What a sparse layer returns.
+
+    y:                [..., d_model] the layer's contribution to the residual stream.
+    losses:           {type: fp32 scalar} weighted auxiliary losses (`lb`, `z`, `tucker_penalty`, …).
+    metrics:          {name: fp32 scalar} diagnostics without gradient.
+    row_hits:         bool [rows] which memory rows this pass read, or None (only with diagnostics).
+    addressable_rows: how many distinct rows the layer can reach (the denominator of hit fractions).
+    """
+
+    y: jax.Array
+    losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    row_hits: jax.Array | None = None
+    addressable_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +111,6 @@ def get_sparse_builder(name: str) -> SparseBuilder:
                 raise
     if name not in _REGISTRY:
         available = ", ".join(sorted(_REGISTRY)) or "none yet"
-        raise ConfigError(
-            f"config 'model.sparse': '{name}' is not implemented (available: {available})"
-        )
+        # `model.sparse` is checked against SparseKind by the config: an unknown name is a bug here.
+        raise ValueError(f"sparse kind '{name}' is not registered (available: {available})")
     return _REGISTRY[name]

@@ -4,7 +4,7 @@
     u      = RMSNorm_ffn(x_mid)
     x_next = x_mid + FFN(u) + Sparse(u)
 
-Dtype policy: parameters are stored in `param_dtype` (fp32); matmuls run in `compute_dtype`
+Dtype policy: parameters are stored in `param_dtype` (fp32 or bf16); matmuls run in `compute_dtype`
 (bf16 or fp32); norms, softmax and logits are computed in fp32.
 
 Logical axis names on parameters: `vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`.
@@ -12,13 +12,16 @@ Logical axis names on parameters: `vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from umv2_jax.config import ModelConfig
 from umv2_jax.models import init as init_lib
-from umv2_jax.models.sparse import SparseContext, get_sparse_builder
+from umv2_jax.models.sparse import SparseContext, SparseOutput, get_sparse_builder
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -113,19 +116,17 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm block: attention, then FFN ∥ sparse layer on the same normalized input.
 
-    `self.sparse` is the slot a sparse layer plugs into (None for a dense block). It reads the
-    normalized input of block `self.sparse.input_block` (its own block unless wired otherwise).
+    `self.sparse` is the slot a sparse layer plugs into (None for a dense block). The block holds no
+    Python attribute that differs between layers, so identical blocks stack for scan over layers.
     """
 
     def __init__(
         self,
         config: ModelConfig,
-        index: int,
         rngs: nnx.Rngs,
         sparse: nnx.Module | None = None,
         has_ffn: bool = True,
     ):
-        self.index = index
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps, rngs)
         self.attn = Attention(config, rngs)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps, rngs)
@@ -133,34 +134,101 @@ class Block(nnx.Module):
         self.sparse = sparse
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, context: SparseContext
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x: [batch, seq, embed] → (x_next, aux)."""
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        context: SparseContext,
+        sparse_input: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, SparseOutput | None]:
+        """x: [batch, seq, embed] → (x_next, u, stats).
+
+        u: this block's normalized FFN input [batch, seq, embed] (an input tap for skip wiring).
+        sparse_input: what the sparse layer reads instead of u (UltraMem v1's skip-layer wiring).
+        stats: the sparse layer's output without `y` (losses, metrics, row hits), or None.
+        """
         x_mid = x + self.attn(self.attn_norm(x), positions).astype(x.dtype)
         u = self.ffn_norm(x_mid)
-        context.taps[self.index] = u
         x_next = x_mid
         ffn_out = None
         if self.ffn is not None:
             ffn_out = self.ffn(u)
             x_next = x_next + ffn_out.astype(x.dtype)
-        aux: dict[str, jax.Array] = {}
-        if self.sparse is not None:
-            source = getattr(self.sparse, "input_block", self.index)
-            y, aux = self.sparse(context.taps[source], context)
-            x_next = x_next + y.astype(x.dtype)
-            if ffn_out is not None:  # SPEC §6: memory vs FFN output std, side by side
-                aux = {**aux, "ffn_output_std": jnp.std(ffn_out.astype(jnp.float32))}
-        return x_next, aux
+        if self.sparse is None:
+            return x_next, u, None
+        out = self.sparse(u if sparse_input is None else sparse_input, context)
+        x_next = x_next + out.y.astype(x.dtype)
+        metrics = dict(out.metrics)
+        if ffn_out is not None:  # SPEC §6: memory vs FFN output std, side by side
+            metrics["ffn_output_std"] = jnp.std(jax.lax.stop_gradient(ffn_out).astype(jnp.float32))
+        return x_next, u, dataclasses.replace(out, y=None, metrics=metrics)
+
+
+class BlockStack(nnx.Module):
+    """Identical blocks with every variable stacked along a leading `layers` axis, run by lax.scan.
+
+    Built from already-initialized blocks (so a stacked model holds exactly the numbers the loop
+    model would), their states stacked leaf by leaf; each variable's logical axes gain a leading
+    "layers". `indices` are the blocks' positions in the model.
+    """
+
+    def __init__(self, blocks: list[Block], indices: tuple[int, ...]):
+        graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+        if any(graphdef != graphdefs[0] for graphdef in graphdefs[1:]):
+            raise ValueError(f"blocks {indices} differ in structure and cannot be stacked")
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        self.layers = nnx.merge(graphdefs[0], stacked)
+        for _, variable in nnx.iter_graph(self.layers):
+            if isinstance(variable, nnx.Variable):
+                axes = variable.get_metadata().get("out_sharding")
+                if axes is not None:
+                    variable.set_metadata(out_sharding=("layers", *axes))
+        self.indices = tuple(indices)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, context: SparseContext, remat: str
+    ) -> tuple[jax.Array, SparseOutput | None]:
+        """x: [batch, seq, embed] → (x after the last block, stats with a leading [layers] axis)."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, layer_state):
+            block = nnx.merge(graphdef, layer_state)
+            x_next, _, stats = block(carry, positions, context)
+            return x_next, stats
+
+        body = _rematerialize(body, remat, prevent_cse=False)
+        return jax.lax.scan(body, x, state)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelAux:
+    """Everything a forward pass reports besides the logits.
+
+    losses:   {type: fp32 scalar} weighted auxiliary losses summed over layers (`lb`, `z`, …).
+    metrics:  {"layer{i}/{name}": fp32 scalar} per-layer diagnostics, each layer's losses among them
+              as "layer{i}/loss/{type}" (values only: the gradient flows through `losses`).
+    row_hits: {block index: bool [rows]} rows each memory layer read (only with diagnostics).
+    addressable: {block index: fp32 scalar} rows each of those layers can reach.
+    """
+
+    losses: dict[str, jax.Array]
+    metrics: dict[str, jax.Array]
+    row_hits: dict[int, jax.Array]
+    addressable: dict[int, jax.Array]
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. tokens: [batch, seq] int32 → logits [batch, seq, padded_vocab] fp32."""
+    """Decoder-only LM. tokens: [batch, seq] int32 → logits [batch, seq, padded_vocab] fp32.
+
+    With `config.scan_layers` the blocks are grouped as `segment_layout(config)` says: runs of
+    identical blocks become one `BlockStack` each (one lax.scan), the rest stay single blocks.
+    """
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config
         h, vocab = config.d_model, config.padded_vocab_size
         self.compute_dtype = dtype_of(config.compute_dtype)
+        self.remat = config.remat
         self.embed = init_lib.make_param(
             rngs,
             init_lib.truncated_normal(init_lib.backbone_std(config)),
@@ -177,8 +245,17 @@ class Transformer(nnx.Module):
         for index in range(config.num_layers):
             sparse = builder.build_layer(config, index, rngs) if index in sparse_blocks else None
             has_ffn = not (sparse is not None and builder.replaces_ffn)
-            blocks.append(Block(config, index, rngs, sparse=sparse, has_ffn=has_ffn))
-        self.blocks = nnx.List(blocks)
+            blocks.append(Block(config, rngs, sparse=sparse, has_ffn=has_ffn))
+        self.layout = segment_layout(config)
+        self.sparse_sources = tuple(sorted(sparse_input_blocks(config).items()))
+        self.blocks = nnx.List(
+            [
+                BlockStack([blocks[i] for i in indices], indices)
+                if len(indices) > 1
+                else blocks[indices[0]]
+                for indices in self.layout
+            ]
+        )
         self.final_norm = RMSNorm(h, config.norm_eps, rngs)
         if config.tie_embeddings:
             self.lm_head = None
@@ -189,6 +266,8 @@ class Transformer(nnx.Module):
                 (h, vocab),
                 ("embed", "vocab"),
             )
+        # Created in fp32 (so `param_dtype` never changes the draw), then stored as configured.
+        init_lib.store_params(self, config.param_dtype)
 
     def __call__(
         self,
@@ -197,22 +276,147 @@ class Transformer(nnx.Module):
         *,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """tokens: [batch, seq] → (logits [batch, seq, padded_vocab] fp32, aux {name: scalar})."""
+        diagnostics: bool = False,
+    ) -> tuple[jax.Array, ModelAux]:
+        """tokens: [batch, seq] → (logits [batch, seq, padded_vocab] fp32, ModelAux).
+
+        diagnostics: also compute the evaluation-only statistics (memory row-hit masks).
+        """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
         context = SparseContext(
-            shared=self.shared, deterministic=deterministic, dropout_rng=dropout_rng
+            shared=self.shared,
+            deterministic=deterministic,
+            dropout_rng=dropout_rng,
+            diagnostics=diagnostics,
         )
-        aux: dict[str, jax.Array] = {}
-        for block in self.blocks:
-            x, block_aux = block(x, positions, context)
-            aux.update({f"layer{block.index}/{name}": value for name, value in block_aux.items()})
+        aux = ModelAux(losses={}, metrics={}, row_hits={}, addressable={})
+        sources = dict(self.sparse_sources)
+        tapped = set(sources.values())
+        taps: dict[int, jax.Array] = {}
+        for segment, indices in zip(self.blocks, self.layout):
+            if isinstance(segment, BlockStack):
+                x, stats = segment(x, positions, context, self.remat)
+                if stats is not None:
+                    for position, index in enumerate(indices):
+                        _record(aux, index, jax.tree.map(lambda v, p=position: v[p], stats))
+                continue
+            (index,) = indices
+            source = sources.get(index, index)
+            sparse_input = taps[source] if source != index else None
+            x, u, stats = _call_block(segment, x, positions, context, sparse_input, self.remat)
+            if index in tapped:
+                taps[index] = u
+            if stats is not None:
+                _record(aux, index, stats)
         x = self.final_norm(x).astype(jnp.float32)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = x.astype(self.compute_dtype) @ head.astype(self.compute_dtype)
         return logits.astype(jnp.float32), aux
+
+
+def sparse_input_blocks(config: ModelConfig) -> dict[int, int]:
+    """{block: block whose normalized input its sparse layer reads} where that is another block
+    (UltraMem v1's skip-layer wiring); empty for every other model."""
+    if config.sparse != "ultramem":
+        return {}
+    return {target: source for source, target in config.ultramem.skip_layers if source != target}
+
+
+def segment_layout(config: ModelConfig) -> tuple[tuple[int, ...], ...]:
+    """How the blocks are grouped: a tuple of segments, each a tuple of consecutive block indices.
+
+    Without scan every block is its own segment. With scan, maximal runs of blocks that are built
+    alike (same sparse slot, same FFN, no skip wiring into or out of them) form one segment each;
+    a run of one stays a single block.
+    """
+    blocks = range(config.num_layers)
+    if not config.resolved_scan_layers:
+        return tuple((index,) for index in blocks)
+    sparse_blocks = set(config.sparse_layer_indices())
+    replaces_ffn = bool(sparse_blocks) and get_sparse_builder(config.sparse).replaces_ffn
+    sources = sparse_input_blocks(config)
+    wired = set(sources) | set(sources.values())
+
+    def signature(index: int):
+        if index in wired:
+            return ("wired", index)  # never equal to a neighbour's: stays a single block
+        has_sparse = index in sparse_blocks
+        return (has_sparse, not (has_sparse and replaces_ffn))
+
+    segments: list[list[int]] = []
+    for index in blocks:
+        if segments and signature(segments[-1][-1]) == signature(index):
+            segments[-1].append(index)
+        else:
+            segments.append([index])
+    return tuple(tuple(segment) for segment in segments)
+
+
+def convert_block_tree(
+    blocks: dict, source_layout: tuple[tuple[int, ...], ...], target_layout
+) -> dict:
+    """Regroups the `blocks` subtree of a pure-dict state (parameters, optimizer moments, the rest)
+    from one segment layout to another, e.g. a loop checkpoint's params to a scanned model's.
+
+    blocks: {segment: tree} as `nnx.State.to_pure_dict()` gives it (a stacked segment's tree is
+    {"layers": tree with a leading [layers] axis}; segments without state may be absent). Returns the
+    same numbers regrouped.
+    """
+    per_block: dict[int, Any] = {}
+    for segment, indices in enumerate(source_layout):
+        if segment not in blocks:  # e.g. dense blocks in a tree of non-trainable state
+            continue
+        tree = blocks[segment]
+        if len(indices) == 1:
+            per_block[indices[0]] = tree
+            continue
+        for position, index in enumerate(indices):
+            per_block[index] = jax.tree.map(lambda v, p=position: v[p], tree["layers"])
+    converted = {}
+    for segment, indices in enumerate(target_layout):
+        if any(index not in per_block for index in indices):
+            continue
+        if len(indices) == 1:
+            converted[segment] = per_block[indices[0]]
+        else:
+            trees = [per_block[index] for index in indices]
+            converted[segment] = {"layers": jax.tree.map(lambda *v: jnp.stack(v), *trees)}
+    return converted
+
+
+def _call_block(block, x, positions, context, sparse_input, remat: str):
+    """One block, rematerialized as `remat` says ("none": a plain call)."""
+    if remat == "none":
+        return block(x, positions, context, sparse_input)
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, sparse_input):
+        return nnx.merge(graphdef, state)(x, positions, context, sparse_input)
+
+    return _rematerialize(run, remat)(state, x, sparse_input)
+
+
+def _rematerialize(fn, remat: str, prevent_cse: bool = True):
+    """fn under jax.checkpoint with the policy `remat` names (model.remat)."""
+    if remat == "none":
+        return fn
+    policy = None if remat == "full" else jax.checkpoint_policies.dots_saveable
+    return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+
+
+def _record(aux: ModelAux, index: int, stats: SparseOutput) -> None:
+    for name, value in stats.losses.items():
+        total = aux.losses.get(name, jnp.zeros((), jnp.float32))
+        aux.losses[name] = total + value.astype(jnp.float32)
+        # Each layer's share stays visible in the logs, as a metric (no gradient).
+        aux.metrics[f"layer{index}/loss/{name}"] = jax.lax.stop_gradient(value).astype(jnp.float32)
+    for name, value in stats.metrics.items():
+        aux.metrics[f"layer{index}/{name}"] = jnp.asarray(value, jnp.float32)
+    if stats.row_hits is not None:
+        aux.row_hits[index] = stats.row_hits
+        aux.addressable[index] = jnp.asarray(stats.addressable_rows, jnp.float32)
 
 
 def count_params(model: nnx.Module) -> int:

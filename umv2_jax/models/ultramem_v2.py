@@ -27,11 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from umv2_jax.config import ModelConfig
-from umv2_jax.errors import ConfigError
 from umv2_jax.models import init as init_lib
 from umv2_jax.models.memory_init import calibrate, memory_initializers
 from umv2_jax.models.retrieval import TuckerRetrieval
-from umv2_jax.models.sparse import SparseBuilder, SparseContext, register_sparse
+from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
 from umv2_jax.ops.value_bag import value_bag
 
 TOPOLOGIES = ("none", "ring", "noring", "block")
@@ -40,6 +39,14 @@ TOPOLOGIES = ("none", "ring", "noring", "block")
 class GridPermutation(nnx.Variable):
     """The fixed permutation π of a layer's virtual grid, int32 [N²]. Not trainable; saved with the
     checkpoint so that a checkpoint describes which value row every grid cell reads."""
+
+
+class LayerIndex(nnx.Variable):
+    """The block a layer sits in, int32 scalar (folded into its dropout key). Not trainable."""
+
+
+class WindowTables(nnx.Variable):
+    """Indices of the value tables a layer's window covers, int32 [g], in row order (SPEC §3)."""
 
 
 class CalibrationValue(nnx.Variable):
@@ -67,22 +74,19 @@ def value_share_window(topology: str, g: int, layer: int, num_layers: int) -> li
     noring:g   the same window slid back inside the network at its end: start = min(layer, L-g)
     block:g    the block of g layers containing `layer`; when g does not divide L the last block is
                slid back inside too (start = min(g·(layer div g), L-g)), so every window has g tables
+
+    `num_layers` counts the memory layers. The config checks the user's values (`ValueShare`,
+    `MemoryConfig.validate`); a ValueError here is a caller's bug.
     """
     if topology not in TOPOLOGIES:
-        raise ConfigError(
-            f"config 'model.memory.value_share': unknown topology '{topology}'; "
-            "allowed: none, ring:g, noring:g, block:g"
-        )
+        raise ValueError(f"unknown sharing topology {topology!r}; allowed: {TOPOLOGIES}")
     if not 1 <= g <= num_layers:
-        raise ConfigError(
-            f"config 'model.memory.value_share': window {g} must be in [1, {num_layers}] "
-            f"(the number of memory layers)"
-        )
+        raise ValueError(f"window {g} must be in [1, {num_layers}] (the number of memory layers)")
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer} out of range [0, {num_layers})")
     if topology == "none":
         if g != 1:
-            raise ConfigError("config 'model.memory.value_share': 'none' has window 1")
+            raise ValueError(f"topology 'none' has window 1, got {g}")
         return [layer]
     if topology == "ring":
         return [(layer + offset) % num_layers for offset in range(g)]
@@ -121,18 +125,7 @@ class MemoryTables(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         memory = config.memory
         num_tables = len(config.sparse_layer_indices())
-        rows = memory.n_keys**2
-        _, window = memory.sharing()
-        if window > num_tables:
-            raise ConfigError(
-                f"config 'model.memory.value_share': window {window} exceeds the {num_tables} "
-                "memory layers; lower the window or add memory layers"
-            )
-        if num_tables * rows >= 2**31:
-            raise ConfigError(
-                f"config 'model.memory.n_keys': {num_tables} tables of {rows} rows overflow int32 "
-                "row indices; lower n_keys or the number of memory layers"
-            )
+        rows = memory.n_keys**2  # the config keeps num_tables·rows and the window in range
         init = memory_initializers(config)
         axes = ("layers", "mem_rows", "mem_dim")
         self.values = init_lib.make_value_param(
@@ -158,15 +151,18 @@ class UltraMemV2(nnx.Module):
         memory = config.memory
         memory_layers = config.sparse_layer_indices()
         h = config.d_model
-        self.block_index = block_index
-        self.input_block = block_index
-        self.layer_index = memory_layers.index(block_index)
-        topology, window = memory.sharing()
-        self.window = tuple(
-            value_share_window(topology, window, self.layer_index, len(memory_layers))
+        layer_index = memory_layers.index(block_index)
+        topology, window = memory.value_share.topology, memory.value_share.window
+        # Arrays, not Python attributes: they differ between layers, and layers stack for scan.
+        self.block_index = LayerIndex(jnp.int32(block_index))
+        self.window = WindowTables(
+            jnp.asarray(
+                value_share_window(topology, window, layer_index, len(memory_layers)), jnp.int32
+            )
         )
+        self.window_size = window  # g, the same for every layer
         self.rows_per_table = memory.n_keys**2
-        self.keys_per_side = memory.key_expand * memory.effective_keys(config.num_layers)
+        self.keys_per_side = memory.key_expand * memory.effective_keys()
         self.value_dim, self.pre_value_dim = memory.value_dim, memory.pre_value_dim
         self.n_cores = memory.n_cores
         self.pre_score_act = memory.pre_score_act
@@ -178,7 +174,7 @@ class UltraMemV2(nnx.Module):
             config.compute_dtype
         ]
         init = memory_initializers(config)
-        self.retrieval = TuckerRetrieval(
+        self.retrieval = TuckerRetrieval.from_memory(
             memory, h, self.keys_per_side, init.retrieval, rngs, self.compute_dtype
         )
         if memory.pre_value_dim > 0:
@@ -201,8 +197,8 @@ class UltraMemV2(nnx.Module):
         context: SparseContext,
         *,
         rank_one: tuple[jax.Array, jax.Array] | None = None,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """u: [..., h] (normally [batch, seq, h]) → (y [..., h] in compute dtype, aux {name: scalar}).
+    ) -> SparseOutput:
+        """u: [..., h] (normally [batch, seq, h]) → SparseOutput (y [..., h] in compute dtype).
 
         rank_one: optional (u* [H, r], t* [H, r]) replacing the SVD's (release-compatibility tests).
         """
@@ -224,11 +220,23 @@ class UltraMemV2(nnx.Module):
         if self.dropout_rate > 0 and not context.deterministic:
             if context.dropout_rng is None:
                 raise ValueError("dropout needs context.dropout_rng when deterministic is False")
-            key = jax.random.fold_in(context.dropout_rng, self.block_index)
+            key = jax.random.fold_in(context.dropout_rng, self.block_index[...])
             keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, y.shape)
             y = jnp.where(keep, y / (1.0 - self.dropout_rate), 0).astype(dtype)
-        aux = self._aux(result, window_rows, y)
-        return y.reshape(*leading, h), aux
+        out = SparseOutput(
+            y=y.reshape(*leading, h),
+            losses=self._losses(result),
+            metrics=self._metrics(result, y),
+            addressable_rows=self.addressable_rows(),
+        )
+        if context.diagnostics:
+            window_size = self.window_size * self.rows_per_table
+            hit = jnp.zeros((window_size,), jnp.bool_).at[window_rows.reshape(-1)].set(True)
+            out.row_hits = hit
+            out.metrics["rows_hit_fraction"] = (
+                jnp.sum(hit, dtype=jnp.float32) / self.addressable_rows()
+            )
+        return out
 
     def physical_rows(self, grid_indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Grid cells [...] → (flat rows into the stacked tables, rows in the window, virtual groups).
@@ -236,7 +244,7 @@ class UltraMemV2(nnx.Module):
         v = π(cell) (SPEC step 6), then `map_virtual_rows`. All three are int32 of the input's shape.
         """
         virtual = jnp.take(self.permutation[...], grid_indices, axis=0)
-        return map_virtual_rows(virtual, self.rows_per_table, self.window)
+        return map_virtual_rows(virtual, self.rows_per_table, self.window[...])
 
     def aggregate(
         self, x: jax.Array, rows: jax.Array, core_scores: jax.Array, tables: MemoryTables
@@ -272,37 +280,35 @@ class UltraMemV2(nnx.Module):
 
     def addressable_rows(self) -> int:
         """Distinct rows this layer can reach: min(window rows g·n², virtual grid cells N²)."""
-        return min(len(self.window) * self.rows_per_table, self.keys_per_side**2)
+        return min(self.window_size * self.rows_per_table, self.keys_per_side**2)
 
-    def _aux(self, result, window_rows: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-        """Auxiliary losses (weighted, fp32) and SPEC §6 diagnostics (no gradient)."""
-        aux: dict[str, jax.Array] = {}
-        singular_values = result.singular_values  # [H, r]
-        rank = singular_values.shape[-1]
+    def _losses(self, result) -> dict[str, jax.Array]:
+        """Weighted auxiliary losses (fp32 scalars) by type."""
+        losses: dict[str, jax.Array] = {}
+        rank = result.singular_values.shape[-1]
         if self.tucker_penalty > 0:
             # α/(r−1)·Σ_{i≥2} relu(λ_i − τ)²: keeps Σ_c C^c near rank 1 so stage 1 stays faithful
             # (mean over heads). With r = 1 the core sum is rank 1 by construction: the term is 0.
-            excess = jax.nn.relu(singular_values[:, 1:] - self.tucker_tau)
+            excess = jax.nn.relu(result.singular_values[:, 1:] - self.tucker_tau)
             per_head = jnp.sum(excess * excess, axis=-1) / max(rank - 1, 1)
-            aux["loss/tucker_penalty"] = self.tucker_penalty * jnp.mean(per_head)
+            losses["tucker_penalty"] = self.tucker_penalty * jnp.mean(per_head)
         if self.key_balance > 0:
-            aux["loss/key_balance"] = self.key_balance * result.key_balance
+            losses["key_balance"] = self.key_balance * result.key_balance
+        return losses
+
+    def _metrics(self, result, y: jax.Array) -> dict[str, jax.Array]:
+        """SPEC §6 diagnostics that cost nothing next to the layer (no gradient)."""
         stop = jax.lax.stop_gradient
+        rank = result.singular_values.shape[-1]
         total = jnp.sum(stop(result.core_scores), axis=-1)  # [H, T, m]
-        window_size = len(self.window) * self.rows_per_table
-        hit = jnp.zeros((window_size,), jnp.bool_).at[window_rows.reshape(-1)].set(True)
-        first = stop(singular_values[0])
-        aux["rows_hit_fraction"] = jnp.sum(hit, dtype=jnp.float32) / self.addressable_rows()
-        # The hit mask itself, so evaluation can report rows hit over a whole eval window (SPEC §6).
-        # Keys under `hits/` are per-row vectors, not scalars: the trainer drops them, eval ORs them.
-        aux["hits/rows"] = hit
-        aux["hits/addressable"] = jnp.asarray(self.addressable_rows(), jnp.float32)
-        aux["top1_score"] = jnp.mean(total[:, :, 0])
-        aux["topm_score"] = jnp.mean(total)
-        aux["output_std"] = jnp.std(stop(y).astype(jnp.float32))
-        aux["lambda1"] = first[0]
-        aux["lambda2"] = first[1] if rank > 1 else jnp.zeros((), jnp.float32)
-        return aux
+        first = stop(result.singular_values[0])
+        return {
+            "top1_score": jnp.mean(total[:, :, 0]),
+            "topm_score": jnp.mean(total),
+            "output_std": jnp.std(stop(y).astype(jnp.float32)),
+            "lambda1": first[0],
+            "lambda2": first[1] if rank > 1 else jnp.zeros((), jnp.float32),
+        }
 
 
 register_sparse("ultramem_v2", SparseBuilder(build_layer=UltraMemV2, build_shared=MemoryTables))

@@ -11,44 +11,33 @@ are the dropped assignments of a capacity-limited MoE). Equivalent plain JAX (`g
         out[start : start + group_sizes[g]] = lhs[start : start + group_sizes[g]] @ rhs[g]
         start += group_sizes[g]
 
-Implementations (all differentiable w.r.t. `lhs` and `rhs`; the output dtype is
-`result_type(lhs, rhs)`, accumulation is fp32):
+Implementations (`umv2_jax.ops.registry`; all differentiable w.r.t. `lhs` and `rhs`, output dtype
+`result_type(lhs, rhs)`, fp32 accumulation):
 
-- `block_padded` (the CPU default): every group is padded to a multiple of `block_size` rows inside a
+- `xla`: the block-padded loop. Every group is padded to a multiple of `block_size` rows inside a
   static buffer of `round_up(M + G·(block_size − 1), block_size)` rows (`block_layout`); a loop over
   the used blocks only multiplies each by its group's weights (`block_padded_matmul`, custom VJP with
   a second loop for the backward); rows move in and out by gathers whose gradients are gathers
   (`gather_rows`). No data-dependent shapes, no per-block copy of the weights, no scatter-add.
-  Earlier this ran one batched einsum over every block with a gathered weight matrix per block:
-  at the S-moe shape below (block 64) the loop is ≈4× faster forward (≈25 vs ≈100 ms for the
-  gate/up matmul) because it neither copies [blocks, K, N] weights nor multiplies the unused
-  trailing blocks. XLA's cost analysis counts a loop body once, so it under-reports this FLOPs.
-- `ragged_dot`: `jax.lax.ragged_dot` (the GPU/TPU default). On CPU XLA lowers it to a computation
-  over every group, so it costs far more than the useful FLOPs. Measured on this project's 2-core CPU
-  machine (jax 0.10.2, fp32, jit, best of 3, other jobs sharing the cores so ±50%):
-  M = 4096·8 = 32768 rows, K = 128, N = 64, G = 64 groups of ≈512 rows (`benchmark_cpu()` in
-  this file): forward ragged_dot 0.9–2.0 s vs block_padded 0.085 s (block 16), forward +
-  backward 3.0–4.2 s vs 0.21–0.24 s: 10–23× slower. The whole MoE layer (`umv2_jax.models.moe`,
-  T = 4096 tokens, top-8 of 64 experts, h = 128, d_e = 64): forward 2.6 s vs 0.32 s (block 16) /
-  0.19 s (block 64), forward + backward 12.2 s vs 0.75 s / 0.41 s. Most of block_padded's time is
-  the per-block weight gather ([M/block, K, N] floats), so blocks of 64 are ≈2× faster whenever the
-  groups hold a few hundred rows each (numbers of the einsum version of block_padded).
-- `megablox`: jax's Pallas Mosaic TPU `gmm` kernel (`jax.experimental.pallas.ops.tpu.megablox`),
-  with its own custom VJP (`gmm` forward, `gmm` on the transposed weights and `tgmm` backward). TPU
-  only, or the Pallas interpreter when `interpret=True` (tests on CPU).
-- `auto`: `block_padded` on CPU, `ragged_dot` on GPU and TPU.
+  XLA's cost analysis counts a loop body once, so it under-reports its FLOPs.
+- `ragged_dot`: `jax.lax.ragged_dot`. On CPU XLA computes it over every group (10–20× slower than
+  `xla` at MoE shapes; `benchmarks/grouped_matmul.py`), on GPU / TPU it is a native grouped matmul.
+- `pallas`: on TPU jax's Mosaic `gmm` kernel (`jax.experimental.pallas.ops.tpu.megablox`) with its
+  own custom VJP (`gmm` forward, `gmm` on the transposed weights and `tgmm` backward); anywhere in the
+  Pallas interpreter with `interpret=True` (tests on CPU). It declines dtypes other than fp32 / bf16.
+- `auto`: `xla` on CPU; ("pallas", "ragged_dot", "xla") on GPU and TPU (this op's own preference:
+  there is no GPU kernel yet, and there ragged_dot beats the loop).
 """
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "block_padded", "ragged_dot", "megablox")
+from umv2_jax.ops import registry
 
 # Largest megablox tile along each dimension (the kernel's tuned default).
 _MEGABLOX_TILE = 128
@@ -59,45 +48,27 @@ def grouped_matmul(
     rhs: jax.Array,
     group_sizes: jax.Array,
     *,
-    implementation: str = "auto",
+    implementation: registry.Implementation = "auto",
     block_size: int = 16,
     interpret: bool = False,
 ) -> jax.Array:
     """lhs: [M, K] (rows sorted by group), rhs: [G, K, N], group_sizes: [G] int32 → [M, N].
 
-    `implementation`: one of `IMPLEMENTATIONS`. `block_size`: row block of `block_padded`.
-    `interpret`: run `megablox` in the Pallas interpreter (so it works off TPU; slow).
+    `implementation`: a name of `registry.IMPLEMENTATIONS` or a preference tuple (module docstring).
+    `block_size`: row block of `xla`. `interpret`: run `pallas` in the Pallas interpreter.
     """
     _check_shapes(lhs, rhs, group_sizes)
-    name = resolve_implementation(implementation, interpret=interpret)
-    group_sizes = group_sizes.astype(jnp.int32)
-    if name == "block_padded":
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        return _block_padded(lhs, rhs, group_sizes, block_size)
-    if name == "ragged_dot":
-        out_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-        out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-        return out.astype(out_dtype)
-    return _megablox(lhs, rhs, group_sizes, interpret=interpret)
-
-
-def resolve_implementation(implementation: str, *, interpret: bool = False) -> str:
-    """The concrete implementation `grouped_matmul` runs for `implementation` on this platform."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"grouped_matmul: unknown implementation '{implementation}'; "
-            f"allowed: {', '.join(IMPLEMENTATIONS)}"
-        )
-    platform = _platform()
-    if implementation == "auto":
-        return "block_padded" if platform == "cpu" else "ragged_dot"
-    if implementation == "megablox" and platform != "tpu" and not interpret:
-        raise ValueError(
-            f"grouped_matmul: implementation 'megablox' is a TPU kernel and this platform is "
-            f"'{platform}'; use 'auto' (or 'block_padded' / 'ragged_dot'), or interpret=True in tests"
-        )
-    return implementation
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return registry.call(
+        "grouped_matmul",
+        lhs,
+        rhs,
+        group_sizes.astype(jnp.int32),
+        implementation=implementation,
+        interpret=interpret,
+        block_size=block_size,
+    )
 
 
 class BlockLayout(NamedTuple):
@@ -199,51 +170,9 @@ def grouped_matmul_reference(
     return jnp.concatenate(pieces, axis=0).astype(out_dtype)
 
 
-def benchmark_cpu(
-    rows: int = 4096 * 8,
-    in_dim: int = 128,
-    out_dim: int = 64,
-    groups: int = 64,
-    implementations: tuple[str, ...] = ("block_padded", "ragged_dot"),
-    block_size: int = 16,
-    repeats: int = 3,
-) -> dict[str, dict[str, float]]:
-    """Seconds per jitted forward and forward+backward call, best of `repeats`, per implementation."""
-    keys = jax.random.split(jax.random.key(0), 3)
-    lhs = jax.random.normal(keys[0], (rows, in_dim), jnp.float32)
-    rhs = jax.random.normal(keys[1], (groups, in_dim, out_dim), jnp.float32)
-    group_ids = jnp.sort(jax.random.randint(keys[2], (rows,), 0, groups))
-    group_sizes = jnp.bincount(group_ids, length=groups).astype(jnp.int32)
-    results = {}
-    for name in implementations:
-
-        def forward(a, b, name=name):
-            return grouped_matmul(a, b, group_sizes, implementation=name, block_size=block_size)
-
-        timings = {}
-        for label, fn in (
-            ("forward", jax.jit(forward)),
-            ("forward_backward", jax.jit(jax.grad(lambda a, b: forward(a, b).sum(), (0, 1)))),
-        ):
-            jax.block_until_ready(fn(lhs, rhs))
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(lhs, rhs))
-                best = min(best, time.perf_counter() - start)
-            timings[label] = best
-        results[name] = timings
-    return results
-
-
 # --------------------------------------------------------------------------------------------------
 # Implementations
 # --------------------------------------------------------------------------------------------------
-
-
-def _platform() -> str:
-    """The backend programs are compiled for ("cpu", "gpu", "tpu"); tests patch it to lower for TPU."""
-    return jax.default_backend()
 
 
 def _check_shapes(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
@@ -265,9 +194,8 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _block_padded(
-    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, block_size: int
-) -> jax.Array:
+def _block_padded(lhs, rhs, group_sizes, *, block_size: int, interpret: bool = False) -> jax.Array:
+    del interpret
     layout = block_layout(group_sizes, lhs.shape[0], block_size)
     buffer = gather_rows(lhs, layout.slot_row, layout.slot_valid, layout.row_slot, layout.row_valid)
     products = block_padded_matmul(buffer, rhs, layout)
@@ -351,10 +279,19 @@ def _gather_rows_backward(residuals, out_grad):
 _gather_rows.defvjp(_gather_rows_forward, _gather_rows_backward)
 
 
-def _megablox(
-    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, interpret: bool
-) -> jax.Array:
+def _ragged_dot(lhs, rhs, group_sizes, *, block_size: int, interpret: bool = False) -> jax.Array:
+    del block_size, interpret
+    out_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
+
+
+def _megablox(lhs, rhs, group_sizes, *, block_size: int, interpret: bool = False) -> jax.Array:
+    del block_size
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox_ops
+
+    if jnp.result_type(lhs.dtype, rhs.dtype) not in (jnp.float32, jnp.bfloat16):
+        raise NotImplementedError(f"megablox takes fp32 / bf16, not {lhs.dtype} × {rhs.dtype}")
 
     rows, in_dim = lhs.shape
     out_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
@@ -371,3 +308,11 @@ def _megablox(
     tiling = (row_tile, _MEGABLOX_TILE, _MEGABLOX_TILE)
     out = megablox_ops.gmm(lhs, rhs, group_sizes, jnp.float32, tiling, None, None, False, interpret)
     return out[:rows].astype(out_dtype)
+
+
+_ACCELERATED = ("pallas", "ragged_dot", "xla")
+registry.declare_op(
+    "grouped_matmul", _block_padded, auto=dict.fromkeys(registry.KERNEL_PLATFORMS, _ACCELERATED)
+)
+registry.register_implementation("grouped_matmul", "ragged_dot", _ragged_dot)
+registry.register_implementation("grouped_matmul", "pallas", _megablox, platforms=("tpu",))

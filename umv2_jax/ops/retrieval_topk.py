@@ -18,11 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from umv2_jax.ops.dispatch import resolve_implementation
-
-# Selection decides which memory rows a token reads: score in full fp32 on every platform (TPU's
-# default fp32 matmul is a single bf16 pass, which would flip near-tied candidates).
-_PRECISION = lax.Precision.HIGHEST
+from umv2_jax.ops import registry
+from umv2_jax.ops.selection import PRECISION as _PRECISION
+from umv2_jax.ops.selection import best_cells, pick_candidates
 
 
 def retrieval_topk(
@@ -36,7 +34,8 @@ def retrieval_topk(
     *,
     rc_topk: int,
     topk: int,
-    implementation: str = "auto",
+    implementation: registry.Implementation = "auto",
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Selects `topk` memory slots per token by two-stage Tucker retrieval (TDQKR).
 
@@ -53,13 +52,19 @@ def retrieval_topk(
     Plain-JAX equivalent (one token, stage 2): see `retrieval_topk_reference`.
     """
     _check_inputs(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk, topk)
-    if resolve_implementation(implementation, "retrieval_topk") == "pallas":
-        raise ValueError(
-            "pallas_kernels.retrieval_topk exists but umv2_jax.ops.retrieval_topk has no Pallas path "
-            "wired in yet; use implementation='xla'"
-        )
-    return _retrieval_topk_xla(
-        q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk=rc_topk, topk=topk
+    return registry.call(
+        "retrieval_topk",
+        q_row,
+        q_col,
+        k_row,
+        k_col,
+        cores,
+        u_star,
+        t_star,
+        implementation=implementation,
+        interpret=interpret,
+        rc_topk=rc_topk,
+        topk=topk,
     )
 
 
@@ -108,9 +113,12 @@ def retrieval_topk_reference(
     return grid_indices, core_scores.astype(_score_dtype(q_row, q_col, k_row, k_col, cores))
 
 
-def _retrieval_topk_xla(q_row, q_col, k_row, k_col, cores, u_star, t_star, *, rc_topk, topk):
+def _retrieval_topk_xla(
+    q_row, q_col, k_row, k_col, cores, u_star, t_star, *, rc_topk, topk, interpret=False
+):
+    del interpret
     f32 = jnp.float32
-    n_tokens, n_keys = q_row.shape[0], k_row.shape[0]
+    n_keys = k_row.shape[0]
 
     # Step 3, differentiable: [T, r, N]. Its backward is two dense matmuls (deterministic, and far
     # fewer bytes than gathering the k selected keys per token: N·r scores vs k·r·D_k key entries).
@@ -137,18 +145,11 @@ def _retrieval_topk_xla(q_row, q_col, k_row, k_col, cores, u_star, t_star, *, rc
         lax.stop_gradient(q_cand),
         precision=_PRECISION,
     )
-    _, best = lax.top_k(total.reshape(n_tokens, rc_topk * rc_topk), topk)  # [T, m], descending
-    best_i, best_j = best // rc_topk, best % rc_topk
-    grid_indices = (
-        jnp.take_along_axis(cand_row, best_i, axis=1) * n_keys
-        + jnp.take_along_axis(cand_col, best_j, axis=1)
-    ).astype(jnp.int32)
+    grid_indices, best_i, best_j = best_cells(total, cand_row, cand_col, n_keys, topk)
 
-    # Per-core scores of the selected cells, s^c = R[i] C^c Q[j]ᵀ. Several cells share a row (or a
-    # column) candidate, so pick the candidates with a one-hot matmul: its backward is a matmul
-    # too, where an indexed gather would scatter-add colliding values in a backend-dependent order.
-    r_sel = jnp.einsum("tmi,tai->tma", jax.nn.one_hot(best_i, rc_topk, dtype=f32), r_cand)
-    q_sel = jnp.einsum("tmj,taj->tma", jax.nn.one_hot(best_j, rc_topk, dtype=f32), q_cand)
+    # Per-core scores of the selected cells, s^c = R[i] C^c Q[j]ᵀ.
+    r_sel = pick_candidates(best_i, r_cand)  # [T, m, r]
+    q_sel = pick_candidates(best_j, q_cand)
     core_scores = jnp.einsum(
         "tma,cab,tmb->tmc", r_sel, cores.astype(f32), q_sel, precision=_PRECISION
     )
@@ -194,3 +195,6 @@ def _check_inputs(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk, to
         raise ValueError(f"topk must be in [1, rc_topk²={rc_topk * rc_topk}]; got {topk}")
     if n_keys * n_keys > jnp.iinfo(jnp.int32).max:
         raise ValueError(f"N² = {n_keys}² grid cells overflow the int32 grid index")
+
+
+registry.declare_op("retrieval_topk", _retrieval_topk_xla)

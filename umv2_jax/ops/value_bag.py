@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from umv2_jax.ops.dispatch import resolve_implementation
+from umv2_jax.ops import registry
 
 PRE_SCORE_ACTIVATIONS = ("identity", "gelu")
 
@@ -34,10 +34,10 @@ _PRECISION = lax.Precision.HIGHEST
 
 # How table gradients reduce the contributions of rows that repeat (see `_table_gradients`):
 #   "sorted_scatter":   scatter-add in sorted order; sequential, hence deterministic, on CPU.
-#   "segmented_scan":   a segmented prefix sum over the sorted slots followed by a scatter that writes
-#                       each row once per block; deterministic on every backend (GPU scatter-adds of
-#                       colliding indices use atomics, whose order is not fixed).
-#   "auto":             "sorted_scatter" on CPU, "segmented_scan" elsewhere.
+#   "segmented_scan":   a segmented prefix sum over the sorted slots followed by a scatter of unique,
+#                       sorted indices (each row once per block); deterministic on every backend
+#                       (GPU scatter-adds of colliding indices use atomics, whose order is not fixed).
+#   "auto":             per lowering platform: "sorted_scatter" on CPU, "segmented_scan" elsewhere.
 TABLE_REDUCTIONS = ("auto", "sorted_scatter", "segmented_scan")
 
 
@@ -49,10 +49,11 @@ def value_bag(
     x_p: jax.Array | None,
     *,
     pre_score_act: str = "identity",
-    implementation: str = "auto",
+    implementation: registry.Implementation = "auto",
     return_pre_scores: bool = False,
     token_chunk: int = 256,
     table_reduction: str = "auto",
+    interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """o^c = Σ_ℓ p_ℓ s^c_ℓ V^c[row_ℓ], p_ℓ = act(<x_p, P[row_ℓ]>); differentiable in every float input.
 
@@ -65,6 +66,7 @@ def value_bag(
     return_pre_scores: also return p [T, m] float32 (differentiable).
     token_chunk: tokens per block (static); bounds the transient gather at [token_chunk, m, D_v].
     table_reduction: see TABLE_REDUCTIONS.
+    implementation / interpret: see `umv2_jax.ops.registry` (the plain-JAX path is "xla").
 
     Returns o [T, D_v] in values.dtype (accumulated in float32), and p when asked.
     """
@@ -73,22 +75,18 @@ def value_bag(
         raise ValueError(
             f"unknown table_reduction {table_reduction!r}; choose one of {', '.join(TABLE_REDUCTIONS)}"
         )
-    if resolve_implementation(implementation, "value_bag") == "pallas":
-        raise ValueError(
-            "pallas_kernels.value_bag exists but umv2_jax.ops.value_bag has no Pallas path wired in "
-            "yet; use implementation='xla'"
-        )
-    if table_reduction == "auto":
-        table_reduction = "sorted_scatter" if jax.default_backend() == "cpu" else "segmented_scan"
-    out, pre_scores = _value_bag(
+    out, pre_scores = registry.call(
+        "value_bag",
         values,
         pre_values,
         rows.astype(jnp.int32),
         core_scores,
         x_p,
-        pre_score_act,
-        max(1, min(token_chunk, rows.shape[0])),
-        table_reduction,
+        implementation=implementation,
+        interpret=interpret,
+        pre_score_act=pre_score_act,
+        token_chunk=max(1, min(token_chunk, rows.shape[0])),
+        table_reduction=table_reduction,
     )
     return (out, pre_scores) if return_pre_scores else out
 
@@ -125,7 +123,25 @@ def value_bag_reference(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The custom VJP.
+# The custom VJP (the "xla" implementation).
+
+
+def _value_bag_xla(
+    values,
+    pre_values,
+    rows,
+    core_scores,
+    x_p,
+    *,
+    pre_score_act,
+    token_chunk,
+    table_reduction,
+    interpret=False,
+):
+    del interpret
+    return _value_bag(
+        values, pre_values, rows, core_scores, x_p, pre_score_act, token_chunk, table_reduction
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -283,12 +299,27 @@ def _accumulate(tables, sorted_rows, contribs, reduction):
     """tables[i][sorted_rows[s]] += contribs[i][s] for every s, in a fixed order.
 
     sorted_rows: [S] ascending; rows ≥ the table length are dropped. contribs[i]: [S, D_i].
+    "auto" picks per lowering platform (one traced program, the chosen branch lowered).
     """
-    if reduction == "sorted_scatter":
-        return tuple(
-            table.at[sorted_rows].add(contrib, indices_are_sorted=True, mode="drop")
-            for table, contrib in zip(tables, contribs)
+    if reduction == "auto":
+        return lax.platform_dependent(
+            tables, sorted_rows, contribs, cpu=_sorted_scatter, default=_segmented_scan
         )
+    if reduction == "sorted_scatter":
+        return _sorted_scatter(tables, sorted_rows, contribs)
+    return _segmented_scan(tables, sorted_rows, contribs)
+
+
+def _sorted_scatter(tables, sorted_rows, contribs):
+    """A scatter-add in sorted order: sequential on CPU, hence deterministic there only."""
+    return tuple(
+        table.at[sorted_rows].add(contrib, indices_are_sorted=True, mode="drop")
+        for table, contrib in zip(tables, contribs)
+    )
+
+
+def _segmented_scan(tables, sorted_rows, contribs):
+    """Run sums by a segmented prefix sum, then one scatter of unique, sorted indices."""
     # Segmented inclusive prefix sum: a run of equal rows restarts the sum. The association tree of
     # `associative_scan` depends only on the length, so the result is bitwise reproducible.
     starts = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
@@ -302,12 +333,33 @@ def _accumulate(tables, sorted_rows, contribs, reduction):
         return left_start | right_start, summed
 
     _, run_sums = lax.associative_scan(combine, (starts, contribs))
-    # Only the last slot of each run writes, so every table row receives at most one add per block.
-    ends = jnp.concatenate([sorted_rows[1:] != sorted_rows[:-1], jnp.ones((1,), bool)])
-    targets = jnp.where(ends, sorted_rows, tables[0].shape[0])
+    targets, end_slot = _run_targets(sorted_rows, tables[0].shape[0])
     return tuple(
-        table.at[targets].add(run_sum, mode="drop") for table, run_sum in zip(tables, run_sums)
+        table.at[targets].add(
+            jnp.take(run_sum, end_slot, axis=0),
+            indices_are_sorted=True,
+            unique_indices=True,
+            mode="drop",
+        )
+        for table, run_sum in zip(tables, run_sums)
     )
+
+
+def _run_targets(sorted_rows: jax.Array, n_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Where each run of equal rows writes its sum: targets [S] strictly ascending, end_slot [S].
+
+    The last slot of each run holds the run's sum. Position p takes the p-th run (its row, from its
+    end slot); positions past the last run take n_rows + p, past the table (dropped). Rows are
+    distinct between runs and ascending, so the targets are unique and sorted by construction: the
+    scatter needs no atomics and no two updates ever meet (its flags tell XLA so).
+    """
+    n_slots = sorted_rows.shape[0]
+    ends = jnp.concatenate([sorted_rows[1:] != sorted_rows[:-1], jnp.ones((1,), bool)])
+    runs_so_far = jnp.cumsum(ends.astype(jnp.int32))
+    position = jnp.arange(n_slots, dtype=jnp.int32)
+    end_slot = jnp.minimum(jnp.searchsorted(runs_so_far, position + 1, side="left"), n_slots - 1)
+    targets = jnp.where(position < runs_so_far[-1], sorted_rows[end_slot], n_rows + position)
+    return targets, end_slot
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,3 +423,6 @@ def _check_inputs(values, pre_values, rows, core_scores, x_p, pre_score_act, tok
             )
     if token_chunk < 1:
         raise ValueError(f"token_chunk must be positive; got {token_chunk}")
+
+
+registry.declare_op("value_bag", _value_bag_xla)

@@ -63,10 +63,17 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"train.steps={args.steps}")
         config = load_config(args.config or default_config_path(), overrides)
         workdir = args.workdir or os.path.join("runs", config.name)
+        from umv2_jax.eval.accounting import account
         from umv2_jax.training.loop import TrainingDiverged, train
 
         try:
-            result = train(config, workdir, resume=not args.no_resume, progress=not args.quiet)
+            result = train(
+                config,
+                workdir,
+                resume=not args.no_resume,
+                progress=not args.quiet,
+                account=account,  # the summary's paper-convention numbers
+            )
         except TrainingDiverged as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

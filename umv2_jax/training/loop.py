@@ -12,7 +12,6 @@ A non-finite loss stops the run with `TrainingDiverged`, keeping the last good c
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -20,32 +19,35 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from umv2_jax import parallel
 from umv2_jax.config import Config
 from umv2_jax.data import pipeline
-from umv2_jax.models.transformer import Transformer
 from umv2_jax.training import checkpoint as checkpoint_lib
 from umv2_jax.training import metrics as metrics_lib
-from umv2_jax.training.optimizer import (
-    learning_rate_schedule,
-    make_optimizer,
-    parameter_labels,
-)
-from umv2_jax.training.step import ModelParts, make_eval_step, make_train_step, summarize_eval
+from umv2_jax.training.optimizer import learning_rate_schedule
+from umv2_jax.training.state import Setup, abstract_like, build
+from umv2_jax.training.step import make_eval_step, make_train_step, summarize_eval
 
 log = logging.getLogger("umv2_jax")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class ModelCounts(Protocol):
+    """Paper-convention numbers of a config for the run summary (`eval.accounting.Accounting`)."""
+
+    activated_params: int
+    total_params: int
+    flops_per_token: float
+    training_flops_per_token: float
 
 
 @dataclasses.dataclass
@@ -60,62 +62,6 @@ class RunResult:
     losses: list[float] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass
-class Setup:
-    """Everything built from the config before the first step."""
-
-    config: Config
-    mesh: jax.sharding.Mesh
-    parts: ModelParts
-    state: dict[str, Any]
-    rest: dict[str, Any]
-    state_shardings: Any
-    rest_shardings: Any
-    optimizer: Any
-    param_count: int
-
-
-def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
-    """Initializes the model and optimizer on the mesh, sharded by the parameters' logical axes.
-
-    Initialization is one jitted program whose outputs are laid out by `out_shardings`, so no host
-    ever holds the whole model (and op-by-op init, slow to dispatch, is avoided).
-    """
-    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    seed = config.train.seed
-    abstract = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(seed)))
-    param_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh)
-    rest_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Not(nnx.Param)), mesh)
-    labels = parameter_labels(nnx.state(abstract, nnx.Param))
-    parts, _, _ = ModelParts.split(abstract)
-
-    @functools.partial(jax.jit, out_shardings=(param_shardings, rest_shardings))
-    def initialize():
-        _, params, rest = ModelParts.split(Transformer(config.model, nnx.Rngs(seed)))
-        return params, rest
-
-    params, rest = initialize()
-    optimizer = make_optimizer(config, labels)
-    references = parallel.path_index(param_shardings, params)
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = parallel.shardings_like(opt_shapes, references, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    replicated = parallel.replicated(mesh)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    state = {"params": params, "opt_state": opt_state, "step": step}
-    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return Setup(
-        config, mesh, parts, state, rest, state_shardings, rest_shardings, optimizer, count
-    )
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
 def train(
     config: Config,
     workdir: str,
@@ -124,8 +70,14 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    account: Callable[[Config], ModelCounts] | None = None,
 ) -> RunResult:
-    """Trains `config` in `workdir` until `config.train.steps` (or `stop_after`, for tests)."""
+    """Trains `config` in `workdir` until `config.train.steps` (or `stop_after`, for tests).
+
+    `account` (e.g. `umv2_jax.eval.accounting.account`, which `train.py` passes) adds the
+    paper-convention parameter counts and FLOPs to the run summary; the loop itself knows only
+    the parameters it built. It is passed in because evaluation sits above training.
+    """
     workdir = os.path.abspath(workdir)
     total_steps = config.train.steps
     last_step = min(stop_after, total_steps) if stop_after is not None else total_steps
@@ -162,7 +114,7 @@ def train(
         echo(f"Resumed from step {start_step} in {checkpointer.directory}")
     if primary:
         checkpoint_lib.write_config(workdir, config)
-    _print_summary(config, setup, workdir, echo)
+    _print_summary(config, setup, workdir, echo, account(config) if account else None)
 
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(
@@ -328,21 +280,28 @@ def _restore_handler(previous) -> None:
             pass
 
 
-def _print_summary(config: Config, setup: Setup, workdir: str, echo) -> None:
-    from umv2_jax.eval.accounting import account
-
+def _print_summary(
+    config: Config, setup: Setup, workdir: str, echo, counts: ModelCounts | None
+) -> None:
     model = config.model
-    counts = account(config)
     devices = jax.devices()
     mesh_shape = ", ".join(f"{k}={v}" for k, v in setup.mesh.shape.items())
     sparse = model.sparse if model.sparse != "none" else "dense"
+    params = f"params    {setup.param_count:,} in all"
     lines = [
         f"run       {config.name}  ({sparse}, {model.num_layers} layers, d_model {model.d_model},"
         f" {model.compute_dtype} compute)",
-        f"params    {setup.param_count:,} in all; {counts.activated_params:,} activated,"
-        f" {counts.total_params:,} total (paper convention)",
-        f"flops     {counts.flops_per_token / 1e6:.2f}M per token forward,"
-        f" {counts.training_flops_per_token / 1e6:.2f}M training",
+    ]
+    if counts is None:
+        lines.append(params)
+    else:
+        lines += [
+            f"{params}; {counts.activated_params:,} activated,"
+            f" {counts.total_params:,} total (paper convention)",
+            f"flops     {counts.flops_per_token / 1e6:.2f}M per token forward,"
+            f" {counts.training_flops_per_token / 1e6:.2f}M training",
+        ]
+    lines += [
         f"devices   {len(devices)} × {devices[0].platform} ({devices[0].device_kind}),"
         f" {jax.process_count()} process(es); mesh {mesh_shape}",
         f"data      {pipeline.describe_source(config)}; seq {config.data.seq_len},"

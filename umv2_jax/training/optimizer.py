@@ -7,6 +7,10 @@ Groups:
 
 Weight decay applies to every parameter with two or more dimensions (matrices, keys, cores, value
 tables); norm gains are not decayed.
+
+With `model.param_dtype: bfloat16` the parameters (and so the gradients) are bf16, but the whole update
+rule, clipping included, runs in fp32 and keeps its state (the Adam moments) in fp32: a bf16 second
+moment underflows for small gradients, and bf16 moment updates lose most of their bits.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from umv2_jax.config import Config, parse_lr_multiplier
+from umv2_jax.config import Config
 from umv2_jax.models.init import ValueParam
 
 DEFAULT_GROUP = "default"
@@ -42,7 +46,7 @@ def learning_rate_schedule(config: Config) -> optax.Schedule:
 def value_lr_multiplier(config: Config) -> optax.Schedule:
     """The values group's LR multiplier as a function of the step."""
     memory = config.model.memory
-    kind, factor = parse_lr_multiplier(memory.value_lr)
+    kind, factor = memory.value_lr.kind, memory.value_lr.factor
     if kind == "constant":
         return lambda step: jnp.asarray(factor, jnp.float32)
     decay_steps = max(int(round(memory.value_lr_decay_fraction * config.train.steps)), 1)
@@ -82,4 +86,27 @@ def make_optimizer(config: Config, labels: dict[str, Any]) -> optax.GradientTran
     chain = [optax.multi_transform(groups, labels)]
     if train.grad_clip > 0:
         chain.insert(0, optax.clip_by_global_norm(train.grad_clip))
-    return optax.chain(*chain)
+    optimizer = optax.chain(*chain)
+    if config.model.param_dtype != "float32":
+        optimizer = with_float32_state(optimizer)
+    return optimizer
+
+
+def with_float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs `inner` in fp32 on low-precision parameters: gradients and parameters are upcast before
+    it, its state is initialized from fp32 parameters (so the Adam moments are fp32), and the updates
+    come back in each gradient's dtype."""
+
+    def upcast(tree: Any) -> Any:
+        return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+    def init(params: Any) -> Any:
+        return inner.init(upcast(params))
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        new, state = inner.update(
+            upcast(updates), state, None if params is None else upcast(params)
+        )
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
+
+    return optax.GradientTransformation(init, update)

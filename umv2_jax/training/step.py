@@ -5,12 +5,12 @@ and the other variables (`rest`: permutations, calibration constants — never u
 The steps are pure functions of arrays, jitted by the loop with explicit shardings and donation.
 
 Loss: mean next-token cross entropy over tokens with `loss_mask` = 1, plus the already-weighted
-auxiliary losses that sparse layers report under `loss/…` (averaged over micro-batches).
+auxiliary losses that sparse layers report by type (`ModelAux.losses`; averaged over micro-batches
+and reported as `loss/<type>`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,38 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+
+from umv2_jax.data.tokenizer import BYTE_VOCAB  # targets below it are bytes, the rest specials
+from umv2_jax.models.transformer import ModelAux
+from umv2_jax.training.state import ModelParts
 
 Batch = dict[str, jax.Array]
-BYTE_VOCAB = 256  # targets below this id are bytes; the rest are BOS/EOS/PAD specials
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelParts:
-    """What is needed to rebuild the model from pure-dict trees inside a jitted function.
-
-    The templates hold shapes only (`jax.ShapeDtypeStruct` leaves), never arrays, so nothing is
-    baked into a compiled step as a constant.
-    """
-
-    graphdef: nnx.GraphDef
-    params_template: nnx.State
-    rest_template: nnx.State
-
-    @classmethod
-    def split(cls, model: nnx.Module) -> tuple[ModelParts, dict, dict]:
-        """(parts, params pure dict, rest pure dict) of a model."""
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        shapes = lambda state: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        parts = cls(graphdef, shapes(params), shapes(rest))
-        return parts, params.to_pure_dict(), rest.to_pure_dict()
-
-    def build(self, params: dict, rest: dict) -> nnx.Module:
-        params_state = jax.tree.map(lambda x: x, self.params_template)  # fresh copies
-        rest_state = jax.tree.map(lambda x: x, self.rest_template)
-        nnx.replace_by_pure_dict(params_state, params)
-        nnx.replace_by_pure_dict(rest_state, rest)
-        return nnx.merge(self.graphdef, params_state, rest_state)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -58,17 +32,13 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-HITS = "hits/"  # aux entries that are per-row hit masks (memory layers), used by evaluation only
-
-
-def split_aux(aux: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(sum of the `…loss/…` entries, every scalar entry as fp32; `hits/` masks are left out)."""
-    total = jnp.zeros((), jnp.float32)
-    for name, value in aux.items():
-        if "loss/" in name:
-            total = total + value.astype(jnp.float32)
-    scalars = {n: jnp.asarray(v, jnp.float32) for n, v in aux.items() if HITS not in n}
-    return total, scalars
+def aux_losses_and_metrics(aux: ModelAux) -> tuple[jax.Array, dict, dict]:
+    """(total weighted auxiliary loss, {"loss/<type>": loss summed over layers}, per-layer metrics),
+    all fp32. Losses come typed from the layers (`SparseOutput.losses`); nothing matches strings."""
+    losses = {f"loss/{name}": value.astype(jnp.float32) for name, value in aux.losses.items()}
+    total = sum(losses.values(), jnp.zeros((), jnp.float32))
+    metrics = {name: jnp.asarray(value, jnp.float32) for name, value in aux.metrics.items()}
+    return total, losses, metrics
 
 
 def make_train_step(
@@ -90,9 +60,9 @@ def make_train_step(
         model = parts.build(params, rest)
         logits, aux = model(micro["inputs"], deterministic=False, dropout_rng=dropout_rng)
         losses = token_losses(logits, micro["targets"]) * micro["loss_mask"]
-        aux_loss, aux_metrics = split_aux(aux)
+        aux_loss, aux_losses, aux_metrics = aux_losses_and_metrics(aux)
         lm_loss_share = jnp.sum(losses) / total_tokens
-        return lm_loss_share + aux_loss / micro_batches, (lm_loss_share, aux_metrics)
+        return lm_loss_share + aux_loss / micro_batches, (lm_loss_share, aux_losses, aux_metrics)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -107,31 +77,35 @@ def make_train_step(
         def accumulate(carry, inputs):
             grads_sum, lm_sum, aux_sum = carry
             index, micro_batch = inputs
-            (_, (lm_share, aux_metrics)), grads = grad_fn(
+            (_, (lm_share, *aux_terms)), grads = grad_fn(
                 params, rest, micro_batch, jax.random.fold_in(step_key, index), total_tokens
             )
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            aux_sum = jax.tree.map(lambda a, b: a + b / micro_batches, aux_sum, aux_metrics)
+            grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+            aux_sum = jax.tree.map(lambda a, b: a + b / micro_batches, aux_sum, tuple(aux_terms))
             return (grads_sum, lm_sum + lm_share, aux_sum), None
 
         first = jax.tree.map(lambda x: x[0], micro)
         aux_shapes = jax.eval_shape(
-            lambda: grad_fn(params, rest, first, step_key, total_tokens)[0][1][1]
+            lambda: tuple(grad_fn(params, rest, first, step_key, total_tokens)[0][1][1:])
         )
         zeros = (
-            jax.tree.map(jnp.zeros_like, params),
+            # Gradients add up in fp32 whatever the parameter dtype (bf16 parameters included).
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes),
         )
         indices = jnp.arange(micro_batches)
-        (grads, lm_loss, aux_metrics), _ = jax.lax.scan(accumulate, zeros, (indices, micro))
+        (grads, lm_loss, (aux_losses, aux_metrics)), _ = jax.lax.scan(
+            accumulate, zeros, (indices, micro)
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        aux_loss, _ = split_aux(aux_metrics)
+        aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
         metrics = {
             "loss": lm_loss + aux_loss,
             "lm_loss": lm_loss,
             "grad_norm": optax.global_norm(grads),
+            **aux_losses,
             **aux_metrics,
         }
         new_state = {"params": new_params, "opt_state": opt_state, "step": step + 1}
@@ -141,26 +115,28 @@ def make_train_step(
 
 
 def make_eval_step(parts: ModelParts):
-    """eval_step(params, rest, batch) → sums {"loss_sum", "tokens", "byte_loss_sum", "bytes", aux…}.
+    """eval_step(params, rest, batch) → sums {"loss_sum", "tokens", "byte_loss_sum", "bytes",
+    "aux": {name: scalar}, "row_hits": {block: bool [rows]}, "addressable": {block: scalar}}.
 
     Sums (not means) so that the loop can add them over batches; bits-per-byte counts byte targets
-    only (the BOS/EOS separators are not bytes of the text).
+    only (the BOS/EOS separators are not bytes of the text). The model runs with `diagnostics`, so
+    memory layers also report which rows they read.
     """
 
     def eval_step(params: dict, rest: dict, batch: Batch):
         model = parts.build(params, rest)
-        logits, aux = model(batch["inputs"], deterministic=True)
+        logits, aux = model(batch["inputs"], deterministic=True, diagnostics=True)
         losses = token_losses(logits, batch["targets"]) * batch["loss_mask"]
         is_byte = (batch["targets"] < BYTE_VOCAB).astype(jnp.float32) * batch["loss_mask"]
-        _, aux_metrics = split_aux(aux)
-        hits = {name: value for name, value in aux.items() if HITS in name}
+        _, aux_losses, aux_metrics = aux_losses_and_metrics(aux)
         return {
-            **hits,
             "loss_sum": jnp.sum(losses),
             "tokens": jnp.sum(batch["loss_mask"]),
             "byte_loss_sum": jnp.sum(losses * is_byte),
             "bytes": jnp.sum(is_byte),
-            **aux_metrics,
+            "aux": {**aux_losses, **aux_metrics},
+            "row_hits": aux.row_hits,
+            "addressable": aux.addressable,
         }
 
     return eval_step
@@ -169,21 +145,20 @@ def make_eval_step(parts: ModelParts):
 def summarize_eval(sums: list[dict[str, Any]]) -> dict[str, float]:
     """Mean loss (nats/token), bits per byte, the mean of every aux metric over eval batches, and
     for memory layers the fraction of addressable rows hit anywhere in the eval window."""
-    scalars = [key for key in sums[0] if HITS not in key]
-    total = {key: sum(float(s[key]) for s in sums) for key in scalars}
+    total = {
+        key: sum(float(s[key]) for s in sums)
+        for key in ("loss_sum", "tokens", "byte_loss_sum", "bytes")
+    }
     result = {
         "eval_loss": total["loss_sum"] / max(total["tokens"], 1.0),
         "eval_bpb": total["byte_loss_sum"] / max(total["bytes"], 1.0) / math.log(2.0),
     }
-    for key, value in total.items():
-        if key not in ("loss_sum", "tokens", "byte_loss_sum", "bytes"):
-            result[f"eval/{key}"] = value / len(sums)
-    for key in sums[0]:
-        if key.endswith(HITS + "rows"):
-            layer = key[: -len(HITS + "rows")]
-            hit_anywhere = np.logical_or.reduce([np.asarray(s[key], bool) for s in sums])
-            addressable = float(sums[0][layer + HITS + "addressable"])
-            result[f"eval/{layer}rows_hit_fraction_window"] = (
-                float(hit_anywhere.sum()) / addressable
-            )
+    for key in sums[0]["aux"]:
+        result[f"eval/{key}"] = sum(float(s["aux"][key]) for s in sums) / len(sums)
+    for block in sums[0]["row_hits"]:
+        hit_anywhere = np.logical_or.reduce([np.asarray(s["row_hits"][block], bool) for s in sums])
+        addressable = float(sums[0]["addressable"][block])
+        result[f"eval/layer{block}/rows_hit_fraction_window"] = (
+            float(hit_anywhere.sum()) / addressable
+        )
     return result

@@ -1,0 +1,194 @@
+"""The op registry: names, preference lists, per-lowering-platform auto, fall-through, interpret."""
+
+from __future__ import annotations
+
+import sys
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from umv2_jax import config as config_lib
+from umv2_jax.errors import ConfigError
+from umv2_jax.ops import (
+    grouped_matmul,  # noqa: F401  (declares its op)
+    moe_dispatch,  # noqa: F401
+    product_key_topk,  # noqa: F401
+    registry,
+    retrieval_topk,  # noqa: F401
+    value_bag,  # noqa: F401
+)
+
+TOY = "toy_op"
+
+
+def _toy_xla(x, *, interpret=False):
+    del interpret
+    return x * 2.0  # lowers to stablehlo.multiply
+
+
+@jax.custom_vjp
+def _fake_kernel(x):
+    return jnp.cos(x)  # lowers to stablehlo.cosine: the kernel's fingerprint
+
+
+_fake_kernel.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (g * jnp.tanh(x),))
+
+
+@pytest.fixture
+def toy():
+    """A toy op with the XLA path x·2 and a list that records each kernel call's `interpret`."""
+    registry.declare_op(TOY, _toy_xla)
+    calls = []
+
+    def kernel(x, *, interpret=False):
+        calls.append(interpret)
+        if x.shape[0] % 2:
+            raise NotImplementedError("odd lengths")
+        return _fake_kernel(x)
+
+    yield kernel, calls
+    registry._OPS.pop(TOY)
+
+
+def _lowered(fn, platform: str, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_a_name_resolves_to_itself_on_every_platform():
+    assert registry.resolve("value_bag", "xla") == dict.fromkeys(registry.PLATFORMS, ("xla",))
+
+
+def test_auto_on_cpu_is_xla_for_every_op():
+    assert set(registry.ops()) >= {
+        "grouped_matmul",
+        "moe_dispatch",
+        "product_key_topk",
+        "retrieval_topk",
+        "value_bag",
+    }
+    for op in registry.ops():
+        assert registry.resolve(op)["cpu"] == ("xla",), op
+
+
+def test_a_missing_kernel_is_never_an_error_under_auto():
+    # No kernel module exists today: every platform runs xla.
+    assert registry.resolve("value_bag") == dict.fromkeys(registry.PLATFORMS, ("xla",))
+
+
+def test_preference_list_keeps_order_and_skips_what_a_platform_lacks(toy):
+    kernel, _ = toy
+    registry.register_implementation(TOY, "pallas", kernel, platforms=("cuda", "tpu"))
+    plan = registry.resolve(TOY, ("pallas", "xla"))
+    assert plan["cpu"] == ("xla",) and plan["rocm"] == ("xla",)
+    assert plan["cuda"] == ("pallas", "xla") and plan["tpu"] == ("pallas", "xla")
+    assert registry.resolve(TOY, ("xla", "pallas"))["tpu"] == ("xla", "pallas")
+    assert registry.resolve(TOY) == plan  # the default auto
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(ValueError) as error:
+        registry.resolve("value_bag", "triton")
+    assert str(error.value) == (
+        "value_bag: unknown implementation 'triton'; choose one of auto, xla, pallas, or a tuple "
+        "of them"
+    )
+
+
+def test_explicit_pallas_without_a_kernel_is_a_one_line_error(toy):
+    with pytest.raises(ValueError) as error:
+        registry.call(TOY, jnp.ones(4), implementation="pallas")
+    assert str(error.value) == (
+        "toy_op: implementation 'pallas' has no registered kernel (Pallas kernels register from "
+        "pallas_kernels.toy_op.gpu / .tpu); use one of auto, xla"
+    )
+
+
+def test_auto_lowers_the_kernel_for_cuda_and_tpu_and_xla_for_cpu_from_one_trace(toy):
+    kernel, _ = toy
+    registry.register_implementation(TOY, "pallas", kernel, platforms=("cuda", "tpu"))
+    traced = jax.jit(lambda x: registry.call(TOY, x)).trace(jnp.ones(4))
+    text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
+    assert "stablehlo.multiply" in text["cpu"] and "cosine" not in text["cpu"]
+    for platform in ("cuda", "tpu"):
+        # Only the chosen branch is lowered.
+        assert "cosine" in text[platform] and "multiply" not in text[platform], platform
+    # The host (CPU) runs the XLA path.
+    np.testing.assert_array_equal(jax.jit(lambda x: registry.call(TOY, x))(jnp.ones(4)), 2.0)
+
+
+def test_auto_under_grad_lowers_the_kernels_custom_vjp(toy):
+    kernel, _ = toy
+    registry.register_implementation(TOY, "pallas", kernel, platforms=("cuda", "tpu"))
+
+    def grad(x):
+        return jax.grad(lambda x: jnp.sum(registry.call(TOY, x)))(x)
+
+    assert "tanh" in _lowered(grad, "tpu", jnp.ones(4))  # the fake kernel's own backward
+    assert "tanh" not in _lowered(grad, "cpu", jnp.ones(4))
+    np.testing.assert_array_equal(jax.jit(grad)(jnp.ones(4)), 2.0)
+
+
+def test_a_kernel_declining_a_shape_falls_through_to_the_next_choice(toy):
+    kernel, _ = toy
+    registry.register_implementation(TOY, "pallas", kernel, platforms=("cuda", "tpu"))
+    odd = _lowered(lambda x: registry.call(TOY, x), "cuda", jnp.ones(5))
+    assert "multiply" in odd and "cosine" not in odd
+    even = _lowered(lambda x: registry.call(TOY, x), "cuda", jnp.ones(6))
+    assert "cosine" in even
+
+
+def test_interpret_threads_through_to_the_kernel(toy):
+    kernel, calls = toy
+    registry.register_implementation(TOY, "pallas", kernel, platforms=("tpu",))
+    x = jnp.linspace(0.0, 1.0, 4)
+    # In the interpreter the kernel runs on this CPU machine: its output, not the XLA path's.
+    out = registry.call(TOY, x, implementation="pallas", interpret=True)
+    np.testing.assert_allclose(out, jnp.cos(x), rtol=1e-6)
+    assert calls == [True]
+    # Without the interpreter a TPU-only kernel cannot lower for CPU.
+    with pytest.raises(NotImplementedError, match="platform cpu"):
+        jax.jit(lambda x: registry.call(TOY, x, implementation="pallas"))(x)
+
+
+def test_kernel_modules_register_themselves_when_imported(toy, tmp_path, monkeypatch):
+    package = tmp_path / TOY
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tpu.py").write_text(
+        "import jax.numpy as jnp\n"
+        "from umv2_jax.ops import registry\n"
+        "registry.register_implementation(\n"
+        "    'toy_op', 'pallas', lambda x, *, interpret=False: jnp.cos(x), platforms=('tpu',)\n"
+        ")\n"
+    )
+    monkeypatch.setattr(pallas_kernels, "__path__", [*pallas_kernels.__path__, str(tmp_path)])
+    for name in (f"pallas_kernels.{TOY}", f"pallas_kernels.{TOY}.tpu"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        assert registry.resolve(TOY)["tpu"] == ("pallas", "xla")  # imported on first use
+        assert registry.resolve(TOY)["cuda"] == ("xla",)  # no gpu.py: nothing registered there
+    finally:
+        for name in (f"pallas_kernels.{TOY}", f"pallas_kernels.{TOY}.tpu"):
+            sys.modules.pop(name, None)
+
+
+def test_config_fields_use_the_registry_vocabulary():
+    assert typing.get_args(config_lib.Implementation) == registry.IMPLEMENTATIONS
+    hints = {
+        section: typing.get_type_hints(section)["implementation"]
+        for section in (config_lib.MemoryConfig, config_lib.MoEConfig, config_lib.ProductKeyConfig)
+    }
+    assert set(hints.values()) == {config_lib.Implementation}
+
+
+@pytest.mark.parametrize("old, new", [("block_padded", "xla"), ("megablox", "pallas")])
+def test_renamed_moe_implementations_name_the_new_value(old, new):
+    with pytest.raises(ConfigError) as error:
+        config_lib.load_config(None, [f"model.moe.implementation={old}"])
+    assert str(error.value) == (
+        f"config 'model.moe.implementation': '{old}' was renamed; use '{new}'"
+    )

@@ -1,0 +1,272 @@
+"""One implementation registry for every hot op: names, preference lists, fall-through, interpret.
+
+    out = registry.call("value_bag", *arrays, implementation="auto", interpret=False, **options)
+
+Every op module declares its op once (`declare_op`) with its plain-JAX path `"xla"` (the reference
+every kernel is tested against lives beside it), and implementations register themselves
+(`register_implementation`): named XLA variants from the op module (e.g. grouped_matmul's
+`"ragged_dot"`), Pallas kernels from `pallas_kernels.<op>.gpu` / `pallas_kernels.<op>.tpu`, which
+`call` tries to import the first time an op is used (a missing module registers nothing).
+
+`implementation` is one name of `IMPLEMENTATIONS`, or a preference list (a tuple of names):
+
+    "xla"         the plain-JAX path; available on every platform
+    "pallas"      the op's Pallas kernel for the platform lowered for (`interpret=True`: in the
+                  Pallas interpreter, on every platform)
+    "ragged_dot"  grouped_matmul / moe_dispatch: `jax.lax.ragged_dot` (XLA); other ops lack it
+    "auto"        the op's preference for the platform lowered for: ("pallas", "xla") on GPU / TPU and
+                  ("xla",) on CPU unless the op declares its own (grouped_matmul and moe_dispatch:
+                  ("pallas", "ragged_dot", "xla") on GPU / TPU, because on CPU ragged_dot costs every
+                  group's FLOPs while the block-padded loop does not)
+
+Resolution happens per lowering platform, not from the host's `jax.default_backend()`: when the
+choice differs between platforms the op is traced once per distinct choice under
+`jax.lax.platform_dependent`, and lowering keeps only the branch of the platform lowered for, so
+`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a CPU machine reaches the GPU kernel.
+When every platform resolves to the same implementation (today: no kernel exists) the op is called
+directly, with no conditional in the program.
+
+Within a preference list, an implementation that raises `NotImplementedError` while being traced
+(a kernel declining a shape or dtype, before it builds any custom_vjp) falls through to the next
+name. Names not available on a platform are skipped there, so a missing kernel is never an error
+under "auto" or a list ending in "xla". An explicit choice with nothing registered anywhere is a
+one-line ValueError naming the op and its choices; one registered for some platforms only fails
+when lowered for another.
+
+Implementations are called as `fn(*args, interpret=interpret, **options)` and must all return the
+same shapes and dtypes; `interpret` is for the Pallas ones (XLA paths ignore it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+# The vocabulary shared by every op and every config `implementation` field.
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "ragged_dot")
+# Names earlier versions accepted (grouped_matmul's own vocabulary) → the name now.
+RENAMED = {"block_padded": "xla", "megablox": "pallas"}
+
+# Platform names as `jax.lax.platform_dependent` and `lowering_platforms` spell them.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+KERNEL_PLATFORMS = ("cuda", "rocm", "tpu")
+# The modules a platform's Pallas kernels live in: pallas_kernels.<op>.<module>.
+_KERNEL_MODULES = {"gpu": ("cuda", "rocm"), "tpu": ("tpu",)}
+
+_DEFAULT_AUTO = {
+    "cpu": ("xla",),
+    **dict.fromkeys(KERNEL_PLATFORMS, ("pallas", "xla")),
+}
+
+Implementation = str | tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Op:
+    """An op: its implementations per platform and what "auto" prefers on each platform."""
+
+    name: str
+    auto: dict[str, tuple[str, ...]]
+    # implementation name → {platform: fn}; "xla" is available on every platform.
+    implementations: dict[str, dict[str, Callable[..., Any]]]
+    kernels_imported: bool = False
+
+    def choices(self) -> tuple[str, ...]:
+        """The names `implementation` may take for this op: the shared ones and its variants."""
+        return tuple(dict.fromkeys(("auto", "xla", "pallas", *self.implementations)))
+
+    def registered_choices(self) -> tuple[str, ...]:
+        """The choices with at least one registered implementation."""
+        return ("auto", *self.implementations)
+
+
+_OPS: dict[str, Op] = {}
+
+
+def declare_op(
+    name: str,
+    xla: Callable[..., Any],
+    *,
+    auto: dict[str, tuple[str, ...]] | None = None,
+) -> Op:
+    """Declares op `name` with its plain-JAX implementation `xla` (every platform).
+
+    auto: {platform: preference} overriding the default ("pallas", "xla") on GPU / TPU, ("xla",) on
+    CPU, for the platforms given.
+    """
+    preference = {**_DEFAULT_AUTO, **(auto or {})}
+    for platform, names in preference.items():
+        if platform not in PLATFORMS or not set(names) <= set(IMPLEMENTATIONS) - {"auto"}:
+            raise ValueError(f"{name}: bad auto preference {platform!r}: {names!r}")
+    op = Op(name=name, auto=preference, implementations={"xla": dict.fromkeys(PLATFORMS, xla)})
+    _OPS[name] = op
+    return op
+
+
+def register_implementation(
+    op_name: str,
+    implementation: str,
+    fn: Callable[..., Any],
+    *,
+    platforms: Sequence[str] = PLATFORMS,
+) -> None:
+    """Registers `fn` as `implementation` of `op_name` on `platforms` (a later call replaces it).
+
+    Pallas kernels register from `pallas_kernels.<op>.gpu` (platforms ("cuda", "rocm")) and
+    `pallas_kernels.<op>.tpu` (("tpu",)).
+    """
+    if implementation not in IMPLEMENTATIONS or implementation == "auto":
+        raise ValueError(
+            f"{op_name}: cannot register {implementation!r}; names come from "
+            f"{', '.join(IMPLEMENTATIONS[1:])}"
+        )
+    unknown = set(platforms) - set(PLATFORMS)
+    if unknown:
+        raise ValueError(f"{op_name}: unknown platforms {sorted(unknown)}; use {PLATFORMS}")
+    per_platform = _op(op_name).implementations.setdefault(implementation, {})
+    per_platform.update(dict.fromkeys(platforms, fn))
+
+
+def unregister_implementation(op_name: str, implementation: str) -> None:
+    """Removes `implementation` of `op_name` everywhere (tests register fakes and remove them)."""
+    if implementation == "xla":
+        raise ValueError(f"{op_name}: the xla implementation cannot be removed")
+    _op(op_name).implementations.pop(implementation, None)
+
+
+def call(
+    op_name: str,
+    *args: Any,
+    implementation: Implementation = "auto",
+    interpret: bool = False,
+    **options: Any,
+) -> Any:
+    """Runs op `op_name` on `args` with the implementation chosen for each lowering platform."""
+    op = _op(op_name)
+    chains = {
+        platform: chain for platform, chain in _plan(op, implementation, interpret).items() if chain
+    }
+
+    def branch(chain):
+        return lambda *arrays: _first_that_traces(op.name, chain, arrays, interpret, options)
+
+    distinct = set(chains.values())
+    if len(distinct) == 1 and len(chains) == len(PLATFORMS):
+        return branch(distinct.pop())(*args)
+    # One branch per platform (identical chains trace once each: platform_dependent groups equal
+    # callables); platforms without a chain cannot lower this call.
+    by_chain = {chain: branch(chain) for chain in distinct}
+    return jax.lax.platform_dependent(
+        *args, **{platform: by_chain[chain] for platform, chain in chains.items()}
+    )
+
+
+def resolve(
+    op_name: str, implementation: Implementation = "auto", *, interpret: bool = False
+) -> dict[str, tuple[str, ...]]:
+    """{platform: the implementations to try in order} for every platform of `PLATFORMS`.
+
+    A platform with an empty tuple cannot run the choice. Raises ValueError for names outside the
+    op's choices, and for an explicit choice registered on no platform.
+    """
+    plan = _plan(_op(op_name), implementation, interpret)
+    return {platform: tuple(name for name, _ in chain) for platform, chain in plan.items()}
+
+
+def registered(op_name: str) -> dict[str, tuple[str, ...]]:
+    """{implementation: the platforms it is registered on} (tests parametrize over this)."""
+    op = _op(op_name)
+    _import_kernels(op)
+    return {name: tuple(fns) for name, fns in op.implementations.items()}
+
+
+def ops() -> tuple[str, ...]:
+    """The names of every declared op."""
+    return tuple(_OPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _op(name: str) -> Op:
+    if name not in _OPS:
+        raise ValueError(f"unknown op {name!r}; declared: {', '.join(_OPS) or 'none'}")
+    return _OPS[name]
+
+
+def _plan(op: Op, implementation: Implementation, interpret: bool):
+    """{platform: ((name, fn), ...)}: what to try, in order, when lowering for each platform."""
+    _import_kernels(op)
+    names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+    unknown = [name for name in names if name not in op.choices()]
+    if unknown or not names:
+        raise ValueError(
+            f"{op.name}: unknown implementation {implementation!r}; choose one of "
+            f"{', '.join(op.choices())}, or a tuple of them"
+        )
+    plan = {}
+    for platform in PLATFORMS:
+        wanted = []
+        for name in names:
+            if name == "auto":
+                # The interpreter runs a kernel anywhere, so then every platform prefers kernels.
+                wanted.extend(op.auto["tpu" if interpret else platform])
+            else:
+                wanted.append(name)
+        chain = []
+        for name in dict.fromkeys(wanted):
+            fn = _lookup(op, name, platform, interpret)
+            if fn is not None:
+                chain.append((name, fn))
+        plan[platform] = tuple(chain)
+    if "auto" not in names and not any(plan.values()):
+        raise ValueError(
+            f"{op.name}: implementation {implementation!r} has no registered kernel (Pallas kernels "
+            f"register from pallas_kernels.{op.name}.gpu / .tpu); use one of "
+            f"{', '.join(op.registered_choices())}"
+        )
+    return plan
+
+
+def _lookup(op: Op, name: str, platform: str, interpret: bool) -> Callable[..., Any] | None:
+    """The function of implementation `name` on `platform`; under `interpret` a Pallas kernel
+    registered for any platform runs in the interpreter (the TPU one first: it interprets best)."""
+    per_platform = op.implementations.get(name, {})
+    if name == "pallas" and interpret:
+        for candidate in ("tpu", "cuda", "rocm"):
+            if candidate in per_platform:
+                return per_platform[candidate]
+        return None
+    return per_platform.get(platform)
+
+
+def _first_that_traces(op_name: str, chain, arrays, interpret: bool, options) -> Any:
+    """Traces the first implementation of `chain` that does not raise NotImplementedError."""
+    declined = []
+    for name, fn in chain:
+        try:
+            return fn(*arrays, interpret=interpret, **options)
+        except NotImplementedError as error:
+            declined.append(f"{name} ({error})")
+    raise NotImplementedError(f"{op_name}: every implementation declined: {'; '.join(declined)}")
+
+
+def _import_kernels(op: Op) -> None:
+    """Imports pallas_kernels.<op>.gpu / .tpu once; each registers its kernel when present."""
+    if op.kernels_imported:
+        return
+    op.kernels_imported = True
+    for module in _KERNEL_MODULES:
+        try:
+            importlib.import_module(f"pallas_kernels.{op.name}.{module}")
+        except ModuleNotFoundError as error:
+            # Only the kernel module (or its package) missing is expected; a kernel module that
+            # fails on its own imports is a bug to surface.
+            name = f"pallas_kernels.{op.name}"
+            if error.name not in ("pallas_kernels", name, f"{name}.{module}"):
+                raise

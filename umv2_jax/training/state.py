@@ -1,0 +1,115 @@
+"""Building the train state from a config, and its abstract (shape + sharding) twin.
+
+    setup = build(config)                       # params, rest, optimizer state on the config's mesh
+    target = abstract_like(setup.state, setup.state_shardings)   # what a checkpoint restores into
+
+Shared by the training loop and by everything that loads a trained run (generation, inference,
+evaluation), so none of those needs the loop. The model is split once into a graph definition,
+the trainable parameters and the other variables (`rest`: permutations, calibration constants —
+never updated by a step); the steps are pure functions of those pure-dict trees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from umv2_jax import parallel
+from umv2_jax.config import Config
+from umv2_jax.models.transformer import Transformer
+from umv2_jax.training.optimizer import make_optimizer, parameter_labels
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """What is needed to rebuild the model from pure-dict trees inside a jitted function.
+
+    The templates hold shapes only (`jax.ShapeDtypeStruct` leaves), never arrays, so nothing is
+    baked into a compiled step as a constant.
+    """
+
+    graphdef: nnx.GraphDef
+    params_template: nnx.State
+    rest_template: nnx.State
+
+    @classmethod
+    def split(cls, model: nnx.Module) -> tuple[ModelParts, dict, dict]:
+        """(parts, params pure dict, rest pure dict) of a model."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        shapes = lambda state: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        parts = cls(graphdef, shapes(params), shapes(rest))
+        return parts, params.to_pure_dict(), rest.to_pure_dict()
+
+    def build(self, params: dict, rest: dict) -> nnx.Module:
+        params_state = jax.tree.map(lambda x: x, self.params_template)  # fresh copies
+        rest_state = jax.tree.map(lambda x: x, self.rest_template)
+        nnx.replace_by_pure_dict(params_state, params)
+        nnx.replace_by_pure_dict(rest_state, rest)
+        return nnx.merge(self.graphdef, params_state, rest_state)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from the config before the first step.
+
+    state: {"params": pure dict, "opt_state": optax state, "step": int32 scalar}; rest: the
+    non-trainable pure dict; each has a matching tree of NamedShardings.
+    """
+
+    config: Config
+    mesh: jax.sharding.Mesh
+    parts: ModelParts
+    state: dict[str, Any]
+    rest: dict[str, Any]
+    state_shardings: Any
+    rest_shardings: Any
+    optimizer: Any
+    param_count: int
+
+
+def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    """Initializes the model and optimizer on the mesh, sharded by the parameters' logical axes.
+
+    Initialization is one jitted program whose outputs are laid out by `out_shardings`, so no host
+    ever holds the whole model (and op-by-op init, slow to dispatch, is avoided).
+    """
+    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+    seed = config.train.seed
+    abstract = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(seed)))
+    param_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh)
+    rest_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Not(nnx.Param)), mesh)
+    labels = parameter_labels(nnx.state(abstract, nnx.Param))
+    parts, _, _ = ModelParts.split(abstract)
+
+    @functools.partial(jax.jit, out_shardings=(param_shardings, rest_shardings))
+    def initialize():
+        _, params, rest = ModelParts.split(Transformer(config.model, nnx.Rngs(seed)))
+        return params, rest
+
+    params, rest = initialize()
+    optimizer = make_optimizer(config, labels)
+    references = parallel.path_index(param_shardings, params)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = parallel.shardings_like(opt_shapes, references, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    replicated = parallel.replicated(mesh)
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    state = {"params": params, "opt_state": opt_state, "step": step}
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return Setup(
+        config, mesh, parts, state, rest, state_shardings, rest_shardings, optimizer, count
+    )
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct` leaves with each leaf's shape, dtype and sharding (a restore target)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
