@@ -11,6 +11,11 @@ u: [tokens, d] and differentiated w.r.t. every parameter and u, as in a training
     moe     64 experts × SwiGLU 64, top-8, dropless (replaces the FFN)
     umv2    SwiGLU 416 + UltraMemV2 (n 146, D_k 32, r 2, C 2, k = m = 16, D_v 48, D_p 16, 1 head),
             reading a stack of 4 layers' value tables as a model's layer 0 does
+    umv2_diagnostics  the same with `SparseContext(diagnostics=True)`: the per-row hit scatter and
+            rows-hit fraction that every training step computed before they became eval-only
+
+Each step returns the block's metrics (and hit masks) beside the gradients, as a training step
+returns them for logging, so work on them is timed, not dead code.
 
 Time is the median over `--reps` timed steps after `--warmup` untimed ones, the blocks interleaved so
 that load on the machine hits both alike. Peak memory is XLA's compiled memory analysis of the step
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -87,7 +93,7 @@ def build_dense(tokens: int) -> Block:
     )
 
 
-def build_umv2(tokens: int) -> Block:
+def build_umv2(tokens: int, diagnostics: bool = False) -> Block:
     memory = dict(
         n_keys=146,
         key_dim=32,
@@ -111,8 +117,9 @@ def build_umv2(tokens: int) -> Block:
 
     def apply(p, u):
         ffn, layer, tables = nnx.merge(graphdef, p, rest)
-        y = layer(u, SparseContext(shared=tables)).y
-        return ffn(u) + y
+        out = layer(u, SparseContext(shared=tables, diagnostics=diagnostics))
+        # The step returns the layer's metrics (and hit masks) as a training step logs them.
+        return ffn(u) + out.y, {"metrics": out.metrics, "row_hits": out.row_hits}
 
     def gathered(p, u):
         _, layer, tables = nnx.merge(graphdef, p, rest)
@@ -125,8 +132,9 @@ def build_umv2(tokens: int) -> Block:
         ]
 
     return Block(
-        name="umv2",
-        description="SwiGLU 416 + UltraMemV2 n 146, D_k 32, r 2, m 16, D_v 48, D_p 16 (4 tables)",
+        name="umv2_diagnostics" if diagnostics else "umv2",
+        description="SwiGLU 416 + UltraMemV2 n 146, D_k 32, r 2, m 16, D_v 48, D_p 16 (4 tables)"
+        + (", with the eval-only row-hit diagnostics" if diagnostics else ""),
         params=params,
         apply=apply,
         gathered=gathered,
@@ -169,6 +177,8 @@ BLOCKS: dict[str, Callable[[int], Block]] = {
     "dense": build_dense,
     "moe": build_moe,
     "umv2": build_umv2,
+    # What every training step computed before the row-hit scatter became evaluation-only.
+    "umv2_diagnostics": functools.partial(build_umv2, diagnostics=True),
 }
 
 
@@ -181,9 +191,11 @@ def measure(blocks: list[Block], tokens: int, warmup: int, reps: int) -> dict[st
     for block in blocks:
 
         def loss(params, u, block=block):
-            return jnp.sum(block.apply(params, u) * cotangent)
+            y, extras = _with_extras(block.apply(params, u))
+            return jnp.sum(y * cotangent), extras
 
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(block.params, u).compile()
+        step = jax.grad(loss, argnums=(0, 1), has_aux=True)
+        compiled = jax.jit(step).lower(block.params, u).compile()
         analysis = compiled.memory_analysis()
         peak = (
             analysis.argument_size_in_bytes
@@ -286,12 +298,17 @@ def _init(make: Callable[[], Any], split_params: bool = False):
     return graphdef, jax.jit(lambda: nnx.split(make())[1])()
 
 
+def _with_extras(out) -> tuple[jax.Array, Any]:
+    """A block's apply returns y or (y, extras): the step returns the extras, as a train step does."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
 def _gathered_residuals(loss, block: Block, u) -> list[list[int]]:
     """Shapes of backward residuals that hold gathered table rows (should be empty)."""
     if block.gathered is None:
         return []
     # jax.vjp's function is a pytree whose leaves are the residuals the backward will read.
-    backward = jax.jit(lambda params, u: jax.vjp(loss, params, u)[1])(block.params, u)
+    backward = jax.jit(lambda params, u: jax.vjp(loss, params, u, has_aux=True)[1])(block.params, u)
     gathered = [np.asarray(g) for g in jax.jit(block.gathered)(block.params, u)]
     found = []
     for leaf in jax.tree_util.tree_leaves(backward):

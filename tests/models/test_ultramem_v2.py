@@ -276,9 +276,10 @@ CASES = {
     "rank_queries-E2-H2-no_pre": (True, 2, 2, 0, {}, 2, 1),
     "shared_query-E1-H1-pre-gelu": (False, 1, 1, 4, {"pre_score_act": "gelu"}, 2, 1),
     # The other two sharing topologies, at windows that slide back inside the network (SPEC §3):
-    # noring:3 at memory layer 2 of 4 reads tables [1, 2, 3]; block:2 at layer 2 of 3 reads [1, 2].
+    # noring:3 at memory layer 2 of 4 reads tables [1, 2, 3] (ring would wrap to [2, 3, 0]);
+    # block:2 at layer 3 of 5 reads [2, 3] (noring would read [3, 4]).
     "rank_queries-E1-H1-pre-noring": (True, 1, 1, 4, {"value_share": "noring:3"}, 4, 2),
-    "shared_query-E1-H2-pre-block": (False, 1, 2, 4, {"value_share": "block:2"}, 3, 2),
+    "shared_query-E1-H2-pre-block": (False, 1, 2, 4, {"value_share": "block:2"}, 5, 3),
 }
 # Cases also compiled at XLA's default optimization level.
 OPTIMIZED_CASES = ("shared_query-E2-H2-pre-ring-losses", "rank_queries-E1-H1-pre-noring")

@@ -41,3 +41,25 @@ def test_incompatible_checkpoint_is_refused_without_writing(tmp_path, tiny_confi
     ):
         loop.train(tiny_config("model.d_model=48"), str(tmp_path), **QUIET)
     assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+def test_block_layout_is_part_of_a_runs_identity_and_remat_is_not(tmp_path, tiny_config):
+    """A loop checkpoint is not resumed by a scanned model (its tree differs); remat may change."""
+    import json
+
+    from umv2_jax.training.checkpoint import check_compatible
+
+    config = tiny_config()  # 2 blocks: `scan_layers: auto` is the loop
+    loop.train(config, str(tmp_path), stop_after=2, **QUIET)
+    with pytest.raises(CheckpointError, match="model.scan_layers: saved False, now True"):
+        check_compatible(str(tmp_path), tiny_config("model.scan_layers=true"))
+    assert check_compatible(str(tmp_path), tiny_config("model.scan_layers=false"))
+    assert check_compatible(str(tmp_path), tiny_config("model.remat=full"))
+    # A run saved before the layout fields existed was a loop, and still resumes as one.
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["model"]["scan_layers"], saved["model"]["remat"]
+    path.write_text(json.dumps(saved))
+    assert check_compatible(str(tmp_path), config)
+    result = loop.train(tiny_config("model.remat=full"), str(tmp_path), stop_after=4, **QUIET)
+    assert result.step == 4

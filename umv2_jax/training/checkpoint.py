@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from umv2_jax.config import CheckpointConfig, Config, to_dict
+from umv2_jax.config import SCAN_MIN_LAYERS, CheckpointConfig, Config, to_dict
 from umv2_jax.errors import CheckpointError
 
 log = logging.getLogger("umv2_jax")
@@ -47,6 +47,8 @@ def check_compatible(workdir: str, config: Config) -> bool:
             f"{path} is unreadable; restore it or start in a new --workdir"
         ) from None
     current = to_dict(config)
+    saved = {**saved, "model": _layout_fields(saved.get("model", {}), scanned_default=False)}
+    current = {**current, "model": _layout_fields(current["model"], scanned_default=False)}
     for section in ("model", "data"):
         if saved.get(section) != current[section]:
             differing = _first_difference(saved.get(section, {}), current[section], section)
@@ -55,6 +57,19 @@ def check_compatible(workdir: str, config: Config) -> bool:
                 "use a new --workdir or pass --no-resume to start over there"
             )
     return True
+
+
+def _layout_fields(model: dict[str, Any], scanned_default: bool) -> dict[str, Any]:
+    """The model section as far as a checkpoint's layout goes: `scan_layers` resolved to whether
+    the blocks are stacked (a run saved before the field existed was a loop), `remat` dropped (it
+    changes what the backward recomputes, not what is stored)."""
+    model = dict(model)
+    model.pop("remat", None)
+    scan = model.get("scan_layers", scanned_default)
+    if scan == "auto":
+        scan = model.get("num_layers", 0) >= SCAN_MIN_LAYERS
+    model["scan_layers"] = bool(scan)
+    return model
 
 
 def _first_difference(saved: Any, current: Any, prefix: str) -> str:
