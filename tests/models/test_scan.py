@@ -96,16 +96,26 @@ def _init(config):
     return init()
 
 
-def _loss_and_grads(config, params, rest, diagnostics=False):
+def _forward(config, rest, diagnostics=False):
+    """params (pure dict) → (logits, aux) of `config`'s model on TOKENS, with `rest` fixed."""
     abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(3)))
     graphdef, params_state, rest_state = nnx.split(abstract, nnx.Param, ...)
 
-    def loss(params):
+    def forward(params):
         state = jax.tree.map(lambda x: x, params_state)
         nnx.replace_by_pure_dict(state, params)
         others = jax.tree.map(lambda x: x, rest_state)
         nnx.replace_by_pure_dict(others, rest)
-        logits, aux = nnx.merge(graphdef, state, others)(TOKENS, diagnostics=diagnostics)
+        return nnx.merge(graphdef, state, others)(TOKENS, diagnostics=diagnostics)
+
+    return forward
+
+
+def _loss_and_grads(config, params, rest, diagnostics=False):
+    forward = _forward(config, rest, diagnostics)
+
+    def loss(params):
+        logits, aux = forward(params)
         log_probs = jax.nn.log_softmax(logits)
         nll = -jnp.mean(jnp.take_along_axis(log_probs, jnp.roll(TOKENS, -1, 1)[..., None], -1))
         return nll + sum(aux.losses.values(), 0.0), (logits, aux)
@@ -182,15 +192,10 @@ def test_rematerialization_recomputes_in_the_backward():
     def dots_in_grad(remat):
         config = load_config(None, overrides + [f"model.remat={remat}"]).model
         params, rest = _init(config)
-        abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(3)))
-        graphdef, params_state, rest_state = nnx.split(abstract, nnx.Param, ...)
+        forward = _forward(config, rest)
 
         def loss(params):
-            state = jax.tree.map(lambda x: x, params_state)
-            nnx.replace_by_pure_dict(state, params)
-            others = jax.tree.map(lambda x: x, rest_state)
-            nnx.replace_by_pure_dict(others, rest)
-            return jnp.mean(nnx.merge(graphdef, state, others)(TOKENS)[0] ** 2)
+            return jnp.mean(forward(params)[0] ** 2)
 
         text = jax.jit(jax.grad(loss)).lower(params).as_text()
         return text.count("stablehlo.dot_general")
