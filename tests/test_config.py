@@ -351,3 +351,88 @@ def test_model_init_release_reaches_the_backbone_std():
 
     paper, release = (load_config(None, [f"model.init={i}"]).model for i in ("paper", "release"))
     assert backbone_std(paper) != backbone_std(release)
+
+
+# --------------------------------------------------------------------------------------------------
+# Values that pass the type check but make no sense; run names; empty files.
+# --------------------------------------------------------------------------------------------------
+
+
+def _float_fields(section, prefix=""):
+    """Dotted keys of every float field (sub-sections included; typed string values excluded)."""
+    keys = []
+    for item in dataclasses.fields(section):
+        value, key = getattr(section, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value) and not item.metadata:
+            keys += _float_fields(value, key + ".")
+        elif isinstance(value, float):
+            keys.append(key)
+    return keys
+
+
+FLOAT_FIELDS = _float_fields(Config())
+
+
+def test_the_float_fields_are_all_found():
+    assert len(FLOAT_FIELDS) >= 20
+    for key in ("train.learning_rate", "train.eps", "train.b1", "train.grad_clip"):
+        assert key in FLOAT_FIELDS
+    for key in ("model.memory.dropout", "model.memory.norm_eps", "model.moe.capacity_factor"):
+        assert key in FLOAT_FIELDS
+
+
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_every_float_field_must_be_finite(key, value):
+    with pytest.raises(ConfigError, match=rf"^config '{key}': (-?inf|nan) is not a finite number"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_non_finite_values_from_yaml_and_from_python(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: .inf\n  weight_decay: .nan\n")
+    with pytest.raises(ConfigError, match="'train.learning_rate': inf is not a finite number"):
+        load_config(path)
+    memory = MemoryConfig(value_lr=LrMultiplier("decay", float("inf")))
+    config = Config(model=ModelConfig(sparse="ultramem_v2", memory=memory))
+    with pytest.raises(ConfigError, match="'model.memory.value_lr': 'decay:inf' holds inf"):
+        config.validate()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.steps=2", "train.warmup_fraction=0.9"], "a warmup of 2 steps, not shorter"),
+        (["train.steps=10", "train.warmup_fraction=0.96"], "a warmup of 10 steps, not shorter"),
+        (["train.eps=0"], "'train.eps': must be > 0"),
+        (["train.eps=-1e-8"], "'train.eps': must be > 0"),
+        (["model.sparse=ultramem_v2", "model.memory.norm_eps=0"], "'model.memory.norm_eps'"),
+        (["model.sparse=ultramem_v2", "model.memory.tucker_tau=-1"], "'model.memory.tucker_tau'"),
+    ],
+)
+def test_values_that_make_no_sense(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_warmup_shorter_than_the_run_is_fine():
+    assert load_config(None, ["train.steps=10", "train.warmup_fraction=0.9"]).train.steps == 10
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", "", ".", "..", ".hidden", "a b"])
+def test_a_run_name_is_a_plain_name_never_a_path(name):
+    with pytest.raises(ConfigError, match="config 'name': .* is not a plain name"):
+        load_config(None, [f"name={name}"] if name else ["name=''"])
+
+
+@pytest.mark.parametrize("name", ["S-umv2", "tiny_umv2", "Memory+-227M-1.2B", "run.2"])
+def test_plain_names_are_accepted(name):
+    assert load_config(None, [f"name={name}"]).name == name
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# settings to come\n", "---\n"])
+def test_an_empty_config_file_is_an_error(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"config file '{path}' is empty"):
+        load_config(path)

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,31 @@ def _check_choices(section: Any, prefix: str) -> None:
             _require(
                 False, f"{prefix}.{item.name}", f"{value!r} is not allowed; allowed: {allowed}"
             )
+
+
+def _check_finite(section: Any, prefix: str) -> None:
+    """Every float field of a config section (its sub-sections and typed values too) is a finite
+    number: `inf` and `nan` pass the type check (YAML `.inf`, `--set x=nan`) but no bound."""
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        key = f"{prefix}.{item.name}" if prefix else item.name
+        if dataclasses.is_dataclass(value):
+            if item.metadata.get(_LANGUAGE):  # e.g. value_lr: decay:inf, named by its own key
+                for inner in dataclasses.fields(value):
+                    number = getattr(value, inner.name)
+                    _require(
+                        not isinstance(number, float) or math.isfinite(number),
+                        key,
+                        f"'{value}' holds {number}, not a finite number",
+                    )
+            else:
+                _check_finite(value, key)
+        elif isinstance(value, float):
+            _require(math.isfinite(value), key, f"{value} is not a finite number")
+
+
+# A run name is one plain path component: it names the run directory runs/<name>.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,6 +328,8 @@ class MemoryConfig:
             "must be in (0, 1]",
         )
         _require(self.tucker_penalty >= 0, f"{prefix}.tucker_penalty", "must be >= 0")
+        _require(self.tucker_tau >= 0, f"{prefix}.tucker_tau", "must be >= 0")
+        _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
         _require(self.key_balance >= 0, f"{prefix}.key_balance", "must be >= 0")
 
     def effective_keys(self) -> int:
@@ -650,6 +678,14 @@ class TrainConfig:
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
         _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"{prefix}.b1", "betas must be in [0, 1)")
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 = off)")
+        _require(self.eps > 0, f"{prefix}.eps", "must be > 0 (Adam divides by sqrt(v) + eps)")
+        warmup = int(round(self.warmup_fraction * self.steps))
+        _require(
+            warmup < self.steps,
+            f"{prefix}.warmup_fraction",
+            f"{self.warmup_fraction} of {self.steps} steps is a warmup of {warmup} steps, not "
+            "shorter than the run; lower train.warmup_fraction or raise train.steps",
+        )
         _require(self.eval_every >= 1, f"{prefix}.eval_every", "must be >= 1")
         _require(self.eval_batches >= 1, f"{prefix}.eval_batches", "must be >= 1")
         _require(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
@@ -712,6 +748,13 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def validate(self) -> Config:
+        _require(
+            _NAME_PATTERN.fullmatch(self.name) is not None,
+            "name",
+            f"{self.name!r} is not a plain name (letters, digits and . _ + -, no '/'): it names the "
+            "run directory runs/<name>; pass --workdir to train elsewhere",
+        )
+        _check_finite(self, "")
         self.model.validate("model")
         self.data.validate("data")
         self.train.validate("train")
@@ -889,11 +932,16 @@ def load_config(
             raise ConfigError(f"config file '{path}' does not exist; pass --config PATH to a .yaml")
         try:
             with open(path) as handle:
-                data = yaml.safe_load(handle) or {}
+                data = yaml.safe_load(handle)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+        if data is None:
+            raise ConfigError(
+                f"config file '{path}' is empty; put the settings in it (see configs/default.yaml) "
+                "or leave out --config to train configs/default.yaml"
+            )
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     apply_overrides(data, overrides or [])

@@ -21,3 +21,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or incompatible with the config."""
+
+
+class ResourceError(UserError):
+    """A work directory, disk or memory that cannot hold the run (checked before it starts)."""

@@ -1,5 +1,12 @@
 """Sample text from a trained run: `python -m umv2_jax.generate --workdir DIR --prompt "ROMEO:"`.
 
+Read-only: it never writes into the work directory (an unreadable checkpoint is skipped with one
+line and the previous one used; a read-only directory works). Every argument is checked before
+the model is built: a bad one, a missing run or an unreadable `config.json` is one line on stderr
+and exit status 2. Prompts are bytes (`--prompt` as the shell passed it, `--prompt-file`, or `-`
+for stdin), so the byte tokenizer takes any input, UTF-8 or not; the output is the prompt and its
+continuation decoded as UTF-8, with U+FFFD for bytes that are not.
+
 Decoding recomputes the whole window every token (simple and exact; the KV-cache decoder lives in
 umv2_jax.inference). The window is the run's `data.seq_len`; longer outputs slide it.
 """
@@ -8,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -15,26 +23,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from umv2_jax.errors import CheckpointError, UserError
+from umv2_jax.errors import CheckpointError, ConfigError, UserError
+
+MAX_SEED = 2**63 - 1
 
 
 def load_run(workdir: str):
-    """(config, parts, params, rest, step) of the latest checkpoint in `workdir`."""
+    """(config, parts, params, rest, step) of the latest readable checkpoint in `workdir`.
+
+    Reads only; CheckpointError (one line) for a missing or unreadable run.
+    """
     from umv2_jax.config import config_from_dict
     from umv2_jax.training import checkpoint as checkpoint_lib
     from umv2_jax.training.state import abstract_like, build
 
-    path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
-    if not os.path.isfile(path):
+    workdir = str(workdir)
+    config = config_from_dict(_read_run_config(workdir, checkpoint_lib.CONFIG_FILE))
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):  # checked here: opening orbax on it would create it
         raise CheckpointError(
-            f"{workdir} holds no run (no {checkpoint_lib.CONFIG_FILE}); train first"
+            f"{workdir} holds no checkpoint ({checkpoints} is missing); train first"
         )
-    with open(path) as handle:
-        data = json.load(handle)
-    data["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
-    config = config_from_dict(data)
     setup = build(config)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint, read_only=True)
     try:
         step, state, rest, _ = checkpointer.restore_latest(
             abstract_like(setup.state, setup.state_shardings),
@@ -55,15 +66,19 @@ def generate_ids(
     temperature: float,
     top_k: int,
     seed: int,
+    top_p: float = 1.0,
 ) -> list[int]:
     """The new token ids after `prompt_ids` (BOS included by the caller), stopping at EOS (not kept).
 
     Each token comes from the logits at the context's last real position: the window holds the
     last `data.seq_len` ids left-aligned and PAD-filled after them (causal attention keeps the
-    padding from reaching that position). temperature 0 = greedy (argmax).
+    padding from reaching that position). temperature 0 = greedy (argmax); otherwise sampling
+    from the `top_k` most likely tokens (0 = all) within the smallest set whose probability
+    reaches `top_p` (1 = all).
     """
     from umv2_jax.data import tokenizer
 
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     window = config.data.seq_len
     vocab = config.model.vocab_size
 
@@ -87,6 +102,8 @@ def generate_ids(
             if 0 < top_k < vocab:
                 cutoff = jax.lax.top_k(logits, top_k)[0][-1]
                 logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+            if top_p < 1:
+                logits = _nucleus(logits, top_p)
             key, sample_key = jax.random.split(key)
             token = int(jax.random.categorical(sample_key, logits))
         if token == tokenizer.EOS:
@@ -101,50 +118,200 @@ def generate(
     parts,
     params,
     rest,
-    prompt: str,
+    prompt: str | bytes,
     max_new_tokens: int,
     temperature: float,
     top_k: int,
     seed: int,
+    top_p: float = 1.0,
 ) -> str:
-    """The text continuing `prompt` (see `generate_ids`; the prompt is prefixed with BOS)."""
+    """The text continuing `prompt` (see `generate_ids`; the prompt is prefixed with BOS).
+
+    A str prompt is UTF-8 encoded; bytes are taken as they are.
+    """
     from umv2_jax.data import tokenizer
 
-    prompt_ids = [tokenizer.BOS] + list(tokenizer.encode(prompt))
     generated = generate_ids(
-        config, parts, params, rest, prompt_ids, max_new_tokens, temperature, top_k, seed
+        config,
+        parts,
+        params,
+        rest,
+        _prompt_ids(prompt),
+        max_new_tokens,
+        temperature,
+        top_k,
+        seed,
+        top_p,
     )
     return tokenizer.decode(np.asarray(generated, np.int32))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m umv2_jax.generate", description=__doc__)
+    parser = _Parser(prog="python -m umv2_jax.generate", description=__doc__)
     parser.add_argument("--workdir", required=True, help="a run directory written by train.py")
-    parser.add_argument("--prompt", default="", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
-    parser.add_argument("--seed", type=int, default=0)
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue")
+    prompt.add_argument(
+        "--prompt-file", default=None, metavar="PATH", help="read the prompt's bytes ('-': stdin)"
+    )
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=200, help="at least 1")
+    parser.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=_non_negative_int, default=40, help="0 = no top-k filter")
+    parser.add_argument(
+        "--top-p", type=_top_p, default=1.0, help="nucleus sampling, 0 < p <= 1 (1 = off)"
+    )
+    parser.add_argument("--seed", type=_seed, default=0)
     args = parser.parse_args(argv)
     try:
+        prompt_bytes = _read_prompt(args)
         config, parts, params, rest, step = load_run(args.workdir)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    text = generate(
+    from umv2_jax.data import tokenizer
+
+    generated = generate_ids(
         config,
         parts,
         params,
         rest,
-        args.prompt,
+        _prompt_ids(prompt_bytes),
         args.max_new_tokens,
         args.temperature,
         args.top_k,
         args.seed,
+        args.top_p,
     )
     print(f"[{config.name}, step {step}]")
-    print(args.prompt + text)
+    print(tokenizer.decode(np.asarray(_prompt_ids(prompt_bytes)[1:] + generated, np.int32)))
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count; pass 1 or more")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; pass 0 (off) or more")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..2**63-1")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0 (0 = greedy)")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _float(text)
+    if not (0 < value <= 1):  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1] (1 = off)")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int
+) -> None:
+    """The CLI's argument checks, for callers of the functions (ValueError)."""
+    if max_new_tokens < 0 or top_k < 0 or not 0 <= seed <= MAX_SEED:
+        raise ValueError(
+            f"max_new_tokens {max_new_tokens}, top_k {top_k} and seed {seed} must be >= 0"
+        )
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
+        raise ValueError(f"temperature {temperature} must be finite >= 0, top_p {top_p} in (0, 1]")
+
+
+def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
+    """logits outside the smallest most-likely set with total probability >= top_p -> -inf."""
+    order = jnp.argsort(-logits)
+    probabilities = jax.nn.softmax(logits[order])
+    before = jnp.cumsum(probabilities) - probabilities  # mass of the tokens ranked above
+    keep_sorted = before < top_p  # the top token always stays
+    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def _prompt_ids(prompt: str | bytes) -> list[int]:
+    from umv2_jax.data import tokenizer
+
+    data = prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
+    return [tokenizer.BOS, *np.frombuffer(data, np.uint8).tolist()]
+
+
+def _read_prompt(args: argparse.Namespace) -> bytes:
+    """The prompt's bytes: --prompt as the shell passed them (os.fsencode undoes Python's
+    surrogateescape decoding of argv), or the raw bytes of --prompt-file / stdin."""
+    if args.prompt_file is None:
+        return os.fsencode(args.prompt)
+    if args.prompt_file == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(args.prompt_file, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ConfigError(
+            f"--prompt-file {args.prompt_file}: {error.strerror}; pass a readable file"
+        ) from None
+
+
+def _read_run_config(workdir: str, name: str) -> dict:
+    """The run's config.json as a mapping, with the mesh reset to this machine's devices."""
+    path = os.path.join(workdir, name)
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{workdir} holds no run (no {name}); train first")
+    try:
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read())
+    except OSError as error:
+        raise CheckpointError(
+            f"{path} is unreadable ({error.strerror}); fix its permissions or restore it"
+        ) from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(
+            f"{path} is not valid JSON ({str(error).splitlines()[0][:80]}); restore it from "
+            "checkpoints/<step>/config/metadata"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(data).__name__}, not a config mapping; restore it from "
+            "checkpoints/<step>/config/metadata"
+        )
+    data["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
+    return data
 
 
 if __name__ == "__main__":

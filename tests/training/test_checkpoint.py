@@ -1,10 +1,22 @@
 """Checkpoints through the loop: a corrupt latest step falls back to the one before, all corrupt is
-an error, and a checkpoint of another config is refused before anything is written."""
+an error, and a checkpoint of another config is refused before anything is written; checksums catch
+a damaged file, orbax's error output becomes one line, and a full disk during a save loses nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from umv2_jax.config import load_config, to_dict
 from umv2_jax.errors import CheckpointError
 from umv2_jax.training import loop
+from umv2_jax.training.checkpoint import CHECKSUM_FILE, verify_checksums
+
+from .conftest import TINY
 
 QUIET = {"progress": False, "echo": lambda line: None}
 
@@ -63,3 +75,111 @@ def test_block_layout_is_part_of_a_runs_identity_and_remat_is_not(tmp_path, tiny
     assert check_compatible(str(tmp_path), config)
     result = loop.train(tiny_config("model.remat=full"), str(tmp_path), stop_after=4, **QUIET)
     assert result.step == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrity: checksums verified on restore, orbax's noise summarized, a full disk during a save.
+# Faults are real: bytes flipped or cut in the files on disk, a real 1.4 MB tmpfs.
+# --------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(config_path, workdir, *extra):
+    """train.py in a subprocess: (exit status, stdout + stderr)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, str(REPO / "train.py"), "--config", str(config_path)]
+    command += ["--workdir", str(workdir), "--quiet", *extra]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A tiny run stopped at step 6 (checkpoints 2, 4, 6) and its config file; copied per test."""
+    root = tmp_path_factory.mktemp("saved_run")
+    config = load_config(None, TINY)
+    loop.train(config, str(root / "run"), stop_after=6, **QUIET)
+    config_path = root / "tiny.json"  # JSON is YAML
+    config_path.write_text(json.dumps(to_dict(config)))
+    return root / "run", config_path
+
+
+def _largest_file(step_dir: Path) -> Path:
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _unreadable_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "unreadable" in line]
+
+
+def test_every_saved_step_carries_checksums_that_verify(saved_run):
+    run, _ = saved_run
+    for step in (2, 4, 6):
+        step_dir = run / "checkpoints" / str(step)
+        files = json.loads((step_dir / CHECKSUM_FILE).read_text())["files"]
+        assert any(name.startswith("state/") for name in files) and len(files) > 5
+        assert verify_checksums(str(step_dir)) is None
+
+
+@pytest.mark.parametrize("fault", ["flip 4 KB", "truncate", "truncate, no checksums"])
+def test_damaged_newest_checkpoint_is_one_line_and_the_run_falls_back(saved_run, tmp_path, fault):
+    """Flipping 4 KB inside the newest checkpoint's largest file used to load silently; cutting it
+    was caught by orbax under thousands of lines of asyncio tracebacks. Both are one line now,
+    naming the step and where it went, and the run resumes from step 4."""
+    run, config_path = saved_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    newest = workdir / "checkpoints" / "6"
+    target = _largest_file(newest)
+    data = bytearray(target.read_bytes())
+    if fault == "flip 4 KB":
+        middle = len(data) // 2
+        data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+    else:
+        data = data[: len(data) // 3]
+    target.write_bytes(bytes(data))
+    if fault == "truncate, no checksums":  # a step saved before checksums: orbax must notice
+        (newest / CHECKSUM_FILE).unlink()
+
+    status, output = _cli(config_path, workdir)
+
+    assert status == 0, output[-3000:]
+    assert "Traceback" not in output and "Exception ignored" not in output
+    lines = _unreadable_lines(output)
+    assert len(lines) == 1, lines
+    assert "checkpoint at step 6" in lines[0] and "resumed from step 4" in lines[0]
+    assert "checkpoints_unreadable" in lines[0]
+    if fault == "flip 4 KB":
+        assert "does not match its checksum" in lines[0]
+    elif fault == "truncate":
+        assert "bytes," in lines[0] and "were saved" in lines[0]
+    assert len(lines[0]) < 400
+    assert verify_checksums(str(newest)) is None  # step 6 saved anew by the resumed run
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints_unreadable").iterdir()] == ["6"]
+    assert "final validation (step 8)" in output
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    """A real 1.4 MB tmpfs: preflight passes (two checkpoints of ~0.55 MB fit), the third save
+    (keep=3) runs out of space. The partial step directory goes, steps 2 and 4 stay intact."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], check=True)
+    try:
+        config_path = tmp_path / "tiny.json"
+        config_path.write_text(json.dumps(to_dict(load_config(None, TINY))))
+        workdir = mount / "run"
+        status, output = _cli(config_path, workdir)
+        assert status == 2, output[-3000:]
+        assert "Traceback" not in output and "RESOURCE_EXHAUSTED" not in output
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and output.rstrip().endswith(errors[0])
+        assert "could not save the checkpoint of step 6" in errors[0]
+        assert "no space left" in errors[0] and "kept step 4" in errors[0]
+        names = sorted(os.listdir(workdir / "checkpoints"))
+        assert names == ["2", "4"], names
+        for step in names:
+            assert verify_checksums(str(workdir / "checkpoints" / step)) is None
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

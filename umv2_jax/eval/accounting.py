@@ -74,6 +74,7 @@ from flax import nnx
 
 from umv2_jax.config import Config, ModelConfig, load_config
 from umv2_jax.errors import ConfigError
+from umv2_jax.models.abstract import abstract_model
 
 DECODE_BATCHES = (1, 8, 64, 512)
 MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer")
@@ -172,32 +173,6 @@ def account(
 # --------------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------------
-
-
-def abstract_model(model: ModelConfig) -> nnx.Module:
-    """The Transformer of `model` with abstract (shape-only) parameters; nothing is allocated.
-
-    The UltraMemV2 `paper` init runs a Monte-Carlo calibration while building; shapes do not depend
-    on the init scheme, so the memory is built with `release` constants here.
-    """
-    from umv2_jax.models.transformer import Transformer
-
-    if model.sparse == "ultramem_v2" and model.memory.init == "paper":
-        model = dataclasses.replace(model, memory=dataclasses.replace(model.memory, init="release"))
-    return nnx.eval_shape(lambda: Transformer(model, _ShapeOnlyRngs()))
-
-
-class _ShapeOnlyRngs:
-    """Stands in for `nnx.Rngs` when only shapes are wanted: every stream draws the same key.
-
-    `nnx.Rngs` counts its draws in a Variable, and under a trace every count update costs ~10 ms of
-    JAX bookkeeping: seconds for a 20-layer model. Shapes do not depend on the keys.
-    """
-
-    def __getattr__(self, stream: str):
-        if stream.startswith("__"):
-            raise AttributeError(stream)
-        return lambda: jax.random.key(0)
 
 
 def parameter_counts(model: ModelConfig) -> dict[str, int]:

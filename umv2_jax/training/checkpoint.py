@@ -6,17 +6,30 @@ Layout of a work directory:
     WORKDIR/checkpoints/<step>/     state/ (params, opt_state, step), rest/, data/ (iterator, JSON),
                                     config/ (JSON)
 
-Saves are asynchronous; `close()` waits for the last one. Restoring takes the latest step; if that
-checkpoint is unreadable (e.g. a truncated file) it says so and falls back to the previous one, and
-if none can be read it raises `CheckpointError`: a run never silently starts afresh.
+Every step directory also holds `checksums.json`: the SHA-256 and size of each of its files,
+computed in orbax's background thread after the data is finalized and before the step is committed
+(so saves stay asynchronous; `close()` waits for the last one). Restoring takes the latest step and
+verifies it against its checksums; if it does not match or orbax cannot read it (a flipped block, a
+truncated or missing file) it says so in one line, moves it to `checkpoints_unreadable/` and falls
+back to the previous one, and if none can be read it raises `CheckpointError`: a run never silently
+starts afresh. A save that fails (a full disk) removes its partial directory, keeps the earlier
+checkpoints and raises `CheckpointError`.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import glob
+import hashlib
+import io
 import json
 import logging
 import os
+import shutil
+import sys
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -89,18 +102,40 @@ def write_config(workdir: str, config: Config) -> None:
 
 
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` for one run."""
+    """Thin wrapper over `ocp.CheckpointManager` for one run, with a content checksum per step.
 
-    def __init__(self, workdir: str, options: CheckpointConfig):
+    `read_only=True` (generation, evaluation) never writes: an unreadable checkpoint is skipped
+    with one line instead of being moved aside.
+    """
+
+    def __init__(self, workdir: str, options: CheckpointConfig, *, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.read_only = read_only
+        self.checksum_seconds: list[float] = []  # per save, for measuring what checksums cost
+        # Steps whose asynchronous save is in flight; orbax runs one at a time, in order.
+        self._in_flight: collections.deque[int] = collections.deque()
+        asynchronous = options.async_save and not read_only
+        # Asynchronous saves checksum the step's files in orbax's background thread, after the
+        # data is finalized and before the step directory is committed (renamed into place): a
+        # committed step always carries its checksums, and the training thread never waits.
+        self._orbax_errors = _OrbaxLogFilter()
+        _install_unraisable_filter()  # a failed save's tensorstore callbacks report into stderr
+        logging.getLogger("absl").addFilter(self._orbax_errors)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=options.keep,
-                enable_async_checkpointing=options.async_save,
-                create=True,
+                max_to_keep=None if read_only else options.keep,
+                enable_async_checkpointing=asynchronous,
+                create=not read_only,
+                read_only=read_only,
+                async_options=(
+                    ocp.AsyncOptions(post_finalization_callback=self._checksum_in_flight)
+                    if asynchronous
+                    else None
+                ),
             ),
         )
+        self._async = asynchronous
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -108,6 +143,12 @@ class Checkpointer:
     def save(
         self, step: int, state: Any, rest: Any, data_state: dict, config: Config, force=False
     ) -> bool:
+        """Starts saving `step` (asynchronously unless `checkpoint.async_save: false`).
+
+        A save that fails (a full disk, a directory that became unwritable) raises CheckpointError
+        here or at the next `save` / `wait` / `close`, after removing the partial step directory;
+        the checkpoints saved before it are kept.
+        """
         items = {
             "state": ocp.args.StandardSave(state),
             "data": ocp.args.JsonSave(data_state),
@@ -115,57 +156,157 @@ class Checkpointer:
         }
         if jax.tree.leaves(rest):  # orbax refuses empty trees; a dense model has no `rest`
             items["rest"] = ocp.args.StandardSave(rest)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # orbax waits for the previous save anyway; this names its step if it failed
+        self._in_flight.append(step)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            if not self._async:
+                self._checksum_step(os.path.join(self.directory, str(step)))
+                self._in_flight.clear()
+        except Exception as error:  # noqa: BLE001 orbax/tensorstore raise many types
+            raise self._save_failed(step, error) from None
+        return saved
 
     def restore_latest(self, abstract_state: Any, abstract_rest: Any) -> tuple[int, Any, Any, dict]:
-        """(step, state, rest, data_state) of the newest readable checkpoint."""
+        """(step, state, rest, data_state) of the newest readable checkpoint.
+
+        A step is readable when its files match its checksums (`checksums.json`; a step saved
+        before checksums existed is not checked) and orbax can restore it into the abstract
+        targets. Unreadable steps are reported in one line each and moved to `checkpoints_unreadable/`
+        (left in place when read-only); orbax's own error output is summarized into that line.
+        """
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         failures = []
         for step in reversed(steps):
-            try:
-                items = {
-                    "state": ocp.args.StandardRestore(abstract_state),
-                    "data": ocp.args.JsonRestore(),
-                }
-                if jax.tree.leaves(abstract_rest):
-                    items["rest"] = ocp.args.StandardRestore(abstract_rest)
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-                _check_shapes(restored.state, abstract_state, step)
-                rest = restored.rest if "rest" in items else abstract_rest
-            except CheckpointError:
-                raise
-            except Exception as error:  # orbax/tensorstore raise many types for a damaged file
-                reason = (
-                    str(error).strip().splitlines()[0][:160] if str(error) else type(error).__name__
-                )
-                failures.append(step)
-                log.warning(
-                    "checkpoint at step %d in %s is unreadable (%s); trying the previous one",
-                    step,
-                    self.directory,
-                    reason,
-                )
+            step_dir = os.path.join(self.directory, str(step))
+            reason = verify_checksums(step_dir)
+            if reason is None:
+                try:
+                    restored, rest = self._restore(step, abstract_state, abstract_rest)
+                except CheckpointError:
+                    raise
+                except Exception as error:  # noqa: BLE001 orbax/tensorstore raise many types
+                    reason = _summarize(error)
+            if reason is not None:
+                failures.append((step, reason))
                 continue
-            if failures:
-                moved = self._set_aside(failures)
-                log.warning(
-                    "resumed from step %d because the checkpoint(s) at step(s) %s are unreadable "
-                    "(moved to %s)",
-                    step,
-                    ", ".join(map(str, failures)),
-                    moved,
-                )
+            self._report(failures, f"resumed from step {step}")
             return step, restored.state, rest, dict(restored.data)
+        self._report(failures, "no earlier checkpoint is readable")
         raise CheckpointError(
             f"every checkpoint in {self.directory} is unreadable (steps {steps}); "
             "delete the directory or use a new --workdir"
         )
 
+    def wait(self) -> None:
+        """Waits for the save in flight; CheckpointError if it failed."""
+        step = self._in_flight[0] if self._in_flight else None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise self._save_failed(step, error) from None
+        if jax.process_index() != 0:
+            # Process 0 commits (and checksums) each step; orbax runs the post-finalization
+            # callback there only, so the other processes are done once the wait returns.
+            self._in_flight.clear()
+        if self._in_flight:  # orbax logged the failure and skipped the commit instead of raising
+            raise self._save_failed(step, self._orbax_errors.first or "the save did not complete")
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            logging.getLogger("absl").removeFilter(self._orbax_errors)
+
+    # ---- internals ---------------------------------------------------------------------------------
+
+    def _restore(self, step: int, abstract_state: Any, abstract_rest: Any) -> tuple[Any, Any]:
+        items = {
+            "state": ocp.args.StandardRestore(abstract_state),
+            "data": ocp.args.JsonRestore(),
+        }
+        if jax.tree.leaves(abstract_rest):
+            items["rest"] = ocp.args.StandardRestore(abstract_rest)
+        with _quiet_orbax():
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        _check_shapes(restored.state, abstract_state, step)
+        return restored, (restored.rest if "rest" in items else abstract_rest)
+
+    def _checksum_in_flight(self) -> None:
+        """orbax's post-finalization callback: checksums the step being committed."""
+        if not self._in_flight:
+            return
+        step = self._in_flight[0]
+        pending = glob.glob(os.path.join(self.directory, f"{step}{TMP_MARKER}*"))
+        self._checksum_step(pending[0] if pending else os.path.join(self.directory, str(step)))
+        self._in_flight.popleft()
+
+    def _checksum_step(self, step_dir: str) -> None:
+        if jax.process_index() != 0:
+            return
+        start = time.perf_counter()
+        write_checksums(step_dir)
+        self.checksum_seconds.append(time.perf_counter() - start)
+
+    def _save_failed(self, step: int | None, error: Any) -> CheckpointError:
+        """Removes partial step directories; the one-line error for a failed save."""
+        self._in_flight.clear()
+        partials = glob.glob(os.path.join(self.directory, f"*{TMP_MARKER}*"))
+        for partial in partials if jax.process_index() == 0 else ():  # process 0 owns the files
+            shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self.manager.reload()
+        except Exception:  # noqa: BLE001 the directory itself may be gone
+            pass
+        kept = [s for s in self._existing_steps() if step is None or s < step]
+        text = error if isinstance(error, str) else str(error)
+        if not isinstance(error, str) and "No space left" not in text:
+            text = _summarize(error)
+        if "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+            free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+            reason = f"no space left on the device ({free / 2**20:.1f} MiB free)"
+            fix = "free disk space or use a --workdir on a larger disk, then resume"
+        else:
+            reason = text
+            fix = "check the work directory, then resume"
+        what = f"step {step}" if step is not None else "a checkpoint"
+        keeps = f"kept step {kept[-1]}" if kept else "no earlier checkpoint exists"
+        return CheckpointError(
+            f"could not save the checkpoint of {what} in {self.directory}: {reason}; removed the "
+            f"partial one, {keeps}; {fix}"
+        )
+
+    def _existing_steps(self) -> list[int]:
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+
+    def _report(self, failures: list[tuple[int, str]], outcome: str) -> None:
+        """One line per unreadable step (after setting them aside unless read-only)."""
+        if not failures:
+            return
+        where = (
+            "skipped" if self.read_only else f"moved to {self._set_aside([s for s, _ in failures])}"
+        )
+        for step, reason in failures:
+            log.warning(
+                "checkpoint at step %d in %s is unreadable (%s): %s and %s",
+                step,
+                self.directory,
+                reason,
+                where,
+                outcome,
+            )
+
+    def _aside_dir(self) -> str:
+        return self.directory + "_unreadable"
+
     def _set_aside(self, steps: list[int]) -> str:
         """Moves unreadable step directories out of the way (kept for inspection, never deleted)."""
-        target = self.directory + "_unreadable"
+        target = self._aside_dir()
         os.makedirs(target, exist_ok=True)
         for step in steps:
             source = os.path.join(self.directory, str(step))
@@ -174,12 +315,170 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+# --------------------------------------------------------------------------------------------------
+# Checksums: one SHA-256 per file of a step directory, in `<step>/checksums.json`
+# --------------------------------------------------------------------------------------------------
+
+CHECKSUM_FILE = "checksums.json"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+STEP_METADATA = "_CHECKPOINT_METADATA"
+
+
+def write_checksums(step_dir: str) -> dict[str, list]:
+    """Hashes every file under `step_dir` and writes CHECKSUM_FILE there (atomically).
+
+    Paths are stored relative to the step directory, with orbax's temporary suffixes removed, so
+    the checksums written before the commit (rename) match the committed layout.
+    """
+    files = {}
+    for path in _data_files(step_dir):
+        relative = _committed_name(os.path.relpath(path, step_dir))
+        files[relative] = [os.path.getsize(path), _sha256(path)]
+    temporary = os.path.join(step_dir, CHECKSUM_FILE + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump({"algorithm": "sha256", "files": files}, handle, indent=0, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, os.path.join(step_dir, CHECKSUM_FILE))
+    return files
+
+
+def verify_checksums(step_dir: str) -> str | None:
+    """None if `step_dir`'s files match its checksums (or it has none); else why not, in a phrase."""
+    path = os.path.join(step_dir, CHECKSUM_FILE)
+    if not os.path.isfile(path):
+        return None  # saved before checksums existed: orbax's own checks are all there is
+    try:
+        with open(path) as handle:
+            files = json.load(handle)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{CHECKSUM_FILE} is unreadable"
+    for relative, (size, digest) in sorted(files.items()):
+        file = os.path.join(step_dir, relative)
+        if not os.path.isfile(file):
+            return f"{relative} is missing"
+        actual = os.path.getsize(file)
+        if actual != size:
+            return f"{relative} has {actual:,} bytes, {size:,} were saved"
+        if _sha256(file) != digest:
+            return f"{relative} does not match its checksum"
+    return None
+
+
+def _data_files(step_dir: str) -> list[str]:
+    found = []
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            # orbax rewrites its step metadata (commit time) when it commits the step
+            if root == step_dir and (name.startswith(CHECKSUM_FILE) or name == STEP_METADATA):
+                continue
+            found.append(os.path.join(root, name))
+    return sorted(found)
+
+
+def _committed_name(relative: str) -> str:
+    return "/".join(part.split(TMP_MARKER)[0] for part in relative.split(os.sep))
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()  # releases the GIL while hashing
+
+
+# --------------------------------------------------------------------------------------------------
+# orbax's error output: summarized, not printed
+# --------------------------------------------------------------------------------------------------
+
+
+class _OrbaxLogFilter(logging.Filter):
+    """Drops orbax's warnings and errors from the `absl` logger (a failed background save logs
+    each of its threads' tracebacks); keeps the first error's first line for the one-line report."""
+
+    def __init__(self):
+        super().__init__()
+        self.first: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not _from_orbax(record):
+            return True
+        if self.first is None and record.levelno >= logging.ERROR:
+            message = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                message = str(record.exc_info[1])
+            self.first = _first_line(message)
+        return False
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+    """A record orbax logged (`absl.logging.exception` names absl's own file as the caller)."""
+    if "orbax" in record.pathname or str(record.msg).startswith("[process="):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return any("orbax" in frame.filename for frame in frames)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silences what a failing orbax restore prints: Python's stderr, orbax's log records, and the
+    'Exception ignored' reports of its abandoned read coroutines and tensorstore callbacks (which
+    can arrive after the restore returns, so that filter stays installed)."""
+    _install_unraisable_filter()
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+_unraisable_filter_installed = False
+
+
+def _install_unraisable_filter() -> None:
+    global _unraisable_filter_installed
+    if _unraisable_filter_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _from_orbax_io(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _unraisable_filter_installed = True
+
+
+def _from_orbax_io(unraisable) -> bool:
+    """An exception of an abandoned orbax read (its coroutine, or a tensorstore callback into the
+    closed event loop orbax ran it on)."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    return any("orbax" in frame.filename or "tensorstore" in frame.filename for frame in frames)
+
+
+def _summarize(error: BaseException) -> str:
+    """orbax's and tensorstore's multi-line errors (whole specs, tracebacks) as one short phrase."""
+    text = str(error) or type(error).__name__
+    for marker in ("No space left on device", "Failed to write", "Error reading", "Error writing"):
+        if marker in text:
+            at = text.index(marker)
+            return _first_line(text[at:])
+    return _first_line(text.split(". See full TensorStore details")[0])
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _check_shapes(restored: Any, abstract: Any, step: int) -> None:

@@ -1,8 +1,10 @@
 """Command line of the trainer: `python train.py [--config PATH] [--set k=v ...] [--workdir DIR]
-[--steps N] [--no-resume]`.
+[--steps N] [--no-resume [--overwrite-other-model]]`.
 
-User mistakes (a bad config key or value, a missing file, an incompatible checkpoint) print one line
-and exit with status 2; nothing is written before the config, data and work directory are checked.
+User mistakes (a bad config key or value, a missing file, an incompatible checkpoint, a work
+directory in use by another process or holding pieces of a run that do not fit together) print one
+line and exit with status 2; nothing is written before the config, data and work directory are
+checked.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from umv2_jax.errors import UserError
+from umv2_jax.training import signals
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,14 +47,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<name>)")
     parser.add_argument("--steps", type=int, default=None, help="train.steps override")
     parser.add_argument(
-        "--no-resume", action="store_true", help="start over, deleting WORKDIR's checkpoints"
+        "--no-resume",
+        action="store_true",
+        help="start over, deleting WORKDIR's previous run (each deleted path is printed)",
+    )
+    parser.add_argument(
+        "--overwrite-other-model",
+        action="store_true",
+        help="with --no-resume: also delete a previous run of a different model in WORKDIR",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    with signals.handling():  # from here on SIGTERM / Ctrl-C stop at a safe point: exit 0 / 130
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if args.overwrite_other_model and not args.no_resume:
+        print("error: --overwrite-other-model only goes with --no-resume", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax").setLevel(logging.ERROR)  # "Unable to initialize backend 'tpu'" noise
@@ -71,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 config,
                 workdir,
                 resume=not args.no_resume,
+                overwrite_other_model=args.overwrite_other_model,
                 progress=not args.quiet,
                 account=account,  # the summary's paper-convention numbers
             )
@@ -80,17 +99,27 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
+    except signals.StopRequested as stop:  # during start-up: nothing trained
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # before the handlers were installed
         print("interrupted", file=sys.stderr)
         return 130
     evaluation = result.eval
-    print(
-        f"\nfinal validation (step {result.step}): loss {evaluation['eval_loss']:.4f} nats/token, "
-        f"{evaluation['eval_bpb']:.4f} bits/byte"
-    )
+    if evaluation:  # labelled with the step it measured; none if a stop cut the evaluation short
+        print(
+            f"\n{'last' if result.preempted else 'final'} validation (step {result.eval_step}): "
+            f"loss {evaluation['eval_loss']:.4f} nats/token, {evaluation['eval_bpb']:.4f} bits/byte"
+        )
     print(f"checkpoints  {result.checkpoint_dir}")
     print(f"metrics      {result.metrics_path}")
     if result.plot_path:
         print(f"loss plot    {result.plot_path}")
     print(f"sample with  python -m umv2_jax.generate --workdir {result.workdir} --prompt 'ROMEO:'")
+    if result.preempted:
+        print(
+            f"stopped      by {signals.name(result.stop_signal)} at step {result.step}; "
+            "run the same command to resume"
+        )
+        return signals.exit_code(result.stop_signal)
     return 0

@@ -5,7 +5,8 @@
 One step is `jax.jit(train_step)` with explicit in/out shardings on the config's mesh and the train
 state donated. A run resumes from the latest checkpoint in its work directory (model, optimizer,
 step and data-iterator position), so N + N steps with a restart equal 2N steps straight.
-SIGTERM (preemptible TPU VMs send it) finishes the current step, saves and returns normally.
+SIGTERM (preemptible TPU VMs send it) and SIGINT (Ctrl-C) finish the current step, save it and
+return normally, in any phase (`signals`: start-up raises `signals.StopRequested` instead).
 A non-finite loss stops the run with `TrainingDiverged`, keeping the last good checkpoint.
 """
 
@@ -14,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from umv2_jax.config import Config
 from umv2_jax.data import pipeline
 from umv2_jax.training import checkpoint as checkpoint_lib
 from umv2_jax.training import metrics as metrics_lib
+from umv2_jax.training import preflight, rundir, signals
 from umv2_jax.training.optimizer import learning_rate_schedule
 from umv2_jax.training.state import Setup, abstract_like, build
 from umv2_jax.training.step import make_eval_step, make_train_step, summarize_eval
@@ -60,6 +60,8 @@ class RunResult:
     plot_path: str | None
     preempted: bool = False
     losses: list[float] = dataclasses.field(default_factory=list)
+    eval_step: int | None = None  # the step `eval` measured (None: no evaluation in this run)
+    stop_signal: int | None = None  # SIGTERM / SIGINT that stopped the run (see signals.py)
 
 
 def train(
@@ -67,6 +69,7 @@ def train(
     workdir: str,
     *,
     resume: bool = True,
+    overwrite_other_model: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
@@ -77,8 +80,33 @@ def train(
     `account` (e.g. `umv2_jax.eval.accounting.account`, which `train.py` passes) adds the
     paper-convention parameter counts and FLOPs to the run summary; the loop itself knows only
     the parameters it built. It is passed in because evaluation sits above training.
+    The work directory is locked for the run and describes itself (`rundir`: run.json, checks
+    that a resume never mixes two runs); `overwrite_other_model` lets `resume=False` delete a
+    run of another model there.
     """
-    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    with (
+        signals.handling(),  # SIGTERM / SIGINT: stop at the next safe point (signals.py)
+        rundir.RunDir(os.path.abspath(workdir), primary=primary, echo=echo) as run,
+    ):
+        result = _train(
+            config, run, resume, overwrite_other_model, stop_after, progress, echo, account
+        )
+        run.ended(result.step, result.preempted, config.train.steps)
+    return result
+
+
+def _train(
+    config: Config,
+    run: rundir.RunDir,
+    resume: bool,
+    overwrite_other_model: bool,
+    stop_after: int | None,
+    progress: bool,
+    echo: Callable[[str], None],
+    account: Callable[[Config], ModelCounts] | None,
+) -> RunResult:
+    workdir = run.workdir
     total_steps = config.train.steps
     last_step = min(stop_after, total_steps) if stop_after is not None else total_steps
     mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
@@ -94,15 +122,19 @@ def train(
             f"config 'train.batch_size': {config.train.batch_size} is not divisible by the "
             f"data-parallel size {_data_parallel(mesh)} × processes {process_count}"
         )
-    has_run = resume and checkpoint_lib.check_compatible(workdir, config)
+    preflight.check(config, workdir, mesh)  # workdir, memory, disk: before anything is built
+    has_run = run.open(config, resume=resume, overwrite_other_model=overwrite_other_model)
     train_iterator = pipeline.make_train_iterator(config, process_index, process_count)
     eval_batches = pipeline.make_eval_batches(
         config, config.train.eval_batches, process_index, process_count
     )
-    if not resume and primary:
-        _clear_run(workdir, echo)
+    signals.raise_if_requested(workdir)  # start-up stops: StopRequested, nothing deleted
+    if not resume:
+        run.clear()  # prints each path it deletes
 
+    signals.set_phase("start-up: building the model")
     setup = build(config, mesh)
+    signals.raise_if_requested(workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     state, rest, start_step = setup.state, setup.rest, 0
     if has_run and checkpointer.steps():
@@ -112,8 +144,10 @@ def train(
         )
         train_iterator.set_state(data_state)
         echo(f"Resumed from step {start_step} in {checkpointer.directory}")
+        signals.raise_if_requested(workdir, start_step)
     if primary:
         checkpoint_lib.write_config(workdir, config)
+    run.started(config, start_step)  # the manifest, run.json
     _print_summary(config, setup, workdir, echo, account(config) if account else None)
 
     batch_sharding = parallel.batch_sharding(mesh)
@@ -137,17 +171,19 @@ def train(
             for key, value in batch.items()
         }
 
-    def evaluate(params) -> dict[str, float]:
-        sums = [jax.device_get(eval_step(params, rest, to_global(b))) for b in eval_batches]
+    def evaluate(params, step: int) -> dict[str, float]:
+        """The eval metrics at `step`; {} if a stop signal arrives (checked between batches)."""
+        signals.set_phase(f"evaluation at step {step}")
+        say(f"step {step}: evaluating on {len(eval_batches)} batch(es)")
+        sums = []
+        for batch in eval_batches:
+            sums.append(jax.device_get(eval_step(params, rest, to_global(batch))))
+            if signals.requested():
+                return {}
+        signals.set_phase(f"the end of the evaluation at step {step}")
         return summarize_eval(sums)
 
-    writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
-    stop_requested = {"signal": None}
-
-    def on_sigterm(signum, frame):
-        stop_requested["signal"] = signum
-
-    previous_handler = _install_handler(on_sigterm)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=primary, start_step=start_step)
     schedule = learning_rate_schedule(config)
     tokens_per_step = config.train.batch_size * config.data.seq_len
     bar = tqdm(
@@ -168,7 +204,7 @@ def train(
     pending: list[tuple[int, dict]] = []
     losses: list[float] = []
     eval_result: dict[str, float] = {}
-    last_good = start_step
+    last_good = start_step or None  # None: no checkpoint yet
     window_start, window_steps = time.perf_counter(), 0
 
     def flush_metrics() -> None:
@@ -183,10 +219,12 @@ def train(
             loss = float(values["loss"])
             if not np.isfinite(loss):
                 pending.clear()
+                run.diverged(step)
                 raise TrainingDiverged(
-                    f"loss became {loss} at step {step}; stopped. The last good checkpoint is "
-                    f"step {last_good} in {checkpointer.directory}; lower train.learning_rate "
-                    "or raise train.warmup_fraction and resume"
+                    f"loss became {loss} at step {step}; stopped. "
+                    + rundir.divergence_advice(
+                        last_good, checkpointer.directory, min(config.checkpoint.every, last_step)
+                    )
                 )
             losses.append(loss)
             record = {k: float(v) for k, v in values.items()}
@@ -197,42 +235,60 @@ def train(
         pending.clear()
         window_start, window_steps = time.perf_counter(), 0
 
+    def save(step: int) -> None:
+        nonlocal last_good
+        flush_metrics()
+        signals.set_phase(f"saving step {step}")
+        say(f"step {step}: saving checkpoint")
+        checkpointer.save(step, state, rest, train_iterator.get_state(), config, force=True)
+        last_good = step
+        run.saved(step)
+
     step = start_step
-    preempted = False
+    evaluated_at = None
     try:
-        while step < last_step:
+        # Signals are read at safe points only: between steps, between eval batches, after a
+        # save. A stop saves the last completed step (before the evaluation at that step, so a
+        # run stopped during its final evaluation is complete on disk) and returns.
+        while step < last_step and not signals.requested():
+            signals.set_phase(f"step {step + 1}")
             batch = to_global(next(train_iterator))
             state, step_metrics = train_step(state, rest, batch)
             step += 1
             window_steps += 1
             pending.append((step, step_metrics))
             bar.update(1)
-            preempted = stop_requested["signal"] is not None
             at_end = step == last_step
-            if step % config.train.log_every == 0 or at_end or preempted:
+            if step % config.train.log_every == 0 or at_end:
                 flush_metrics()
+            if step % config.checkpoint.every == 0 or at_end or signals.requested():
+                save(step)
+            if signals.requested():
+                break
             if step % config.train.eval_every == 0 or step == total_steps:
                 flush_metrics()
-                eval_result = evaluate(state["params"])
-                writer.write(step, eval_result)
-                say(
-                    f"step {step}: eval loss {eval_result['eval_loss']:.4f}, "
-                    f"bits/byte {eval_result['eval_bpb']:.4f}"
-                )
-            if step % config.checkpoint.every == 0 or at_end or preempted:
-                flush_metrics()
-                checkpointer.save(step, state, rest, train_iterator.get_state(), config, force=True)
-                last_good = step
-            if preempted:
-                say(f"SIGTERM received: saved step {step}, exiting")
-                break
+                result = evaluate(state["params"], step)
+                if result:
+                    eval_result, evaluated_at = result, step
+                    writer.write(step, eval_result)
+                    say(
+                        f"step {step}: eval loss {eval_result['eval_loss']:.4f}, "
+                        f"bits/byte {eval_result['eval_bpb']:.4f}"
+                    )
+        if signals.requested() and step > start_step and last_good != step:
+            save(step)  # the signal arrived during an evaluation between checkpoints
+        signals.set_phase(f"waiting for the checkpoint of step {step} to be written")
     finally:
         bar.close()
-        _restore_handler(previous_handler)
-        checkpointer.close()
+        checkpointer.close()  # waits for an asynchronous save: never exit while one is running
         writer.close()
-    if not eval_result:
-        eval_result = evaluate(state["params"])
+    stop_signal = signals.requested()
+    if stop_signal is not None:
+        say(_stop_line(stop_signal, start_step, step, checkpointer.directory))
+    elif not eval_result:  # a finished run, resumed: evaluate what it holds
+        eval_result = evaluate(state["params"], step)
+        evaluated_at = step if eval_result else None
+        stop_signal = signals.requested()
     plot = metrics_lib.plot_loss(workdir) if primary else None
     return RunResult(
         workdir=workdir,
@@ -241,8 +297,10 @@ def train(
         checkpoint_dir=checkpointer.directory,
         metrics_path=writer.path,
         plot_path=plot,
-        preempted=preempted,
+        preempted=stop_signal is not None,
         losses=losses,
+        eval_step=evaluated_at,
+        stop_signal=stop_signal,
     )
 
 
@@ -250,34 +308,13 @@ def _data_parallel(mesh: jax.sharding.Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _clear_run(workdir: str, echo: Callable[[str], None]) -> None:
-    """--no-resume: remove the previous run's checkpoints and metrics from `workdir`."""
-    removed = []
-    for name in ("checkpoints", metrics_lib.METRICS_FILE, metrics_lib.PLOT_FILE, "tensorboard"):
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-            removed.append(name)
-        elif os.path.isfile(path):
-            os.remove(path)
-            removed.append(name)
-    if removed:
-        echo(f"--no-resume: removed {', '.join(removed)} from {workdir}")
-
-
-def _install_handler(handler):
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
-        return None
-
-
-def _restore_handler(previous) -> None:
-    if previous is not None:
-        try:
-            signal.signal(signal.SIGTERM, previous)
-        except ValueError:
-            pass
+def _stop_line(signum: int, start_step: int, step: int, directory: str) -> str:
+    """What a stop did, e.g. "SIGTERM received during evaluation at step 4: saved step 4 …"."""
+    where = f"{signals.name(signum)} received during {signals.phase_at_signal()}"
+    if step == start_step:
+        kept = f"step {step} is saved" if step else "nothing was trained"
+        return f"{where}: stopped before training a step ({kept}), exiting"
+    return f"{where}: saved step {step} in {directory}, exiting"
 
 
 def _print_summary(
