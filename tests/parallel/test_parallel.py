@@ -179,3 +179,51 @@ def test_logical_axes_map_to_mesh_axes_or_replicate():
     # One mesh axis shards at most one dimension: vocab takes `tensor`, mlp then replicates.
     assert spec(("vocab", "mlp"), (8, 8), mesh) == PartitionSpec("tensor", None)
     assert spec(None, (3, 3), mesh) == PartitionSpec()
+
+
+SCANNED = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    from umv2_jax.config import load_config
+    from umv2_jax.training import loop, state
+    overrides = json.loads(sys.argv[1])
+    config = load_config(None, overrides + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    setup = state.build(config)
+    stack = setup.state_shardings["params"]["blocks"][0]["layers"]
+    specs = {"gate": list(stack["ffn"]["gate"].spec), "query": list(stack["attn"]["query"].spec)}
+    result = loop.train(config, sys.argv[2], progress=False, echo=lambda line: None)
+    print(json.dumps({"losses": result.losses, "specs": specs}))
+    """
+)
+
+
+def test_scanned_memory_model_on_eight_devices_matches_one_device(tmp_path):
+    """Stacked blocks keep their logical axes behind a replicated `layers` axis, and the sharded
+    scanned step computes what one device computes."""
+    overrides = (
+        TINY
+        + SPARSE["umv2"]
+        + [
+            "model.scan_layers=true",
+            "train.steps=3",
+            "train.batch_size=8",
+            "train.eval_every=3",
+        ]
+    )
+    report = _run(SCANNED, json.dumps(overrides), str(tmp_path / "mesh"))
+    # gate [layers, embed, mlp]; query [layers, embed, heads, kv]
+    assert report["specs"] == {
+        "gate": [None, "fsdp", "tensor"],
+        "query": [None, "fsdp", "tensor", None],
+    }
+    from umv2_jax.config import load_config
+
+    single = loop.train(
+        load_config(None, overrides),
+        str(tmp_path / "single"),
+        progress=False,
+        echo=lambda line: None,
+    )
+    np.testing.assert_allclose(report["losses"], single.losses, rtol=2e-5)
