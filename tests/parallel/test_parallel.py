@@ -28,6 +28,16 @@ def _run(program: str, *args: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def _one_device_losses(overrides: list[str], tmp_path) -> list[float]:
+    """The same run's losses on this process's single device (the reference of a mesh run)."""
+    from umv2_jax.config import load_config
+
+    run = loop.train(
+        load_config(None, overrides), str(tmp_path / "single"), progress=False, echo=lambda _: None
+    )
+    return run.losses
+
+
 PROGRAM = textwrap.dedent(
     """
     import json, sys
@@ -57,15 +67,7 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
         "embed": ["tensor", "fsdp"],
         "gate": ["fsdp", "tensor"],
     }
-    from umv2_jax.config import load_config
-
-    single = loop.train(
-        load_config(None, overrides),
-        str(tmp_path / "single"),
-        progress=False,
-        echo=lambda line: None,
-    )
-    np.testing.assert_allclose(report["losses"], single.losses, rtol=2e-5)
+    np.testing.assert_allclose(report["losses"], _one_device_losses(overrides, tmp_path), rtol=2e-5)
 
 
 # Every parameter and optimizer-state leaf of a built sparse model: its logical axes, its kind,
@@ -218,12 +220,4 @@ def test_scanned_memory_model_on_eight_devices_matches_one_device(tmp_path):
         "gate": [None, "fsdp", "tensor"],
         "query": [None, "fsdp", "tensor", None],
     }
-    from umv2_jax.config import load_config
-
-    single = loop.train(
-        load_config(None, overrides),
-        str(tmp_path / "single"),
-        progress=False,
-        echo=lambda line: None,
-    )
-    np.testing.assert_allclose(report["losses"], single.losses, rtol=2e-5)
+    np.testing.assert_allclose(report["losses"], _one_device_losses(overrides, tmp_path), rtol=2e-5)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from umv2_jax.ops import registry
-from umv2_jax.ops.selection import PRECISION, best_cells, pick_candidates
+from umv2_jax.ops.selection import PRECISION, best_cells, check_selection_sizes, pick_candidates
 
 
 def product_key_topk(
@@ -110,13 +110,7 @@ def _check_inputs(q_row, q_col, k_row, k_col, rc_topk, topk) -> None:
             f"k_row and k_col must both be [n, D_k={q_row.shape[1]}]; got {k_row.shape}, "
             f"{k_col.shape}"
         )
-    n_keys = k_row.shape[0]
-    if not 1 <= rc_topk <= n_keys:
-        raise ValueError(f"rc_topk must be in [1, n={n_keys}]; got {rc_topk}")
-    if not 1 <= topk <= rc_topk * rc_topk:
-        raise ValueError(f"topk must be in [1, rc_topk²={rc_topk * rc_topk}]; got {topk}")
-    if n_keys * n_keys > jnp.iinfo(jnp.int32).max:
-        raise ValueError(f"n² = {n_keys}² grid cells overflow the int32 row index")
+    check_selection_sizes(k_row.shape[0], rc_topk, topk)
 
 
 registry.declare_op("product_key_topk", _product_key_topk_xla)

@@ -20,7 +20,7 @@ from jax import lax
 
 from umv2_jax.ops import registry
 from umv2_jax.ops.selection import PRECISION as _PRECISION
-from umv2_jax.ops.selection import best_cells, pick_candidates
+from umv2_jax.ops.selection import best_cells, check_selection_sizes, pick_candidates
 
 
 def retrieval_topk(
@@ -188,13 +188,7 @@ def _check_inputs(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk, to
         raise ValueError(
             f"u_star and t_star must be [r={rank}]; got {u_star.shape} and {t_star.shape}"
         )
-    n_keys = k_row.shape[0]
-    if not 1 <= rc_topk <= n_keys:
-        raise ValueError(f"rc_topk must be in [1, N={n_keys}]; got {rc_topk}")
-    if not 1 <= topk <= rc_topk * rc_topk:
-        raise ValueError(f"topk must be in [1, rc_topk²={rc_topk * rc_topk}]; got {topk}")
-    if n_keys * n_keys > jnp.iinfo(jnp.int32).max:
-        raise ValueError(f"N² = {n_keys}² grid cells overflow the int32 grid index")
+    check_selection_sizes(k_row.shape[0], rc_topk, topk)
 
 
 registry.declare_op("retrieval_topk", _retrieval_topk_xla)

@@ -45,3 +45,13 @@ def pick_candidates(best: jax.Array, candidates: jax.Array) -> jax.Array:
     return jnp.einsum(
         "tmi,t...i->tm...", one_hot, candidates.astype(jnp.float32), precision=PRECISION
     )
+
+
+def check_selection_sizes(n_keys: int, rc_topk: int, topk: int) -> None:
+    """ValueError unless 1 ≤ rc_topk ≤ n_keys, 1 ≤ topk ≤ rc_topk² and n_keys² fits int32."""
+    if not 1 <= rc_topk <= n_keys:
+        raise ValueError(f"rc_topk must be in [1, keys per side={n_keys}]; got {rc_topk}")
+    if not 1 <= topk <= rc_topk * rc_topk:
+        raise ValueError(f"topk must be in [1, rc_topk²={rc_topk * rc_topk}]; got {topk}")
+    if n_keys * n_keys > jnp.iinfo(jnp.int32).max:
+        raise ValueError(f"{n_keys}² grid cells overflow the int32 grid index")
