@@ -108,10 +108,13 @@ def test_unknown_implementation_lists_the_allowed_names():
         grouped_matmul(lhs, rhs, jnp.array([2, 2], jnp.int32), implementation="block_padded")
 
 
-def test_the_tpu_kernel_without_interpret_does_not_lower_for_cpu():
+def test_pallas_alone_on_cpu_runs_the_tpu_kernel_in_the_interpreter():
     lhs, rhs, _ = _inputs(4, 2)
-    with pytest.raises(NotImplementedError, match="platform cpu"):
-        grouped_matmul(lhs, rhs, jnp.array([2, 2], jnp.int32), implementation="pallas")
+    sizes = jnp.array([2, 2], jnp.int32)
+    out = grouped_matmul(lhs, rhs, sizes, implementation="pallas")
+    expected = grouped_matmul(lhs, rhs, sizes, implementation="xla")
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert registry.resolve("grouped_matmul", ("pallas", "xla"))["cpu"] == ("xla",)
 
 
 def test_shape_mismatch_is_reported():

@@ -149,9 +149,13 @@ def test_interpret_threads_through_to_the_kernel(toy):
     out = registry.call(TOY, x, implementation="pallas", interpret=True)
     np.testing.assert_allclose(out, jnp.cos(x), rtol=1e-6)
     assert calls == [True]
-    # Without the interpreter a TPU-only kernel cannot lower for CPU.
-    with pytest.raises(NotImplementedError, match="platform cpu"):
-        jax.jit(lambda x: registry.call(TOY, x, implementation="pallas"))(x)
+    # "pallas" alone on CPU, where no kernel compiles, runs the kernel in the interpreter too.
+    out = jax.jit(lambda x: registry.call(TOY, x, implementation="pallas"))(x)
+    np.testing.assert_allclose(out, jnp.cos(x), rtol=1e-6)
+    # One trace per distinct branch: interpreted for CPU (which ran), compiled for TPU.
+    assert sorted(calls[1:]) == [False, True]
+    # In a preference list CPU skips the kernel it cannot compile.
+    assert registry.resolve(TOY, ("pallas", "xla"))["cpu"] == ("xla",)
 
 
 def test_kernel_modules_register_themselves_when_imported(toy, tmp_path, monkeypatch):

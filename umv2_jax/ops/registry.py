@@ -12,7 +12,8 @@ every kernel is tested against lives beside it), and implementations register th
 
     "xla"         the plain-JAX path; available on every platform
     "pallas"      the op's Pallas kernel for the platform lowered for (`interpret=True`: in the
-                  Pallas interpreter, on every platform)
+                  Pallas interpreter, on every platform). Lowered for CPU, where no kernel
+                  compiles, "pallas" alone runs the kernel in the interpreter; lists skip it there
     "ragged_dot"  grouped_matmul / moe_dispatch: `jax.lax.ragged_dot` (XLA); other ops lack it
     "auto"        the op's preference for the platform lowered for: ("pallas", "xla") on GPU / TPU and
                   ("xla",) on CPU unless the op declares its own (grouped_matmul and moe_dispatch:
@@ -220,7 +221,7 @@ def _plan(op: Op, implementation: Implementation, interpret: bool):
                 wanted.append(name)
         chain = []
         for name in dict.fromkeys(wanted):
-            fn = _lookup(op, name, platform, interpret)
+            fn = _lookup(op, name, platform, interpret, sole=names == ("pallas",))
             if fn is not None:
                 chain.append((name, fn))
         plan[platform] = tuple(chain)
@@ -233,16 +234,35 @@ def _plan(op: Op, implementation: Implementation, interpret: bool):
     return plan
 
 
-def _lookup(op: Op, name: str, platform: str, interpret: bool) -> Callable[..., Any] | None:
+def _lookup(
+    op: Op, name: str, platform: str, interpret: bool, *, sole: bool = False
+) -> Callable[..., Any] | None:
     """The function of implementation `name` on `platform`; under `interpret` a Pallas kernel
-    registered for any platform runs in the interpreter (the TPU one first: it interprets best)."""
+    registered for any platform runs in the interpreter (the TPU one first: it interprets best).
+    `implementation="pallas"` alone (`sole`) lowered for CPU, where no kernel compiles, runs in the
+    interpreter too; in a preference list CPU skips it."""
     per_platform = op.implementations.get(name, {})
-    if name == "pallas" and interpret:
+    cpu_interpreted = sole and platform == "cpu" and platform not in per_platform
+    if name == "pallas" and (interpret or cpu_interpreted):
         for candidate in ("tpu", "cuda", "rocm"):
             if candidate in per_platform:
-                return per_platform[candidate]
+                return (
+                    _interpreted(per_platform[candidate])
+                    if not interpret
+                    else per_platform[candidate]
+                )
         return None
     return per_platform.get(platform)
+
+
+def _interpreted(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn with interpret=True forced: a Pallas kernel run by the interpreter on CPU."""
+
+    def interpreted(*args: Any, interpret: bool = False, **options: Any) -> Any:
+        del interpret
+        return fn(*args, interpret=True, **options)
+
+    return interpreted
 
 
 def _first_that_traces(op_name: str, chain, arrays, interpret: bool, options) -> Any:

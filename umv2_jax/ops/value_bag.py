@@ -19,6 +19,7 @@ the T·m selected rows are sorted once and each row's contributions are summed i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -123,49 +124,142 @@ def value_bag_reference(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The custom VJP (the "xla" implementation).
+# The custom VJP, shared by every implementation: the "xla" one below and the Pallas kernels.
 
 
-def _value_bag_xla(
+@dataclasses.dataclass(frozen=True)
+class ValueBagKernels:
+    """The three passes of value_bag; `custom_value_bag` stitches them into one custom VJP.
+
+    Every function takes keyword `options`: pre_score_act, token_chunk, table_reduction, interpret
+    (use what you need, accept the rest). Shapes: T tokens, m slots, C cores, N table rows.
+
+    forward(values, pre_values, rows, core_scores, x_p, **options)
+        → out [T, D_v] values.dtype, raw [T, m] float32 (pre-scores before the activation; zeros
+          without pre-values)
+    backward_slots(values, pre_values, rows, core_scores, x_p, raw, d_out, d_pre_scores, **options)
+        → d_scores [T, m, C] float32, d_raw [T, m] float32, d_x_p [T, D_p] float32
+          (d_raw and d_x_p are None without pre-values; d_pre_scores [T, m] is the cotangent of p)
+    backward_tables(order, sorted_rows, slot_weights, d_out, d_raw, x_p, *, n_rows, n_slots,
+                    **options)
+        → d_values [N, D_v] float32, d_pre_values [N, D_p] float32 (None without pre-values)
+          order [T·m] int32: slot ids t·m + ℓ sorted by row (stable); sorted_rows [T·m] = the rows
+          in that order; slot_weights [T·m, C] float32 = p_ℓ s^c_ℓ; d_raw [T·m] float32 or None.
+          d_values[r]^c = Σ_{slots s with row r} slot_weights[s, c] · d_out[s // m]^c and
+          d_pre_values[r] = Σ_{slots s with row r} d_raw[s] · x_p[s // m], each row's sum in
+          `order` (deterministic).
+    """
+
+    forward: Callable[..., tuple[jax.Array, jax.Array]]
+    backward_slots: Callable[..., tuple[jax.Array, jax.Array | None, jax.Array | None]]
+    backward_tables: Callable[..., tuple[jax.Array, jax.Array | None]]
+
+
+def custom_value_bag(
+    kernels: ValueBagKernels, values, pre_values, rows, core_scores, x_p, **options
+) -> tuple[jax.Array, jax.Array]:
+    """value_bag's (out, p) through `kernels`, differentiable in every float input (one custom VJP).
+
+    options: pre_score_act, token_chunk, table_reduction, interpret (static; passed to kernels).
+    """
+    return _value_bag(
+        values, pre_values, rows, core_scores, x_p, kernels, tuple(sorted(options.items()))
+    )
+
+
+def _value_bag_xla(values, pre_values, rows, core_scores, x_p, **options):
+    return custom_value_bag(XLA_KERNELS, values, pre_values, rows, core_scores, x_p, **options)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _value_bag(values, pre_values, rows, core_scores, x_p, kernels, options):
+    out, raw = kernels.forward(values, pre_values, rows, core_scores, x_p, **dict(options))
+    return out, _pre_scores(raw, pre_values, dict(options)["pre_score_act"])
+
+
+def _value_bag_fwd(values, pre_values, rows, core_scores, x_p, kernels, options):
+    out, raw = kernels.forward(values, pre_values, rows, core_scores, x_p, **dict(options))
+    pre_scores = _pre_scores(raw, pre_values, dict(options)["pre_score_act"])
+    # Residuals: the primal inputs (no copies) and the [T, m] raw pre-scores; no gathered rows.
+    return (out, pre_scores), (values, pre_values, rows, core_scores, x_p, raw)
+
+
+def _value_bag_bwd(kernels, options, residuals, cotangents):
+    values, pre_values, rows, core_scores, x_p, raw = residuals
+    d_out, d_pre_scores = cotangents
+    options = dict(options)
+    n_tokens, n_slots, n_cores = core_scores.shape
+
+    # Pass 1, over tokens: gradients of the scores, the pre-scores and x_p.
+    d_scores, d_raw, d_x_p = kernels.backward_slots(
+        values, pre_values, rows, core_scores, x_p, raw, d_out, d_pre_scores, **options
+    )
+    d_scores = d_scores.astype(core_scores.dtype)
+
+    # Pass 2, over the slots in sorted row order: the table gradients.
+    slot_weights = core_scores.astype(jnp.float32).reshape(-1, n_cores)
+    slot_weights = slot_weights * _pre_scores(raw, pre_values, options["pre_score_act"]).reshape(
+        -1, 1
+    )
+    flat_rows = rows.reshape(-1)
+    order = jnp.argsort(flat_rows, stable=True).astype(jnp.int32)
+    d_values, d_pre_values = kernels.backward_tables(
+        order,
+        flat_rows[order],
+        slot_weights,
+        d_out,
+        None if pre_values is None else d_raw.reshape(-1),
+        x_p,
+        n_rows=values.shape[0],
+        n_slots=n_slots,
+        **options,
+    )
+    d_values = d_values.astype(values.dtype)
+    if pre_values is None:
+        return d_values, None, None, d_scores, None
+    return d_values, d_pre_values.astype(pre_values.dtype), None, d_scores, d_x_p.astype(x_p.dtype)
+
+
+_value_bag.defvjp(_value_bag_fwd, _value_bag_bwd)
+
+
+def _pre_scores(raw: jax.Array, pre_values, act_name: str) -> jax.Array:
+    """p [T, m] float32 from the raw pre-scores: act(raw), or ones without pre-values."""
+    if pre_values is None:
+        return jnp.ones(raw.shape, jnp.float32)
+    return _activation(act_name)(raw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The "xla" passes.
+
+
+def _xla_forward(values, pre_values, rows, core_scores, x_p, *, pre_score_act, token_chunk, **_):
+    out, raw, _ = _forward(values, pre_values, rows, core_scores, x_p, pre_score_act, token_chunk)
+    return out, raw
+
+
+def _xla_backward_slots(
     values,
     pre_values,
     rows,
     core_scores,
     x_p,
+    raw,
+    d_out,
+    d_pre_scores,
     *,
     pre_score_act,
     token_chunk,
-    table_reduction,
-    interpret=False,
+    **_,
 ):
-    del interpret
-    return _value_bag(
-        values, pre_values, rows, core_scores, x_p, pre_score_act, token_chunk, table_reduction
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _value_bag(values, pre_values, rows, core_scores, x_p, act_name, chunk, reduction):
-    out, _, pre_scores = _forward(values, pre_values, rows, core_scores, x_p, act_name, chunk)
-    return out, pre_scores
-
-
-def _value_bag_fwd(values, pre_values, rows, core_scores, x_p, act_name, chunk, reduction):
-    out, raw, pre_scores = _forward(values, pre_values, rows, core_scores, x_p, act_name, chunk)
-    # Residuals: the primal inputs (no copies) and the [T, m] raw pre-scores; no gathered rows.
-    return (out, pre_scores), (values, pre_values, rows, core_scores, x_p, raw)
-
-
-def _value_bag_bwd(act_name, chunk, reduction, residuals, cotangents):
-    values, pre_values, rows, core_scores, x_p, raw = residuals
-    d_out, d_pre_scores = cotangents
     f32 = jnp.float32
+    chunk = token_chunk
     n_tokens, n_slots, n_cores = core_scores.shape
     chunk_dim = values.shape[1] // n_cores
-    act = _activation(act_name)
+    act = _activation(pre_score_act)
     n_blocks = -(-n_tokens // chunk)
 
-    # Pass 1, over token blocks: gradients of the scores, the pre-scores and x_p.
     def token_block(block):
         block_rows, scores, raw_b, d_out_b, d_pre_b, x_p_b = block
         gathered = _gather(values, block_rows).reshape(chunk, n_slots, n_cores, chunk_dim)
@@ -188,32 +282,40 @@ def _value_bag_bwd(act_name, chunk, reduction, residuals, cotangents):
         return d_scores, d_raw, d_x_p
 
     blocks = _to_blocks((rows, core_scores, raw, d_out, d_pre_scores, x_p), chunk, n_blocks)
-    d_scores, d_raw, d_x_p = lax.map(token_block, blocks)
-    d_scores = _from_blocks(d_scores, n_tokens).astype(core_scores.dtype)
+    return _from_blocks(lax.map(token_block, blocks), n_tokens)
 
-    # Pass 2, over the slots in sorted row order: the table gradients.
-    slot_weights = core_scores.astype(f32).reshape(-1, n_cores)
-    if pre_values is not None:
-        slot_weights = slot_weights * act(raw).reshape(-1, 1)
-    d_values, d_pre_values = _table_gradients(
-        rows,
+
+def _xla_backward_tables(
+    order,
+    sorted_rows,
+    slot_weights,
+    d_out,
+    d_raw,
+    x_p,
+    *,
+    n_rows,
+    n_slots,
+    token_chunk,
+    table_reduction,
+    **_,
+):
+    return _table_gradients(
+        order,
+        sorted_rows,
         slot_weights,
         d_out,
-        None if pre_values is None else _from_blocks(d_raw, n_tokens).reshape(-1),
+        d_raw,
         x_p,
-        values.shape[0],
+        n_rows,
         n_slots,
-        chunk * n_slots,
-        reduction,
+        token_chunk * n_slots,
+        table_reduction,
     )
-    d_values = d_values.astype(values.dtype)
-    if pre_values is None:
-        return d_values, None, None, d_scores, None
-    d_x_p = _from_blocks(d_x_p, n_tokens).astype(x_p.dtype)
-    return d_values, d_pre_values.astype(pre_values.dtype), None, d_scores, d_x_p
 
 
-_value_bag.defvjp(_value_bag_fwd, _value_bag_bwd)
+XLA_KERNELS = ValueBagKernels(
+    forward=_xla_forward, backward_slots=_xla_backward_slots, backward_tables=_xla_backward_tables
+)
 
 
 def _forward(values, pre_values, rows, core_scores, x_p, act_name, chunk):
@@ -246,22 +348,21 @@ def _forward(values, pre_values, rows, core_scores, x_p, act_name, chunk):
     return _from_blocks(lax.map(token_block, blocks), n_tokens)
 
 
-def _table_gradients(rows, slot_weights, d_out, d_raw, x_p, n_rows, n_slots, slot_chunk, reduction):
+def _table_gradients(
+    order, sorted_rows, slot_weights, d_out, d_raw, x_p, n_rows, n_slots, slot_chunk, reduction
+):
     """d_values [N_rows, D_v] and d_pre_values [N_rows, D_p] (float32; d_pre_values None without).
 
     d_values[r]^c     = Σ_{(t, ℓ): rows[t, ℓ] = r} slot_weights[t·m + ℓ, c] · d_out[t]^c
     d_pre_values[r]   = Σ_{(t, ℓ): rows[t, ℓ] = r} d_raw[t·m + ℓ] · x_p[t]
 
-    The T·m slots are sorted by row once (stable, so ties keep token order); blocks of `slot_chunk`
-    sorted slots then add their contributions to the tables in that fixed order.
+    The T·m slots come sorted by row (`order`, stable, so ties keep token order); blocks of
+    `slot_chunk` sorted slots add their contributions to the tables in that fixed order.
     """
     f32 = jnp.float32
     n_cores = slot_weights.shape[1]
     value_dim = d_out.shape[1]
-    flat_rows = rows.reshape(-1)
-    order = jnp.argsort(flat_rows, stable=True)
-    sorted_rows = flat_rows[order]
-    n_total = flat_rows.shape[0]
+    n_total = order.shape[0]
     n_blocks = -(-n_total // slot_chunk)
     pad = n_blocks * slot_chunk - n_total
     # Padding slots point past the table (their updates are dropped) and keep the order sorted.
