@@ -248,3 +248,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     np.testing.assert_array_equal(kept, [False, True, False, True])
     kept = np.isfinite(np.asarray(_nucleus(logits, 0.3)))  # the top token alone
     np.testing.assert_array_equal(kept, [False, True, False, False])
+
+
+def test_a_prompt_longer_than_the_kv_cache_is_one_line_and_exit_2(trained_run, capsys):
+    workdir, (config, *_rest) = trained_run
+    prompt = "x" * config.data.seq_len  # + BOS: one token more than the default cache
+    assert generate_main(["--workdir", workdir, "--prompt", prompt]) == 2
+    line = _one_error_line(capsys)
+    assert f"the prompt is {config.data.seq_len + 1} tokens but the KV cache holds" in line, line
+    assert "--cache-len" in line
+    argv = ["--workdir", workdir, "--prompt", prompt, "--max-new-tokens", "3", "--temperature", "0"]
+    assert generate_main(argv + ["--cache-len", str(config.data.seq_len + 1)]) == 0
+    capsys.readouterr()
+    assert generate_main(argv + ["--cache-len", str(config.model.max_seq_len + 1)]) == 2
+    assert "exceeds the model's max_seq_len" in _one_error_line(capsys)

@@ -25,6 +25,8 @@ from umv2_jax.errors import ConfigError
 from umv2_jax.ops import registry
 
 SparseKind = Literal["none", "ultramem_v2", "moe", "ultramem", "memory_plus", "pkm", "peer"]
+# The sparse kinds whose layers hold memory value tables (`ValueParam`s).
+_MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer")
 # The op registry's vocabulary (umv2_jax.ops.registry), one for every op.
 Implementation = Literal[registry.IMPLEMENTATIONS]
 DType = Literal["float32", "bfloat16"]
@@ -621,26 +623,73 @@ class ModelConfig:
                 )
 
 
+def _coerce_task_params(value: Any, key: str) -> tuple:
+    """A mapping of task parameters → sorted (name, value) pairs, lists as tuples (hashable)."""
+    if value is None:
+        return ()
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config '{key}': expected a mapping of task parameters, got {value!r}")
+
+    def frozen(item: Any) -> Any:
+        return tuple(frozen(v) for v in item) if isinstance(item, list | tuple) else item
+
+    return tuple(sorted((str(name), frozen(item)) for name, item in value.items()))
+
+
+def _format_task_params(value: tuple) -> dict[str, Any]:
+    def plain(item: Any) -> Any:
+        return [plain(v) for v in item] if isinstance(item, tuple) else item
+
+    return {name: plain(item) for name, item in value}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where batches come from. `shakespeare` is the corpus embedded in the package."""
 
-    source: str = "shakespeare"  # shakespeare | tfds:NAME
+    source: str = "shakespeare"  # shakespeare | tfds:NAME | task:NAME (umv2_jax.data.tasks)
     data_dir: str | None = None  # tfds data_dir for tfds:NAME (default: tfds's own)
     seq_len: int = 128
-    shuffle_seed: int = 0
+    shuffle_seed: int = 0  # for task:NAME, the seed of the training stream (eval uses its own)
     text_key: str = "text"  # feature holding the text in a tfds:NAME dataset
     train_split: str = "train"
     eval_split: str = "validation"
+    # Parameters of a task:NAME source, a mapping checked by the task (e.g. {mix: [[64, 4]]}).
+    task: tuple = _language((), _Language(coerce=_coerce_task_params, format=_format_task_params))
+
+    def __post_init__(self) -> None:
+        _parse_languages(self, "data")
+
+    @property
+    def task_name(self) -> str | None:
+        """NAME of a `task:NAME` source, else None."""
+        kind, _, name = self.source.partition(":")
+        return name if kind == "task" else None
+
+    def task_params(self) -> dict[str, Any]:
+        """`data.task` as plain data (lists, not tuples)."""
+        return _format_task_params(self.task)
 
     def validate(self, prefix: str = "data") -> None:
         _require(self.seq_len >= 1, f"{prefix}.seq_len", f"must be positive, got {self.seq_len}")
         kind, _, name = self.source.partition(":")
         _require(
-            self.source == "shakespeare" or (kind == "tfds" and name),
+            self.source == "shakespeare" or (kind in ("tfds", "task") and name),
             f"{prefix}.source",
-            f"'{self.source}' is not one of shakespeare, tfds:NAME",
+            f"'{self.source}' is not one of shakespeare, tfds:NAME, task:NAME",
         )
+        _require(
+            kind == "task" or not self.task,
+            f"{prefix}.task",
+            f"task parameters are set but data.source is '{self.source}'; set data.source: "
+            "task:NAME or remove data.task",
+        )
+        if kind == "task":
+            from umv2_jax.data.tasks import make_task
+
+            make_task(name, self.task_params()).check_seq_len(self.seq_len)
 
 
 @dataclass(frozen=True)
@@ -662,6 +711,11 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
+    # What a step may change: every parameter; only the memory value and pre-value tables
+    # (`ValueParam`s); or only chosen rows of them (`rows`: the caller passes the rows, e.g.
+    # umv2_jax.eval.injection.select_specific_rows). Everything else, and its optimizer state, stays
+    # bitwise unchanged, weight decay included (umv2_jax.training.optimizer).
+    trainable: Literal["all", "values", "rows"] = "all"
 
     def validate(self, prefix: str = "train") -> None:
         _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
@@ -761,12 +815,39 @@ class Config:
         self.checkpoint.validate("checkpoint")
         self.mesh.validate("mesh")
         self.check_mesh_fits_model(self.mesh.expert)
+        self.check_trainable()
         _require(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
+        if self.data.task_name is not None:
+            from umv2_jax.data.tasks import make_task
+
+            task = make_task(self.data.task_name, self.data.task_params())
+            _require(
+                task.vocab_size <= self.model.vocab_size,
+                "model.vocab_size",
+                f"{self.model.vocab_size} is too small for task {task.name}, whose tokens go up "
+                f"to {task.vocab_size - 1}; set model.vocab_size={task.vocab_size}",
+            )
         return self
+
+    def check_trainable(self) -> None:
+        """`train.trainable: values` needs value tables; `rows` needs UltraMemV2's [L, n², ·] ones."""
+        trainable, sparse = self.train.trainable, self.model.sparse
+        _require(
+            trainable != "values" or sparse in _MEMORY_KINDS,
+            "train.trainable",
+            f"'values' trains only memory value tables, and model.sparse={sparse!r} has none; "
+            "use train.trainable=all or a memory model (e.g. model.sparse=ultramem_v2)",
+        )
+        _require(
+            trainable != "rows" or sparse == "ultramem_v2",
+            "train.trainable",
+            f"'rows' trains chosen rows of UltraMemV2 value tables, and model.sparse={sparse!r} "
+            "is not ultramem_v2; use train.trainable=all (or values for another memory model)",
+        )
 
     def check_mesh_fits_model(self, expert_axis: int) -> None:
         """The expert-parallel axis must divide the experts (checked again once -1 is resolved)."""

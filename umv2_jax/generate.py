@@ -7,8 +7,11 @@ and exit status 2. Prompts are bytes (`--prompt` as the shell passed it, `--prom
 for stdin), so the byte tokenizer takes any input, UTF-8 or not; the output is the prompt and its
 continuation decoded as UTF-8, with U+FFFD for bytes that are not.
 
-Decoding recomputes the whole window every token (simple and exact; the KV-cache decoder lives in
-umv2_jax.inference). The window is the run's `data.seq_len`; longer outputs slide it.
+Decoding uses the KV cache of umv2_jax.inference: the prompt is prefilled once, then each token
+costs one cached step. The cache holds `--cache-len` tokens (default: the run's `data.seq_len`, at
+most `model.max_seq_len`); a prompt longer than that (BOS included) is one line and exit status 2.
+When the output fills the cache the context slides: the last `cache_len` ids are prefilled again
+(positions restart at 0, exactly what a fresh pass over that window computes).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from umv2_jax.errors import CheckpointError, ConfigError, UserError
@@ -67,49 +69,52 @@ def generate_ids(
     top_k: int,
     seed: int,
     top_p: float = 1.0,
+    cache_len: int | None = None,
 ) -> list[int]:
     """The new token ids after `prompt_ids` (BOS included by the caller), stopping at EOS (not kept).
 
-    Each token comes from the logits at the context's last real position: the window holds the
-    last `data.seq_len` ids left-aligned and PAD-filled after them (causal attention keeps the
-    padding from reaching that position). temperature 0 = greedy (argmax); otherwise sampling
-    from the `top_k` most likely tokens (0 = all) within the smallest set whose probability
-    reaches `top_p` (1 = all).
+    Each token comes from the logits after the context: the last `cache_len` ids (default
+    `data.seq_len`), prefilled into the KV cache once and extended one cached step per token; a
+    longer prompt, or an output that fills the cache, slides the window (the last `cache_len` ids
+    are prefilled again). temperature 0 = greedy (argmax); otherwise sampling from the `top_k` most
+    likely tokens (0 = all) within the smallest set whose probability reaches `top_p` (1 = all),
+    with one split of `jax.random.key(seed)` per sampled token.
     """
     from umv2_jax.data import tokenizer
+    from umv2_jax.inference import sampling
+    from umv2_jax.inference.decode import Decoder
 
     _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
-    window = config.data.seq_len
-    vocab = config.model.vocab_size
+    window = cache_len or config.data.seq_len
+    decoder = Decoder(parts.build(params, rest), config.model.vocab_size)
+    no_padding = np.zeros((1,), np.int32)
 
-    @jax.jit
-    def next_logits(params, rest, tokens, position):
-        logits, _ = parts.build(params, rest)(tokens)
-        return logits[0, position, :vocab]
+    def prefill(ids):
+        context = np.asarray([ids[-window:]], np.int32)
+        logits, cache, _ = decoder.prefill(context, no_padding, window)
+        return logits[0], cache, context.shape[1]
 
     ids = list(prompt_ids)
     key = jax.random.key(seed)
     generated: list[int] = []
+    logits, cache, filled = prefill(ids) if max_new_tokens else (None, None, 0)
     for _ in range(max_new_tokens):
-        context = ids[-window:]
-        buffer = np.full((1, window), tokenizer.PAD, np.int32)
-        buffer[0, : len(context)] = context
-        logits = next_logits(params, rest, jnp.asarray(buffer), len(context) - 1)
         if temperature <= 0:
-            token = int(jnp.argmax(logits))
+            token = int(sampling.sample(logits, None))
         else:
-            logits = logits / temperature
-            if 0 < top_k < vocab:
-                cutoff = jax.lax.top_k(logits, top_k)[0][-1]
-                logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-            if top_p < 1:
-                logits = _nucleus(logits, top_p)
             key, sample_key = jax.random.split(key)
-            token = int(jax.random.categorical(sample_key, logits))
+            token = int(sampling.sample(logits, sample_key, temperature, top_k, top_p))
         if token == tokenizer.EOS:
             break
         ids.append(token)
         generated.append(token)
+        if len(generated) == max_new_tokens:
+            break
+        if filled < window:
+            step_logits, cache, _ = decoder.step(np.asarray([token], np.int32), cache)
+            logits, filled = step_logits[0], filled + 1
+        else:  # the cache is full: slide the window
+            logits, cache, filled = prefill(ids)
     return generated
 
 
@@ -161,9 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         "--top-p", type=_top_p, default=1.0, help="nucleus sampling, 0 < p <= 1 (1 = off)"
     )
     parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument(
+        "--cache-len",
+        type=_positive_int,
+        default=None,
+        help="KV cache length in tokens (default: the run's data.seq_len; at most model.max_seq_len)",
+    )
     args = parser.parse_args(argv)
     try:
         prompt_bytes = _read_prompt(args)
+        _check_cache(args, len(_prompt_ids(prompt_bytes)))
         config, parts, params, rest, step = load_run(args.workdir)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -181,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         args.top_k,
         args.seed,
         args.top_p,
+        args.cache_len,
     )
     print(f"[{config.name}, step {step}]")
     print(tokenizer.decode(np.asarray(_prompt_ids(prompt_bytes)[1:] + generated, np.int32)))
@@ -257,12 +270,27 @@ def _check_sampling(
 
 def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
     """logits outside the smallest most-likely set with total probability >= top_p -> -inf."""
-    order = jnp.argsort(-logits)
-    probabilities = jax.nn.softmax(logits[order])
-    before = jnp.cumsum(probabilities) - probabilities  # mass of the tokens ranked above
-    keep_sorted = before < top_p  # the top token always stays
-    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
-    return jnp.where(keep, logits, -jnp.inf)
+    from umv2_jax.inference.sampling import top_p_mask
+
+    return top_p_mask(logits, top_p)
+
+
+def _check_cache(args: argparse.Namespace, prompt_len: int) -> None:
+    """ConfigError (one line) when --cache-len exceeds model.max_seq_len or the prompt (BOS
+    included) does not fit the cache; reads only the run's config.json."""
+    from umv2_jax import config as config_lib
+    from umv2_jax.inference.decode import check_fits
+    from umv2_jax.training.checkpoint import CONFIG_FILE
+
+    config = config_lib.config_from_dict(_read_run_config(args.workdir, CONFIG_FILE))
+    cache_len = args.cache_len or config.data.seq_len
+    if cache_len > config.model.max_seq_len:
+        raise ConfigError(
+            f"--cache-len {cache_len} exceeds the model's max_seq_len {config.model.max_seq_len} "
+            f"(the longest sequence RoPE was set up for); pass --cache-len "
+            f"{config.model.max_seq_len} or less"
+        )
+    check_fits(prompt_len, cache_len)
 
 
 def _prompt_ids(prompt: str | bytes) -> list[int]:

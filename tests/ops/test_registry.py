@@ -74,9 +74,16 @@ def test_auto_on_cpu_is_xla_for_every_op():
         assert registry.resolve(op)["cpu"] == ("xla",), op
 
 
-def test_a_missing_kernel_is_never_an_error_under_auto():
-    # No kernel module exists today: every platform runs xla.
-    assert registry.resolve("value_bag") == dict.fromkeys(registry.PLATFORMS, ("xla",))
+def test_a_missing_kernel_is_never_an_error_under_auto(toy):
+    # The toy op has no kernel module: every platform runs xla.
+    assert registry.resolve(TOY) == dict.fromkeys(registry.PLATFORMS, ("xla",))
+
+
+def test_auto_prefers_the_registered_kernels_on_gpu_and_tpu_and_xla_on_cpu():
+    for op in ("value_bag", "retrieval_topk", "product_key_topk"):
+        plan = registry.resolve(op)
+        assert plan["cpu"] == ("xla",), op
+        assert plan["cuda"] == ("pallas", "xla") and plan["tpu"] == ("pallas", "xla"), op
 
 
 def test_preference_list_keeps_order_and_skips_what_a_platform_lacks(toy):

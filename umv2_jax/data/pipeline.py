@@ -10,7 +10,11 @@
 
 Sources (`data.source`): `shakespeare` reads the dataset committed in `umv2_jax/data/prepared/`
 (no network, no TensorFlow); `tfds:NAME` reads any tfds text dataset prepared as ArrayRecord in
-`data.data_dir` (`NAME` may be `name/config:version`), text in feature `data.text_key`.
+`data.data_dir` (`NAME` may be `name/config:version`), text in feature `data.text_key`;
+`task:NAME` generates batches of a synthetic task (umv2_jax.data.tasks, parameters `data.task`)
+with the same three arrays, loss_mask 1 only at answer positions: training batch i is the task's
+train batch i (seed `data.shuffle_seed`, iterator state = the batch index), evaluation its
+test batches 0 … n-1; slice labels stay on the host (umv2_jax.data.tasks.stream).
 
 Packing: each record becomes [BOS, utf-8 bytes...]; the records are concatenated into one stream
 and cut into windows of S + 1 tokens with stride S (inputs = window[:-1], targets = window[1:]), so
@@ -66,6 +70,15 @@ def make_train_iterator(
     from the same config makes its next batch identical to the one the saved iterator would give.
     """
     global_batch = _global_batch(config, process_index, process_count)
+    if config.data.task_name is not None:
+        return _task_stream().TaskBatchIterator(
+            _make_task(config.data),
+            global_batch,
+            config.data.seq_len,
+            config.data.shuffle_seed,
+            process_index,
+            process_count,
+        )
     # Packed windows follow each other through a record; shuffling them in a buffer puts passages
     # of many works into each batch instead of one contiguous stretch of text.
     windows = ShuffleBufferIterDataset(
@@ -109,6 +122,16 @@ def make_eval_batches(
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     data = config.data
     global_batch = _global_batch(config, process_index, process_count)
+    if data.task_name is not None:  # the task's test split, from the same seed's test stream
+        return _task_stream().task_eval_batches(
+            _make_task(data),
+            global_batch,
+            data.seq_len,
+            data.shuffle_seed,
+            num_batches,
+            process_index,
+            process_count,
+        )
     split = _open_split(data, data.eval_split, "data.eval_split")
     _check_fills_a_batch(split, global_batch, data.seq_len)
     records = grain.MapDataset.source(split.records).map(split.tokenize)
@@ -130,6 +153,9 @@ def make_eval_batches(
 def describe_source(config: Config) -> str:
     """One line for the run summary, e.g. `shakespeare (embedded): 4.57 MB train / ...`."""
     data = config.data
+    if data.task_name is not None:
+        task = _make_task(data)
+        return f"task {task.name} (generated), parameters {task.params()}"
     builder, _, label = _open_builder(data)
     parts = []
     for split_name in (data.train_split, data.eval_split):
@@ -466,6 +492,19 @@ def _host_share(
         "targets": targets,
         "loss_mask": (targets != PAD).astype(np.float32),
     }
+
+
+def _make_task(data: DataConfig):
+    from umv2_jax.data.tasks import make_task
+
+    return make_task(data.task_name, data.task_params())
+
+
+def _task_stream():
+    """umv2_jax.data.tasks.stream: task:NAME sources (batches from the generator, no files)."""
+    from umv2_jax.data.tasks import stream
+
+    return stream
 
 
 def _first_line(error: BaseException) -> str:

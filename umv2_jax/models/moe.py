@@ -69,8 +69,11 @@ class MoE(nnx.Module):
             self.shared_expert = None
 
     def __call__(self, u: jax.Array, context: SparseContext | None = None) -> SparseOutput:
-        """u: [batch, seq, embed] → SparseOutput (y [batch, seq, embed] in compute dtype)."""
-        del context  # the MoE reads nothing but its input
+        """u: [batch, seq, embed] → SparseOutput (y [batch, seq, embed] in compute dtype).
+
+        With `context.diagnostics`, `row_hits` is bool [experts]: the experts this pass routed any
+        token to (an expert is a row of the expert table; decode memory access counts them).
+        """
         batch, seq, h = u.shape
         tokens, k, experts = batch * seq, self.top_k, self.num_experts
         dtype = self.compute_dtype
@@ -114,7 +117,10 @@ class MoE(nnx.Module):
             metrics["dropped_fraction"] = jax.lax.stop_gradient(
                 1.0 - jnp.mean(kept.astype(jnp.float32))
             )
-        return SparseOutput(y=y, losses=losses, metrics=metrics)
+        out = SparseOutput(y=y, losses=losses, metrics=metrics, addressable_rows=experts)
+        if context is not None and context.diagnostics:
+            out.row_hits = counts > 0
+        return out
 
     def _dispatch_experts_combine(
         self, x: jax.Array, chosen: jax.Array, capacity: int | None

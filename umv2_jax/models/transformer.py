@@ -78,8 +78,24 @@ class Attention(nnx.Module):
             self.query_norm = None
             self.key_norm = None
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [batch, seq, embed], positions: [batch, seq] → [batch, seq, embed]."""
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: LayerCache | None = None,
+        window: DecodeWindow | None = None,
+    ) -> jax.Array | tuple[jax.Array, LayerCache]:
+        """x: [batch, seq, embed], positions: [batch, seq] → [batch, seq, embed].
+
+        With `cache` (this layer's keys and values, [batch, cache_len, heads, head_dim] each) and
+        `window` (where the new tokens go): the new keys and values are written at slots
+        window.index … window.index + seq − 1, every query attends the cached slots s with
+        window.start[b] <= s <= its own slot, and the result is (output, updated cache). Plain JAX:
+
+            keys = lax.dynamic_update_slice_in_dim(cache.key, k, index, axis=1)
+            mask[b, i, s] = start[b] <= s <= index + i
+            out  = dot_product_attention(q, keys, values, mask=mask[:, None])
+        """
         dtype = self.compute_dtype
         x = x.astype(dtype)
         q = jnp.einsum("bse,end->bsnd", x, self.query[...].astype(dtype))
@@ -89,8 +105,61 @@ class Attention(nnx.Module):
             q, k = self.query_norm(q), self.key_norm(k)
         q = rope(q, positions, self.rope_theta)
         k = rope(k, positions, self.rope_theta)
-        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return jnp.einsum("bsnd,nde->bse", attended, self.out[...].astype(dtype))
+        if cache is None:
+            attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            return jnp.einsum("bsnd,nde->bse", attended, self.out[...].astype(dtype))
+        keys = jax.lax.dynamic_update_slice_in_dim(
+            cache.key, k.astype(cache.key.dtype), window.index, axis=1
+        )
+        values = jax.lax.dynamic_update_slice_in_dim(
+            cache.value, v.astype(cache.value.dtype), window.index, axis=1
+        )
+        slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
+        query_slots = window.index + jnp.arange(x.shape[1], dtype=jnp.int32)
+        mask = (slots[None, None, :] <= query_slots[None, :, None]) & (
+            slots[None, None, :] >= window.start[:, None, None]
+        )  # [batch, seq, cache_len]
+        attended = jax.nn.dot_product_attention(
+            q, keys.astype(dtype), values.astype(dtype), mask=mask[:, None]
+        )
+        out = jnp.einsum("bsnd,nde->bse", attended, self.out[...].astype(dtype))
+        return out, LayerCache(key=keys, value=values)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+    """One attention layer's preallocated keys and values: [batch, cache_len, heads, head_dim] each
+    ([layers, batch, …] for a scanned `BlockStack`), RoPE already applied to the keys."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeWindow:
+    """Where a cached forward pass writes: the same slots for every row (prompts are left-padded).
+
+    index: int32 scalar, the slot of the pass's first token.
+    start: int32 [batch], each row's first real slot; slots before it are padding, never attended.
+    """
+
+    index: jax.Array
+    start: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """The whole model's cache for incremental decoding (built by `umv2_jax.inference.cache`).
+
+    layers: one LayerCache per segment of the model's layout (`segment_layout`), in order.
+    window: the slots the next pass writes (index) and each row's first real slot (start).
+    """
+
+    layers: tuple[LayerCache, ...]
+    window: DecodeWindow
 
 
 class SwiGLU(nnx.Module):
@@ -139,14 +208,22 @@ class Block(nnx.Module):
         positions: jax.Array,
         context: SparseContext,
         sparse_input: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array, SparseOutput | None]:
-        """x: [batch, seq, embed] → (x_next, u, stats).
+        cache: LayerCache | None = None,
+        window: DecodeWindow | None = None,
+    ) -> tuple[jax.Array, jax.Array, SparseOutput | None, LayerCache | None]:
+        """x: [batch, seq, embed] → (x_next, u, stats, cache).
 
         u: this block's normalized FFN input [batch, seq, embed] (an input tap for skip wiring).
         sparse_input: what the sparse layer reads instead of u (UltraMem v1's skip-layer wiring).
         stats: the sparse layer's output without `y` (losses, metrics, row hits), or None.
+        cache, window: the attention's KV cache and where to write (see `Attention`); the updated
+        cache is returned (None without one). The FFN and sparse layers are token-wise: no cache.
         """
-        x_mid = x + self.attn(self.attn_norm(x), positions).astype(x.dtype)
+        if cache is None:
+            attended = self.attn(self.attn_norm(x), positions)
+        else:
+            attended, cache = self.attn(self.attn_norm(x), positions, cache, window)
+        x_mid = x + attended.astype(x.dtype)
         u = self.ffn_norm(x_mid)
         x_next = x_mid
         ffn_out = None
@@ -154,13 +231,13 @@ class Block(nnx.Module):
             ffn_out = self.ffn(u)
             x_next = x_next + ffn_out.astype(x.dtype)
         if self.sparse is None:
-            return x_next, u, None
+            return x_next, u, None, cache
         out = self.sparse(u if sparse_input is None else sparse_input, context)
         x_next = x_next + out.y.astype(x.dtype)
         metrics = dict(out.metrics)
         if ffn_out is not None:  # SPEC §6: memory vs FFN output std, side by side
             metrics["ffn_output_std"] = jnp.std(jax.lax.stop_gradient(ffn_out).astype(jnp.float32))
-        return x_next, u, dataclasses.replace(out, y=None, metrics=metrics)
+        return x_next, u, dataclasses.replace(out, y=None, metrics=metrics), cache
 
 
 class BlockStack(nnx.Module):
@@ -185,14 +262,35 @@ class BlockStack(nnx.Module):
         self.indices = tuple(indices)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, context: SparseContext, remat: str
-    ) -> tuple[jax.Array, SparseOutput | None]:
-        """x: [batch, seq, embed] → (x after the last block, stats with a leading [layers] axis)."""
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        context: SparseContext,
+        remat: str,
+        cache: LayerCache | None = None,
+        window: DecodeWindow | None = None,
+    ) -> tuple[jax.Array, SparseOutput | None] | tuple[jax.Array, SparseOutput | None, LayerCache]:
+        """x: [batch, seq, embed] → (x after the last block, stats with a leading [layers] axis).
+
+        With `cache` (a LayerCache with a leading [layers] axis) also the updated cache, third.
+        """
         graphdef, state = nnx.split(self.layers)
+        if cache is not None:
+
+            def cached_body(carry, layer):
+                layer_state, layer_cache = layer
+                block = nnx.merge(graphdef, layer_state)
+                x_next, _, stats, layer_cache = block(
+                    carry, positions, context, cache=layer_cache, window=window
+                )
+                return x_next, (stats, layer_cache)
+
+            x, (stats, cache) = jax.lax.scan(cached_body, x, (state, cache))
+            return x, stats, cache
 
         def body(carry, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            x_next, _, stats = block(carry, positions, context)
+            x_next, _, stats, _ = block(carry, positions, context)
             return x_next, stats
 
         body = _rematerialize(body, remat, prevent_cse=False)
@@ -209,12 +307,14 @@ class ModelAux:
               as "layer{i}/loss/{type}" (values only: the gradient flows through `losses`).
     row_hits: {block index: bool [rows]} rows each memory layer read (only with diagnostics).
     addressable: {block index: fp32 scalar} rows each of those layers can reach.
+    cache:    the updated KVCache of a cached pass (`Transformer(..., cache=…)`), else None.
     """
 
     losses: dict[str, jax.Array]
     metrics: dict[str, jax.Array]
     row_hits: dict[int, jax.Array]
     addressable: dict[int, jax.Array]
+    cache: KVCache | None = None
 
 
 class Transformer(nnx.Module):
@@ -277,12 +377,20 @@ class Transformer(nnx.Module):
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
         diagnostics: bool = False,
+        cache: KVCache | None = None,
     ) -> tuple[jax.Array, ModelAux]:
         """tokens: [batch, seq] → (logits [batch, seq, padded_vocab] fp32, ModelAux).
 
         diagnostics: also compute the evaluation-only statistics (memory row-hit masks).
+        cache: incremental decoding (`umv2_jax.inference`): the tokens are written at slots
+        cache.window.index … + seq − 1 of every row and attend that row's cached slots from
+        cache.window.start on; positions default to slot − start (each row counts from its first
+        real token). `aux.cache` is the updated cache, its index advanced by seq.
         """
-        if positions is None:
+        if positions is None and cache is not None:
+            slots = cache.window.index + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+            positions = jnp.maximum(slots[None, :] - cache.window.start[:, None], 0)
+        elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
         context = SparseContext(
@@ -295,9 +403,18 @@ class Transformer(nnx.Module):
         sources = dict(self.sparse_sources)
         tapped = set(sources.values())
         taps: dict[int, jax.Array] = {}
-        for segment, indices in zip(self.blocks, self.layout):
+        window = cache.window if cache is not None else None
+        new_layers: list[LayerCache] = []
+        for number, (segment, indices) in enumerate(zip(self.blocks, self.layout)):
+            layer_cache = cache.layers[number] if cache is not None else None
             if isinstance(segment, BlockStack):
-                x, stats = segment(x, positions, context, self.remat)
+                if layer_cache is None:
+                    x, stats = segment(x, positions, context, self.remat)
+                else:
+                    x, stats, layer_cache = segment(
+                        x, positions, context, self.remat, layer_cache, window
+                    )
+                    new_layers.append(layer_cache)
                 if stats is not None:
                     for position, index in enumerate(indices):
                         _record(aux, index, jax.tree.map(lambda v, p=position: v[p], stats))
@@ -305,7 +422,15 @@ class Transformer(nnx.Module):
             (index,) = indices
             source = sources.get(index, index)
             sparse_input = taps[source] if source != index else None
-            x, u, stats = _call_block(segment, x, positions, context, sparse_input, self.remat)
+            if layer_cache is None:
+                x, u, stats, _ = _call_block(
+                    segment, x, positions, context, sparse_input, self.remat
+                )
+            else:  # decoding: no backward pass, so no rematerialization
+                x, u, stats, layer_cache = segment(
+                    x, positions, context, sparse_input, cache=layer_cache, window=window
+                )
+                new_layers.append(layer_cache)
             if index in tapped:
                 taps[index] = u
             if stats is not None:
@@ -313,6 +438,9 @@ class Transformer(nnx.Module):
         x = self.final_norm(x).astype(jnp.float32)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = x.astype(self.compute_dtype) @ head.astype(self.compute_dtype)
+        if cache is not None:
+            advanced = DecodeWindow(index=window.index + tokens.shape[1], start=window.start)
+            aux.cache = KVCache(layers=tuple(new_layers), window=advanced)
         return logits.astype(jnp.float32), aux
 
 

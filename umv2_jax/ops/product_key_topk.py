@@ -25,7 +25,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from umv2_jax.ops import registry
-from umv2_jax.ops.selection import PRECISION, best_cells, check_selection_sizes, pick_candidates
+from umv2_jax.ops.selection import (
+    PRECISION,
+    best_cells,
+    check_finite_queries,
+    check_selection_sizes,
+    pick_candidates,
+)
 
 
 def product_key_topk(
@@ -111,6 +117,7 @@ def _check_inputs(q_row, q_col, k_row, k_col, rc_topk, topk) -> None:
             f"{k_col.shape}"
         )
     check_selection_sizes(k_row.shape[0], rc_topk, topk)
+    check_finite_queries(q_row=q_row, q_col=q_col)
 
 
 registry.declare_op("product_key_topk", _product_key_topk_xla)

@@ -20,7 +20,12 @@ from jax import lax
 
 from umv2_jax.ops import registry
 from umv2_jax.ops.selection import PRECISION as _PRECISION
-from umv2_jax.ops.selection import best_cells, check_selection_sizes, pick_candidates
+from umv2_jax.ops.selection import (
+    best_cells,
+    check_finite_queries,
+    check_selection_sizes,
+    pick_candidates,
+)
 
 
 def retrieval_topk(
@@ -189,6 +194,7 @@ def _check_inputs(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk, to
             f"u_star and t_star must be [r={rank}]; got {u_star.shape} and {t_star.shape}"
         )
     check_selection_sizes(k_row.shape[0], rc_topk, topk)
+    check_finite_queries(q_row=q_row, q_col=q_col)
 
 
 registry.declare_op("retrieval_topk", _retrieval_topk_xla)

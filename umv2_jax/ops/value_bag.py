@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import checkify
 
 from umv2_jax.ops import registry
 
@@ -39,7 +40,11 @@ _PRECISION = lax.Precision.HIGHEST
 #                       sorted indices (each row once per block); deterministic on every backend
 #                       (GPU scatter-adds of colliding indices use atomics, whose order is not fixed).
 #   "auto":             per lowering platform: "sorted_scatter" on CPU, "segmented_scan" elsewhere.
-TABLE_REDUCTIONS = ("auto", "sorted_scatter", "segmented_scan")
+#   "atomic":           opt-in, NOT deterministic: the GPU kernel (pallas_kernels.value_bag.gpu)
+#                       atomically adds each slot's contribution (float add order varies run to
+#                       run); the XLA path runs a plain scatter-add (atomics on GPU). Kernels that
+#                       have no atomic variant use their deterministic reduction.
+TABLE_REDUCTIONS = ("auto", "sorted_scatter", "segmented_scan", "atomic")
 
 
 def value_bag(
@@ -54,6 +59,7 @@ def value_bag(
     return_pre_scores: bool = False,
     token_chunk: int = 256,
     table_reduction: str = "auto",
+    check_rows: bool = False,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """o^c = Σ_ℓ p_ℓ s^c_ℓ V^c[row_ℓ], p_ℓ = act(<x_p, P[row_ℓ]>); differentiable in every float input.
@@ -67,11 +73,17 @@ def value_bag(
     return_pre_scores: also return p [T, m] float32 (differentiable).
     token_chunk: tokens per block (static); bounds the transient gather at [token_chunk, m, D_v].
     table_reduction: see TABLE_REDUCTIONS.
+    check_rows: add a `checkify.check` that every row id is in [0, N_rows); run the caller under
+        `jax.experimental.checkify.checkify` to get the first bad id with its token and slot.
+        Unchecked, out-of-range ids never read or write outside the tables (every implementation):
+        their slots give NaN outputs and their table gradients are dropped.
     implementation / interpret: see `umv2_jax.ops.registry` (the plain-JAX path is "xla").
 
     Returns o [T, D_v] in values.dtype (accumulated in float32), and p when asked.
     """
     _check_inputs(values, pre_values, rows, core_scores, x_p, pre_score_act, token_chunk)
+    if check_rows:
+        _check_row_ids(rows, values.shape[0])
     if table_reduction not in TABLE_REDUCTIONS:
         raise ValueError(
             f"unknown table_reduction {table_reduction!r}; choose one of {', '.join(TABLE_REDUCTIONS)}"
@@ -186,7 +198,7 @@ def _value_bag_fwd(values, pre_values, rows, core_scores, x_p, kernels, options)
 
 def _value_bag_bwd(kernels, options, residuals, cotangents):
     values, pre_values, rows, core_scores, x_p, raw = residuals
-    d_out, d_pre_scores = cotangents
+    d_out, d_pre_scores = map(jnp.asarray, cotangents)  # callers may pass numpy cotangents
     options = dict(options)
     n_tokens, n_slots, n_cores = core_scores.shape
 
@@ -406,7 +418,7 @@ def _accumulate(tables, sorted_rows, contribs, reduction):
         return lax.platform_dependent(
             tables, sorted_rows, contribs, cpu=_sorted_scatter, default=_segmented_scan
         )
-    if reduction == "sorted_scatter":
+    if reduction in ("sorted_scatter", "atomic"):
         return _sorted_scatter(tables, sorted_rows, contribs)
     return _segmented_scan(tables, sorted_rows, contribs)
 
@@ -467,6 +479,21 @@ def _run_targets(sorted_rows: jax.Array, n_rows: int) -> tuple[jax.Array, jax.Ar
 # Helpers.
 
 
+def _check_row_ids(rows: jax.Array, n_rows: int) -> None:
+    """checkify: the first row id outside [0, n_rows), with its token and slot."""
+    bad = ((rows < 0) | (rows >= n_rows)).reshape(-1)
+    first = jnp.argmax(bad)
+    n_slots = rows.shape[1]
+    checkify.check(
+        ~jnp.any(bad),
+        "value_bag: row id {row} at token {token}, slot {slot} is outside the table of "
+        f"{n_rows} rows",
+        row=rows.reshape(-1)[first],
+        token=first // n_slots,
+        slot=first % n_slots,
+    )
+
+
 def _gather(table: jax.Array, rows: jax.Array) -> jax.Array:
     """table[rows] in float32. Out-of-range rows read NaN, so an indexing bug cannot pass silently."""
     return jnp.take(table, rows, axis=0, mode="fill", fill_value=jnp.nan).astype(jnp.float32)
@@ -502,6 +529,11 @@ def _check_inputs(values, pre_values, rows, core_scores, x_p, pre_score_act, tok
         raise ValueError(f"values must be [N_rows, D_v]; got {values.shape}")
     if rows.ndim != 2 or not jnp.issubdtype(rows.dtype, jnp.integer):
         raise ValueError(f"rows must be an integer [T, m] array; got {rows.dtype} {rows.shape}")
+    if values.shape[0] > jnp.iinfo(jnp.int32).max:
+        raise ValueError(
+            f"values has {values.shape[0]} rows; row ids are int32, so a table holds at most "
+            f"{jnp.iinfo(jnp.int32).max} rows (split it into several tables)"
+        )
     if core_scores.ndim != 3 or core_scores.shape[:2] != rows.shape:
         raise ValueError(
             f"core_scores must be [T, m, C] with [T, m] = {rows.shape}; got {core_scores.shape}"

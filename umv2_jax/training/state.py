@@ -73,8 +73,10 @@ class Setup:
     param_count: int
 
 
-def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
+def build(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any = None) -> Setup:
     """Initializes the model and optimizer on the mesh, sharded by the parameters' logical axes.
+
+    row_mask: bool [L, n²] for `train.trainable: rows` (see `training.optimizer.make_optimizer`).
 
     Initialization is one jitted program whose outputs are laid out by `out_shardings`, so no host
     ever holds the whole model (and op-by-op init, slow to dispatch, is avoided).
@@ -93,7 +95,7 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
         return params, rest
 
     params, rest = initialize()
-    optimizer = make_optimizer(config, labels)
+    optimizer = make_optimizer(config, labels, row_mask)
     references = parallel.path_index(param_shardings, params)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_shardings = parallel.shardings_like(opt_shapes, references, mesh)

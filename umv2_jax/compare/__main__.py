@@ -1,0 +1,42 @@
+"""python -m umv2_jax.compare --suite quick|full [--tasks ...] [--seeds N] [--out DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from umv2_jax.errors import UserError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from umv2_jax.compare.suites import SUITES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m umv2_jax.compare",
+        description="Train and compare matched dense / MoE / UltraMemV2 models on the eval tasks.",
+    )
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--tasks", nargs="+", default=None, help="a subset of the suite's tasks")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, model)")
+    parser.add_argument("--out", default=None, help="results directory (default results/SUITE)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from umv2_jax.compare.run import run_suite
+
+    try:
+        run_suite(
+            SUITES[args.suite],
+            args.out or f"results/{args.suite}",
+            tasks=args.tasks,
+            seeds=args.seeds,
+            progress=not args.no_progress,
+        )
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

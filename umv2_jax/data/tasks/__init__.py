@@ -1,0 +1,63 @@
+"""Synthetic and small-corpus evaluation tasks (EVAL.md, tasks 1–5): seeded numpy generators.
+
+    from umv2_jax.data.tasks import TASKS, make_task
+    task = make_task("mqar", {"mix": [[256, 16]]})   # ConfigError for unknown / impossible params
+    batch = task.batch(16, 256, seed=0, index=0, split="test")
+    batch["inputs"], batch["targets"]      int32[16, 256]
+    batch["loss_mask"]                     float32[16, 256], 1.0 only at answer positions
+    batch["slice/pairs"]                   int32[16, 256], the slice label there, -1 elsewhere
+
+From the trainer: `data.source: task:mqar` with the parameters under `data.task` (a mapping,
+checked by the task itself); the pipeline keeps only inputs / targets / loss_mask for the device.
+Every task is also a tfds builder (`umv2_jax.data.tasks.tfds_builders`) for a cluster run that
+wants the batches materialized to ArrayRecord once.
+
+Tasks (one module each; each class docstring documents its parameters, tokens and slices):
+    mqar                   multi-query associative recall, the Zoology generator      mqar.py
+    overwrite              multi-round overwrite recall (current value, stale rate)   overwrite.py
+    needle_passkey         a 5-digit passkey in Shakespeare                           needles.py
+    needle_multikey        four key → value needles, one queried                      needles.py
+    variable_tracking      X_a = v; X_b = X_a; … over 2–4 hops with distractors       needles.py
+    fact_base              n1 n2 n3 r o ; fact memorization, disjoint bases A / B     fact_base.py
+    icl_regression         in-context linear regression, finite or infinite pools     icl_regression.py
+    bursty_classification  Reddy-style bursty few-shot classification (ICL vs IWL)    bursty.py
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from umv2_jax.data.tasks.base import SPLIT_STREAMS, Task, from_params
+from umv2_jax.data.tasks.bursty import BurstyClassification
+from umv2_jax.data.tasks.fact_base import FactBase
+from umv2_jax.data.tasks.icl_regression import ICLRegression
+from umv2_jax.data.tasks.mqar import MQAR
+from umv2_jax.data.tasks.needles import MultiKeyNeedle, PasskeyNeedle, VariableTracking
+from umv2_jax.data.tasks.overwrite import OverwriteRecall
+from umv2_jax.errors import ConfigError
+
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls
+    for cls in (
+        MQAR,
+        OverwriteRecall,
+        PasskeyNeedle,
+        MultiKeyNeedle,
+        VariableTracking,
+        FactBase,
+        ICLRegression,
+        BurstyClassification,
+    )
+}
+
+__all__ = ["SPLIT_STREAMS", "TASKS", "Task", "make_task"]
+
+
+def make_task(name: str, params: dict[str, Any] | None = None) -> Task:
+    """The task `name` with `params` (plain data, as in YAML); ConfigError naming the problem."""
+    if name not in TASKS:
+        raise ConfigError(
+            f"config 'data.source': unknown task '{name}'; use task:NAME with NAME one of "
+            f"{', '.join(TASKS)}"
+        )
+    return from_params(TASKS[name], params)
