@@ -3,7 +3,10 @@
     python benchmarks/kernels.py            # a table
     python benchmarks/kernels.py --json     # one JSON object
 
-value_bag (this section): per shape, forward (out, p) and forward + backward (every gradient) with
+Retrieval selection: the rows of `benchmarks/retrieval_kernels.py` (time, XLA's peak memory and
+the ratios at the 227M and 2.5B-top768 shapes, T = 16384), printed after the value_bag rows.
+
+value_bag: per shape, forward (out, p) and forward + backward (every gradient) with
 implementation="pallas" and "xla": median time, bytes moved, achieved bandwidth, the pallas / xla
 speed ratio, and a device-to-device copy of the value table's bytes measured in the same run (the
 bandwidth the forward is judged against).
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.retrieval_kernels import retrieval_rows  # noqa: E402
 from umv2_jax.ops.value_bag import value_bag  # noqa: E402
 
 # name: (T, m, C, N rows, D_v, D_p, table dtype)
@@ -182,6 +186,9 @@ def main(argv=None) -> int:
             f"no speed measured on {device.platform}: the Pallas kernels do not compile here; "
             "interpret-mode correctness against the XLA path only"
         )
+    # Retrieval selection (benchmarks/retrieval_kernels.py): timed with peak memory on a GPU,
+    # interpreter correctness on a CPU.
+    report["retrieval"] = retrieval_rows()
     if args.json:
         print(json.dumps(report))
         return 0
@@ -190,6 +197,8 @@ def main(argv=None) -> int:
         print(
             " | ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{v}" for k, v in row.items())
         )
+    for row in report["retrieval"]:
+        print("retrieval | " + " | ".join(f"{k}: {v}" for k, v in row.items()))
     if "note" in report:
         print(report["note"])
     return 0

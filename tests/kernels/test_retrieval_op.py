@@ -246,3 +246,24 @@ def test_product_key_rejects_non_finite_queries():
         product_key_topk(
             jnp.zeros((3, 4)), q, jnp.zeros((5, 4)), jnp.zeros((5, 4)), rc_topk=2, topk=2
         )
+
+
+def test_explicit_pallas_on_cpu_runs_vmapped_over_heads_under_jit():
+    """implementation="pallas" alone on CPU interprets the kernel; heads vmapped over the op's
+    per-platform conditional must batch (the TPU interpreter's IO callbacks could not)."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    heads, tokens, n_keys, rank, key_dim = 2, 16, 12, 2, 8
+    queries = jax.random.normal(keys[0], (heads, tokens, rank, key_dim))
+    key_table = jax.random.normal(keys[1], (heads, n_keys, rank, key_dim))
+    cores = jax.random.normal(keys[2], (heads, 2, rank, rank))
+    u_star = jnp.full((rank,), rank**-0.5)
+
+    def select(implementation):
+        one = lambda q, k, c: retrieval_topk(  # noqa: E731
+            q, q, k, k, c, u_star, u_star, rc_topk=4, topk=6, implementation=implementation
+        )
+        return jax.jit(jax.vmap(one))(queries, key_table, cores)
+
+    (got_rows, got_scores), (want_rows, want_scores) = select("pallas"), select("xla")
+    np.testing.assert_array_equal(got_rows, want_rows)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)

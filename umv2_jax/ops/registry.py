@@ -240,11 +240,15 @@ def _lookup(
     """The function of implementation `name` on `platform`; under `interpret` a Pallas kernel
     registered for any platform runs in the interpreter (the TPU one first: it interprets best).
     `implementation="pallas"` alone (`sole`) lowered for CPU, where no kernel compiles, runs in the
-    interpreter too; in a preference list CPU skips it."""
+    interpreter too (the GPU kernel first); in a preference list CPU skips it."""
     per_platform = op.implementations.get(name, {})
     cpu_interpreted = sole and platform == "cpu" and platform not in per_platform
     if name == "pallas" and (interpret or cpu_interpreted):
-        for candidate in ("tpu", "cuda", "rocm"):
+        # The CPU fallback prefers the GPU kernels: they interpret with `interpret=True` (the
+        # discharge interpreter, plain XLA ops), where the TPU interpreter's callbacks carry IO
+        # effects that `vmap` of the per-platform conditional cannot batch.
+        order = ("tpu", "cuda", "rocm") if interpret else ("cuda", "rocm", "tpu")
+        for candidate in order:
             if candidate in per_platform:
                 return (
                     _interpreted(per_platform[candidate])
