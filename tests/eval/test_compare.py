@@ -243,3 +243,12 @@ def test_regression_predictions_read_the_answer_positions():
     centre = [-4 + (b + 0.5) * 8 / 128 for b in (0, 63, 127, 64)]  # bin centres on [-4, 4]
     expected = [[centre[0], centre[1], centre[2]], [0.0, centre[3], 0.0]]  # not a y token: 0
     np.testing.assert_allclose(got, expected)
+
+
+def test_timing_extrapolates_every_run_linearly_in_tokens():
+    from umv2_jax.compare.timing import extrapolate
+
+    # MICRO: 3 tasks of 3 steps at 4 × 24 tokens, 2 seeds; injection 1 seed of 3 pretraining
+    # steps + 2 finetuning steps per mode (umv2: 2 modes, the others none), also 4 × 24 tokens.
+    total = extrapolate(MICRO, "mqar", {"dense": 1.0, "umv2": 2.0})
+    assert total == pytest.approx({"dense": 3 * 3 * 2 + 3, "umv2": 2.0 * (3 * 3 * 2 + 3 + 2 * 2)})

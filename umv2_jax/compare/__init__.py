@@ -14,6 +14,9 @@ Refused with one line and exit status 2, before anything is written: an unknown 
 holds another suite's results (or this suite's with other settings), models whose accounting does
 not confirm EVAL.md's 3% matches.
 
+`python -m umv2_jax.compare.timing --suite full` times a few steps of each model and extrapolates
+the suite's training time from them (umv2_jax.compare.timing).
+
 Python: `run_suite(SUITES["quick"], "results/quick")`; a Suite is plain data
 (umv2_jax.compare.suites), so tests run a micro suite of tiny models the same way.
 """

@@ -345,15 +345,20 @@ def _decode_bytes(
     batch_sizes: Sequence[int],
 ) -> dict[str, Any]:
     """Measured bytes per decode step (umv2_jax.eval.decode_access) of the model trained on `spec`
-    (seed 0; `params`, `rest` its trained weights) on the task's test data, beside the
-    uniform-routing curve. Batches: 1, 8, 64 and 512 where the test data has that many rows."""
+    (seed 0; `params`, `rest` its trained weights), beside the uniform-routing curve, on the
+    first DECODE_PROMPT + DECODE_STEPS tokens of the task's train-split batches spec.steps,
+    spec.steps + 1, … (data the model never trained on). Batches: 1, 8, 64 and 512 where 64
+    such batches have that many rows."""
     from umv2_jax.eval import decode_access
 
     config = programs.config
     model_module = programs.parts.build(params, rest)
-    rows, index = [], 0
-    while sum(len(r) for r in rows) < max(batch_sizes) and index < 64:
-        batch = task.batch(spec.batch_size, spec.seq_len, seed=0, index=index, split="test")
+    # Train-split batches after the last trained step: never trained on, and distinct rows for
+    # every task (fact_base's test split is every fact once, only num_facts / 16 distinct rows,
+    # so its B = 512 would repeat 32 rows).
+    rows, index = [], spec.steps
+    while sum(len(r) for r in rows) < max(batch_sizes) and index < spec.steps + 64:
+        batch = task.batch(spec.batch_size, spec.seq_len, seed=0, index=index, split="train")
         rows.append(batch["inputs"][:, : DECODE_PROMPT + DECODE_STEPS])
         index += 1
     tokens = np.concatenate(rows)
@@ -371,8 +376,9 @@ def _decode_bytes(
         "task": spec.name,
         "seed": 0,
         "trained_steps": spec.steps,
+        "distinct_rows": int(len(np.unique(tokens, axis=0))),
         "note": f"routing of the seed-0 model trained {spec.steps} steps on {spec.name}, "
-        f"on {spec.name}'s test data",
+        f"on {spec.name} train-split batches after step {spec.steps} (never trained on)",
     }
 
 

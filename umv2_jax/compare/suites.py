@@ -115,9 +115,8 @@ def _family(models) -> tuple[ModelSpec, ...]:
     return tuple(ModelSpec(name, path) for name, path in models)
 
 
-# Quick: 3 models × 3 tasks × 3 seeds + injection, sized from single-step timings on a busy 2-core
-# machine (T models at 16 × 128 tokens: dense 33 ms, MoE 65 ms, UltraMemV2 108 ms a step, plus
-# ~20 s of compilation per UltraMemV2 program). A complete run is NOT measured yet (README "Results").
+# Quick: 3 models × 4 tasks × 3 seeds + injection, sized from single-step timings on a busy 2-core
+# machine. Measured end to end (README "Results"): 707 s on a shared 2-core VM at load 5-6.
 QUICK = Suite(
     name="quick",
     models=_family(T_FAMILY),
