@@ -22,7 +22,7 @@ input aliased to the output (`pl.pallas_call(..., input_output_aliases={k: 0})`)
 NaN and only the kernel's writes replace it.
 
 The compile runner needs libtpu (`pip install -e '.[test]'` on linux x86_64 installs it, or point
-UMV2_TPU_PYTHON at a venv that has it, e.g. /tmp/tpuvenv/bin/python). Cases are built by a
+UMV2_TPU_PYTHON at a venv that has it). Cases are built by a
 function `cases() -> [(name, fn, args)]` or `(name, fn, args, {"row_major": (0, 1)})`, args a tuple
 of `jax.ShapeDtypeStruct` pytrees without a sharding (the runner places them on one v5e device; the
 positions in row_major get an explicit row-major layout instead of XLA:TPU's default, which for
@@ -116,26 +116,12 @@ def lower_for(fn: Callable[..., Any], args: Sequence[Any], platform: str) -> str
 
 
 def tpu_python() -> str | None:
-    """A Python interpreter that can import libtpu: UMV2_TPU_PYTHON, this one, or /tmp/tpuvenv's."""
+    """A Python interpreter that can import libtpu: UMV2_TPU_PYTHON, else this one if it can."""
     explicit = os.environ.get("UMV2_TPU_PYTHON")
     if explicit:
         return explicit
     if importlib.util.find_spec("libtpu") is not None:
         return sys.executable
-    fallback = Path("/tmp/tpuvenv/bin/python")
-    if fallback.exists():
-        probe = subprocess.run(
-            [
-                str(fallback),
-                "-c",
-                "import importlib.util as u; print(u.find_spec('libtpu') is not None)",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if probe.stdout.strip() == "True":
-            return str(fallback)
     return None
 
 
