@@ -450,7 +450,18 @@ def _install_unraisable_filter() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
+    # A failed save's abandoned orbax tasks are reported by asyncio ("Task exception was never
+    # retrieved", with their traceback) whenever they are garbage collected, often at exit, after
+    # the one-line error: drop those records, and only those.
+    logging.getLogger("asyncio").addFilter(_AbandonedOrbaxTaskFilter())
     _unraisable_filter_installed = True
+
+
+class _AbandonedOrbaxTaskFilter(logging.Filter):
+    """Drops asyncio's reports of orbax tasks whose exception nobody retrieved."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] is not None and _from_orbax(record))
 
 
 def _from_orbax_io(unraisable) -> bool:
