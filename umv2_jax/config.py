@@ -756,6 +756,30 @@ class CheckpointConfig:
         _require(self.keep >= 1, f"{prefix}.keep", "must be >= 1")
 
 
+def _coerce_rules(value: Any, key: str) -> tuple:
+    """`mesh.rules` as sorted (logical name, mesh axis | tuple of axes | None) pairs."""
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"config '{key}': expected a mapping of logical axis → mesh axis, got {value!r}"
+        )
+    pairs = []
+    for name, target in value.items():
+        if isinstance(target, list | tuple):
+            target = tuple(str(axis) for axis in target) or None
+        elif target is not None and not isinstance(target, str):
+            raise ConfigError(
+                f"config '{key}.{name}': expected a mesh axis, a list of them or null, got {target!r}"
+            )
+        pairs.append((str(name), target))
+    return tuple(sorted(pairs))
+
+
+def _format_rules(value: tuple) -> dict[str, Any]:
+    return {name: list(target) if isinstance(target, tuple) else target for name, target in value}
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh. One axis may be -1 (all remaining devices); the product must equal the count."""
@@ -764,14 +788,23 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    # Overrides of umv2_jax.parallel.rules.LOGICAL_RULES: {logical name: mesh axis | [axes] | null},
+    # e.g. {mem_rows: null} keeps memory tables whole along rows.
+    rules: tuple = _language((), _Language(coerce=_coerce_rules, format=_format_rules))
 
     AXES = ("data", "fsdp", "tensor", "expert")
+
+    def __post_init__(self) -> None:
+        _parse_languages(self, "mesh")
 
     def validate(self, prefix: str = "mesh") -> None:
         sizes = [getattr(self, axis) for axis in self.AXES]
         for axis, size in zip(self.AXES, sizes):
             _require(size == -1 or size >= 1, f"{prefix}.{axis}", "must be >= 1 or -1")
         _require(sizes.count(-1) <= 1, prefix, "at most one axis may be -1")
+        from umv2_jax.parallel.rules import resolve_rules  # the table lives with the sharding code
+
+        resolve_rules(self.rules)
 
     def shape(self, device_count: int) -> tuple[int, ...]:
         """The concrete mesh shape for `device_count` devices, or ConfigError if it cannot divide."""

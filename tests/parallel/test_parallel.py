@@ -123,12 +123,12 @@ def test_memory_value_tables_are_split_along_the_value_dimension(sparse_sharding
     assert sparse_shardings["umv2"]["devices"] == 8
     tables = {path: p for path, p in params.items() if p["values"]}
     assert set(tables) == {"['shared']['values']", "['shared']['pre_values']"}
-    # SPEC dimension-wise memory parallelism: [layers, rows, D] with D over `tensor`, rows whole.
+    # SPEC dimension-wise memory parallelism: [layers, rows, D] with D over `tensor`, rows over fsdp.
     values, pre_values = tables["['shared']['values']"], tables["['shared']['pre_values']"]
     assert values["axes"] == pre_values["axes"] == ["layers", "mem_rows", "mem_dim"]
-    assert values["spec"] == pre_values["spec"] == [None, None, "tensor"]
-    assert values["shard"] == [2, 144, 16 // 2]  # value_dim 16
-    assert pre_values["shard"] == [2, 144, 8 // 2]  # pre_value_dim 8
+    assert values["spec"] == pre_values["spec"] == [None, "fsdp", "tensor"]
+    assert values["shard"] == [2, 144 // 2, 16 // 2]  # value_dim 16
+    assert pre_values["shard"] == [2, 144 // 2, 8 // 2]  # pre_value_dim 8
     # The projections on either side of the tables are split the same way along mem_dim.
     assert params["['blocks'][0]['sparse']['pre_value_proj']"]["spec"] == ["fsdp", "tensor"]
     assert params["['blocks'][0]['sparse']['output_proj']"]["spec"] == ["tensor", "fsdp"]

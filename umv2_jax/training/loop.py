@@ -85,7 +85,10 @@ def train(
     run of another model there.
     """
     primary = jax.process_index() == 0
+    mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
     with (
+        # Everything traced in the run sees the mesh (token-local ops run under shard_map on it).
+        parallel.use_mesh(mesh),
         signals.handling(),  # SIGTERM / SIGINT: stop at the next safe point (signals.py)
         rundir.RunDir(os.path.abspath(workdir), primary=primary, echo=echo) as run,
     ):
@@ -305,7 +308,7 @@ def _train(
 
 
 def _data_parallel(mesh: jax.sharding.Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return parallel.batch_shards(mesh)
 
 
 def _stop_line(signum: int, start_step: int, step: int, directory: str) -> str:

@@ -73,6 +73,57 @@ class Setup:
     param_count: int
 
 
+@dataclasses.dataclass
+class Plan:
+    """The train state's shapes and shardings, with no array allocated (`plan`).
+
+    params / rest / opt_state: `jax.ShapeDtypeStruct` trees (sharding attached); the shardings
+    trees match them. What `build` fills with arrays, and what the AOT tool compiles against.
+    """
+
+    config: Config
+    mesh: jax.sharding.Mesh
+    parts: ModelParts
+    optimizer: Any
+    state: dict[str, Any]  # {"params", "opt_state", "step"}: ShapeDtypeStructs
+    rest: dict[str, Any]
+    state_shardings: Any
+    rest_shardings: Any
+    param_count: int
+
+
+def plan(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any = None) -> Plan:
+    """Shapes and shardings of the train state on `mesh` (default: the config's), nothing allocated.
+
+    Parameters are sharded by their logical axes through `mesh.rules` (umv2_jax.parallel.rules);
+    optimizer state takes each parameter's sharding.
+    """
+    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+    rules = parallel.resolve_rules(config.mesh.rules)
+    abstract = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(config.train.seed)))
+    param_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+    rest_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Not(nnx.Param)), mesh, rules)
+    labels = parameter_labels(nnx.state(abstract, nnx.Param))
+    parts, params, rest = ModelParts.split(abstract)
+    params = abstract_like(_shapes(params), param_shardings)
+    rest = abstract_like(_shapes(rest), rest_shardings)
+    optimizer = make_optimizer(config, labels, row_mask)
+    references = parallel.path_index(param_shardings, params)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = parallel.shardings_like(opt_shapes, references, mesh)
+    replicated = parallel.replicated(mesh)
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+    state = {
+        "params": params,
+        "opt_state": abstract_like(opt_shapes, opt_shardings),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+    }
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return Plan(
+        config, mesh, parts, optimizer, state, rest, state_shardings, rest_shardings, count
+    )
+
+
 def build(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any = None) -> Setup:
     """Initializes the model and optimizer on the mesh, sharded by the parameters' logical axes.
 
@@ -81,33 +132,34 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: An
     Initialization is one jitted program whose outputs are laid out by `out_shardings`, so no host
     ever holds the whole model (and op-by-op init, slow to dispatch, is avoided).
     """
-    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+    layout = plan(config, mesh, row_mask=row_mask)
     seed = config.train.seed
-    abstract = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(seed)))
-    param_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh)
-    rest_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Not(nnx.Param)), mesh)
-    labels = parameter_labels(nnx.state(abstract, nnx.Param))
-    parts, _, _ = ModelParts.split(abstract)
+    shardings = layout.state_shardings
 
-    @functools.partial(jax.jit, out_shardings=(param_shardings, rest_shardings))
+    @functools.partial(jax.jit, out_shardings=(shardings["params"], layout.rest_shardings))
     def initialize():
         _, params, rest = ModelParts.split(Transformer(config.model, nnx.Rngs(seed)))
         return params, rest
 
     params, rest = initialize()
-    optimizer = make_optimizer(config, labels, row_mask)
-    references = parallel.path_index(param_shardings, params)
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = parallel.shardings_like(opt_shapes, references, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    replicated = parallel.replicated(mesh)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    opt_state = jax.jit(layout.optimizer.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
     state = {"params": params, "opt_state": opt_state, "step": step}
-    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     return Setup(
-        config, mesh, parts, state, rest, state_shardings, rest_shardings, optimizer, count
+        config,
+        layout.mesh,
+        layout.parts,
+        state,
+        rest,
+        shardings,
+        layout.rest_shardings,
+        layout.optimizer,
+        layout.param_count,
     )
+
+
+def _shapes(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
