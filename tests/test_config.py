@@ -436,3 +436,15 @@ def test_an_empty_config_file_is_an_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"config file '{path}' is empty"):
         load_config(path)
+
+
+def test_mesh_rules_override_and_reject_unknown_names():
+    from umv2_jax.config import load_config
+    from umv2_jax.errors import ConfigError
+
+    config = load_config(None, ["mesh.rules={mem_rows: null, embed: [fsdp, data]}"])
+    assert dict(config.mesh.rules) == {"mem_rows": None, "embed": ("fsdp", "data")}
+    with pytest.raises(ConfigError, match=r"mesh.rules.mem_row'.*unknown logical axis"):
+        load_config(None, ["mesh.rules={mem_row: fsdp}"])
+    with pytest.raises(ConfigError, match=r"'mesh.rules.embed'.*not a mesh axis"):
+        load_config(None, ["mesh.rules={embed: model}"])

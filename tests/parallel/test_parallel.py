@@ -167,12 +167,17 @@ def test_logical_axes_map_to_mesh_axes_or_replicate():
     mesh = AbstractMesh((2, 2, 4, 1), ("data", "fsdp", "tensor", "expert"))
     spec = parallel.logical_to_spec
     assert spec(("layers", "mem_rows", "mem_dim"), (2, 10, 8), mesh) == PartitionSpec(
-        None, None, "tensor"
+        None, "fsdp", "tensor"
     )
     # A dimension the mesh axis does not divide is replicated, not padded.
-    assert spec(("layers", "mem_rows", "mem_dim"), (2, 10, 6), mesh) == PartitionSpec(
+    assert spec(("layers", "mem_rows", "mem_dim"), (2, 9, 6), mesh) == PartitionSpec(
         None, None, None
     )
+    # The rules are overridable (`mesh.rules`); an unknown logical name is an error.
+    rules = parallel.resolve_rules({"mem_rows": None, "embed": ["fsdp", "data"]})
+    assert spec(("mem_rows", "embed"), (8, 8), mesh, rules) == PartitionSpec(None, ("fsdp", "data"))
+    with pytest.raises(ValueError, match="no rule"):
+        spec(("not_an_axis",), (8,), mesh)
     # batch spans both data-parallel axes; a mesh axis of size 1 shards nothing.
     assert spec(("batch", "kv"), (8, 3), mesh) == PartitionSpec(("data", "fsdp"), None)
     assert spec(("experts", "embed", "mlp"), (4, 6, 8), mesh) == PartitionSpec(
