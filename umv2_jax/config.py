@@ -353,9 +353,21 @@ class MoEConfig:
     shared_expert_d_ff: int = 0  # 0 = no shared expert
     implementation: Implementation = "auto"  # auto: xla (block-padded loop) on CPU
     block_size: int = 64  # row block of block_padded (S-moe on CPU: 64 best; 16 ≈15% slower)
+    # Token exchange under a mesh with `expert` > 1 (umv2_jax.parallel.experts): ragged =
+    # ragged_all_to_all (dropless; GPU / TPU only), capacity = a fixed-size buffer per destination
+    # through all_to_all; auto = ragged on GPU / TPU, capacity on CPU.
+    expert_parallel: Literal["auto", "ragged", "capacity"] = "auto"
+    # capacity exchange: rows sent per (source, destination) device pair = ceil(f · T_local·k / e);
+    # 0 = the worst case T_local·min(k, E/e) (dropless). Drops are reported as ep_dropped_fraction.
+    ep_capacity_factor: float = 0.0
 
     def validate(self, prefix: str) -> None:
         _require(self.num_experts >= 1, f"{prefix}.num_experts", "must be >= 1")
+        _require(
+            self.ep_capacity_factor >= 0,
+            f"{prefix}.ep_capacity_factor",
+            f"{self.ep_capacity_factor} must be >= 0 (0 = worst case, dropless)",
+        )
         _require(
             1 <= self.top_k <= self.num_experts,
             f"{prefix}.top_k",
@@ -535,6 +547,14 @@ class ModelConfig:
     # Rematerialization of each block in the backward: none, full (recompute the whole block),
     # save_dots (keep matmul outputs, recompute the rest).
     remat: Literal["none", "full", "save_dots"] = "none"
+    # Attention (umv2_jax.ops.attention): auto = cuDNN flash attention on GPU, Pallas splash on TPU,
+    # the chunked XLA path elsewhere (the plain reference when seq <= attention_chunk); xla = the
+    # plain reference (f32 [batch, heads, seq, seq] scores); chunked = flash-style XLA.
+    attention: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
+    attention_chunk: int = 512  # query / key block of the chunked path
+    # Train / eval loss over vocabulary chunks of at most this many columns
+    # (umv2_jax.ops.cross_entropy): the f32 [tokens, vocab] logits never exist. 0 = full logits.
+    loss_vocab_chunk: int = 8192
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     product_key: ProductKeyConfig = field(default_factory=ProductKeyConfig)
@@ -582,6 +602,16 @@ class ModelConfig:
         _require(self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim", "must be even for RoPE")
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be > 0")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
+        _require(
+            self.attention_chunk >= 1,
+            f"{prefix}.attention_chunk",
+            f"{self.attention_chunk} must be >= 1 (rows per query / key block, e.g. 512)",
+        )
+        _require(
+            self.loss_vocab_chunk >= 0,
+            f"{prefix}.loss_vocab_chunk",
+            f"{self.loss_vocab_chunk} must be >= 0 (columns per chunk, e.g. 8192; 0 = full logits)",
+        )
         if self.sparse_layers is not None:
             _require(len(self.sparse_layers) > 0, f"{prefix}.sparse_layers", "must not be empty")
             for index in self.sparse_layers:
@@ -847,7 +877,7 @@ class Config:
         self.train.validate("train")
         self.checkpoint.validate("checkpoint")
         self.mesh.validate("mesh")
-        self.check_mesh_fits_model(self.mesh.expert)
+        self.check_mesh_fits_model(self.mesh.expert, self.mesh.tensor)
         self.check_trainable()
         _require(
             self.data.seq_len <= self.model.max_seq_len,
@@ -882,14 +912,34 @@ class Config:
             "is not ultramem_v2; use train.trainable=all (or values for another memory model)",
         )
 
-    def check_mesh_fits_model(self, expert_axis: int) -> None:
-        """The expert-parallel axis must divide the experts (checked again once -1 is resolved)."""
+    def check_mesh_fits_model(self, expert_axis: int, tensor_axis: int = 1) -> None:
+        """The mesh axes the model must split evenly (checked again once -1 is resolved).
+
+        `expert` must divide the experts; for UltraMemV2 with its tables on `tensor` (the
+        `mem_dim` rule), `tensor` must divide memory.value_dim and memory.pre_value_dim, since
+        each device aggregates its own slice of the value dimension.
+        """
         if self.model.sparse == "moe" and expert_axis > 1:
             _require(
                 self.model.moe.num_experts % expert_axis == 0,
                 "mesh.expert",
                 f"{expert_axis} does not divide model.moe.num_experts={self.model.moe.num_experts}",
             )
+        if self.model.sparse == "ultramem_v2" and tensor_axis > 1:
+            from umv2_jax.parallel.rules import resolve_rules  # the table lives with the sharding
+
+            target = resolve_rules(self.mesh.rules)["mem_dim"]
+            if "tensor" in ((target,) if isinstance(target, str) else tuple(target or ())):
+                memory = self.model.memory
+                for name in ("value_dim", "pre_value_dim"):
+                    size = getattr(memory, name)
+                    _require(
+                        size % tensor_axis == 0,
+                        "mesh.tensor",
+                        f"{tensor_axis} does not divide model.memory.{name}={size} (the tables "
+                        f"split their value dimension on 'tensor'); use a tensor size dividing "
+                        f"{size}, or mesh.rules={{mem_dim: null}} to keep them whole",
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -26,7 +26,9 @@ and fills a last partial batch with all-PAD rows (loss_mask 0), so shapes never 
 
 Multi-host: every process builds the same global batch and keeps rows
 [process_index * B_host, (process_index + 1) * B_host), so the global batch does not depend on the
-number of processes. (Each host tokenizes the whole stream; at byte level that is cheap.)
+number of processes. (Each host tokenizes the whole stream; at byte level that is cheap.) The loop
+passes the block of rows the process's devices hold (`parallel.distributed.batch_share(mesh)`) as
+(process_index, process_count): processes whose devices hold the same rows pass the same block.
 
 Reading uses `tfds.builder_from_directory(...).as_data_source(...)` / `tfds.builder(...)`, which
 work without TensorFlow for ArrayRecord datasets in tensorflow-datasets 4.9.10.

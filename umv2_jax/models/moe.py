@@ -8,11 +8,15 @@ Per token `x` (T = batch·seq tokens, E experts, k = top_k):
     w, e    = top_k(probs)                             # not renormalized unless `renormalize`
     y       = Σ_j w_j · W_down[e_j]( silu(W_gate[e_j] x) * (W_up[e_j] x) )   (+ shared expert)
 
-The layer is router → dispatch → combine. The dispatch is the op `umv2_jax.ops.moe_dispatch` (stable
-sort of the T·k (token, slot) assignments by expert, grouped SwiGLU experts, unsort; it picks its
-implementation per platform); the layer weighs the k outputs by the router. Dispatch is dropless; with
-`capacity_factor > 0` each expert keeps at most `ceil(cf·T·k/E)` assignments, the first ones in token
-order; the rest are dropped (contribute nothing) and reported as `dropped_fraction`.
+The layer is router → dispatch → combine (`umv2_jax.parallel.experts.routed_experts`). The dispatch
+is the op `umv2_jax.ops.moe_dispatch` (stable sort of the T·k (token, slot) assignments by expert,
+grouped SwiGLU experts, unsort; it picks its implementation per platform); the layer weighs the k
+outputs by the router. Dispatch is dropless; with `capacity_factor > 0` each expert keeps at most
+`ceil(cf·T·k/E)` assignments, the first ones in token order; the rest are dropped (contribute
+nothing) and reported as `dropped_fraction`. Under a mesh the layer is token-local and expert-
+parallel (tokens exchanged over `expert`, see `umv2_jax.parallel.experts`); there T is a device's
+tokens (capacity is per shard) and a capacity-bounded exchange reports its drops as
+`ep_dropped_fraction`.
 
 Output (`umv2_jax.models.sparse.SparseOutput`): losses `lb` = lb_loss · E·Σ_e f_e·p_e (Switch form;
 f_e = share of the T·k assignments routed to e, p_e = mean router probability) and
@@ -26,8 +30,6 @@ Logical axes: router ("embed", "experts"); experts ("experts", "embed", "mlp") a
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -37,6 +39,8 @@ from umv2_jax.models import init as init_lib
 from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
 from umv2_jax.models.transformer import SwiGLU, dtype_of
 from umv2_jax.ops.moe_dispatch import moe_dispatch
+from umv2_jax.parallel import experts as experts_lib
+from umv2_jax.parallel import mesh as parallel_mesh
 
 
 class MoE(nnx.Module):
@@ -56,6 +60,8 @@ class MoE(nnx.Module):
         self.z_weight = moe.z_loss
         self.implementation = moe.implementation
         self.block_size = moe.block_size
+        self.expert_parallel = moe.expert_parallel
+        self.ep_capacity_factor = moe.ep_capacity_factor
         self.compute_dtype = dtype_of(config.compute_dtype)
         self.router = init_lib.make_param(rngs, std, (h, experts), ("embed", "experts"))
         self.gate = init_lib.make_param(rngs, std, (experts, h, d_e), ("experts", "embed", "mlp"))
@@ -71,89 +77,66 @@ class MoE(nnx.Module):
     def __call__(self, u: jax.Array, context: SparseContext | None = None) -> SparseOutput:
         """u: [batch, seq, embed] → SparseOutput (y [batch, seq, embed] in compute dtype).
 
+        Under a mesh (`parallel.active_mesh()`) the routed experts run token-local and
+        expert-parallel (`umv2_jax.parallel.experts`); statistics are those of the whole batch
+        either way.
         With `context.diagnostics`, `row_hits` is bool [experts]: the experts this pass routed any
         token to (an expert is a row of the expert table; decode memory access counts them).
         """
         batch, seq, h = u.shape
-        tokens, k, experts = batch * seq, self.top_k, self.num_experts
         dtype = self.compute_dtype
-        x = u.reshape(tokens, h)
-
-        # Router in fp32 at full precision: the top-k choice is sensitive to rounding.
-        logits = jnp.dot(
-            x.astype(jnp.float32),
-            self.router[...].astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        )  # [T, E]
-        probs = jax.nn.softmax(logits, axis=-1)
-        weights, chosen = jax.lax.top_k(probs, k)  # [T, k]
-        if self.renormalize:
-            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-
-        # Assignment a = t·k + j is (token t, slot j); flat order is token order.
-        counts = jnp.zeros((experts,), jnp.int32).at[chosen.reshape(tokens * k)].add(1)
-        capacity = None
-        if self.capacity_factor > 0:
-            capacity = math.ceil(self.capacity_factor * tokens * k / experts)
-        expert_out, kept = self._dispatch_experts_combine(x.astype(dtype), chosen, capacity)
-        kept = kept.reshape(tokens * k) if capacity is not None else None
-        combine = weights.reshape(tokens * k)
-        if kept is not None:
-            combine = jnp.where(kept, combine, 0.0)
-        # As a contraction over the k slots: several times faster on CPU than multiply-then-sum.
-        y = jnp.einsum(
-            "tkh,tk->th",
-            expert_out.astype(jnp.float32).reshape(tokens, k, h),
-            combine.reshape(tokens, k),
-            precision=jax.lax.Precision.HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(x).astype(jnp.float32)
-        y = y.astype(dtype).reshape(batch, seq, h)
-
-        losses, metrics = self._losses(logits, probs, counts, tokens * k)
-        if kept is not None:
-            metrics["dropped_fraction"] = jax.lax.stop_gradient(
-                1.0 - jnp.mean(kept.astype(jnp.float32))
-            )
-        out = SparseOutput(y=y, losses=losses, metrics=metrics, addressable_rows=experts)
-        if context is not None and context.diagnostics:
-            out.row_hits = counts > 0
-        return out
-
-    def _dispatch_experts_combine(
-        self, x: jax.Array, chosen: jax.Array, capacity: int | None
-    ) -> tuple[jax.Array, jax.Array]:
-        """x: [T, embed], chosen: [T, k] experts → (each assignment's expert output [T, k, embed],
-        kept [T, k]); the `moe_dispatch` op picks its implementation."""
-        return moe_dispatch(
-            x,
-            chosen,
-            self.gate[...],
-            self.up[...],
-            self.down[...],
-            capacity=capacity,
+        options = experts_lib.RoutedOptions(
+            top_k=self.top_k,
+            renormalize=self.renormalize,
+            capacity_factor=self.capacity_factor,
+            expert_parallel=self.expert_parallel,
+            ep_capacity_factor=self.ep_capacity_factor,
             implementation=self.implementation,
             block_size=self.block_size,
         )
+        y, stats = experts_lib.routed_experts(
+            u.astype(dtype),
+            self.router[...],
+            self.gate[...],
+            self.up[...],
+            self.down[...],
+            options,
+            dispatch=moe_dispatch,  # looked up per call: tests swap in an interpreted kernel
+        )
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(u.reshape(batch * seq, h)).astype(jnp.float32).reshape(
+                y.shape
+            )
+        y = y.astype(dtype)
+
+        losses, metrics = self._losses(stats)
+        out = SparseOutput(y=y, losses=losses, metrics=metrics, addressable_rows=self.num_experts)
+        if context is not None and context.diagnostics:
+            out.row_hits = stats["counts"] > 0
+        return out
 
     def _losses(
-        self, logits: jax.Array, probs: jax.Array, counts: jax.Array, assignments: int
+        self, stats: experts_lib.Stats
     ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-        """(weighted auxiliary losses by type, routing diagnostics), all fp32 scalars."""
-        experts = self.num_experts
-        routed_share = counts.astype(jnp.float32) / assignments  # f_e (no gradient: a count)
-        mean_prob = jnp.mean(probs, axis=0)  # p_e
+        """(weighted auxiliary losses by type, routing diagnostics), all fp32 scalars, from the
+        whole batch's routing statistics (`parallel.experts.routed_experts`)."""
+        experts, tokens = self.num_experts, stats["tokens"]
+        assignments = tokens * self.top_k
+        count_f = stats["counts"].astype(jnp.float32)
+        routed_share = count_f / assignments  # f_e (no gradient: a count)
+        mean_prob = stats["prob_sum"] / tokens  # p_e
         load_balance = experts * jnp.sum(routed_share * mean_prob)
-        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
-        count_f = counts.astype(jnp.float32)
-        entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+        z = stats["lse_sq_sum"] / tokens
         metrics = {
             "tokens_per_expert_cv": jnp.std(count_f) / jnp.maximum(jnp.mean(count_f), 1e-9),
-            "router_entropy": jnp.mean(entropy),
+            "router_entropy": stats["entropy_sum"] / tokens,
             "max_expert_fraction": jnp.max(routed_share),
         }
+        if self.capacity_factor > 0:
+            metrics["dropped_fraction"] = 1.0 - stats["kept"] / assignments
+        mesh = parallel_mesh.active_mesh()
+        if mesh is not None and mesh.shape["expert"] > 1:
+            metrics["ep_dropped_fraction"] = stats["ep_dropped"] / assignments
         losses = {"lb": self.lb_weight * load_balance, "z": self.z_weight * z}
         return losses, {name: jax.lax.stop_gradient(value) for name, value in metrics.items()}
 

@@ -195,12 +195,16 @@ class TuckerRetrieval(nnx.Module):
         implementation: str = "auto",
         key_balance: bool = False,
         rank_one: tuple[jax.Array, jax.Array] | None = None,
+        balance_axes: tuple[str, ...] = (),
     ) -> RetrievalResult:
         """x: [T, h] → RetrievalResult for every head.
 
         key_balance: also return the unweighted key-balance term Σ_side N·Σ_i f_i·p_i (mean over heads).
         rank_one:    optional (u* [H, r], t* [H, r]) used instead of the SVD's; for pinning the
                      release's buffers in compatibility tests. Never needed in training.
+        balance_axes: inside a shard_map, the mesh axes over which devices hold different (equally
+                     many) tokens: the key-balance statistics f and p are averaged over them before
+                     their product, so the term is the global batch's (`lax.pmean`).
         """
         q_row, q_col = self.queries(x)  # [H, T, r, D_k] each
         k_row, k_col = self.normalized_keys()  # [H, N, r, D_k] each
@@ -231,7 +235,8 @@ class TuckerRetrieval(nnx.Module):
         if key_balance:
             per_head = jax.vmap(
                 lambda qr, qc, kr, kc, u, t: (
-                    _key_balance(qr, kr, u, self.rc_topk) + _key_balance(qc, kc, t, self.rc_topk)
+                    _key_balance(qr, kr, u, self.rc_topk, balance_axes)
+                    + _key_balance(qc, kc, t, self.rc_topk, balance_axes)
                 )
             )(q_row, q_col, k_row, k_col, u_star, t_star)
             balance = jnp.mean(per_head)
@@ -265,17 +270,23 @@ class TuckerRetrieval(nnx.Module):
         return normalized[:, 0], normalized[:, 1]
 
 
-def _key_balance(queries: jax.Array, keys: jax.Array, vector: jax.Array, rc_topk: int) -> jax.Array:
+def _key_balance(
+    queries: jax.Array, keys: jax.Array, vector: jax.Array, rc_topk: int, axes: tuple[str, ...] = ()
+) -> jax.Array:
     """N·Σ_i f_i·p_i for one side of one head (SPEC §5). queries [T, r, D_k], keys [N, r, D_k].
 
     p = mean over tokens of softmax(rank-1 scores) carries the gradient; f = share of the stage-1
-    selections that went to key i is a count and carries none.
+    selections that went to key i is a count and carries none. `axes`: mesh axes (inside a
+    shard_map) over which p and f are averaged first, so both are the global batch's.
     """
     scores = jnp.einsum("a,tad,nad->tn", vector, queries, keys, precision="highest")
     n_keys = keys.shape[0]
     probabilities = jnp.mean(jax.nn.softmax(scores, axis=-1), axis=0)  # [N]
     _, chosen = jax.lax.top_k(jax.lax.stop_gradient(scores), rc_topk)
     share = jnp.zeros((n_keys,), jnp.float32).at[chosen.reshape(-1)].add(1.0) / chosen.size
+    if axes:
+        probabilities = jax.lax.pmean(probabilities, axes)
+        share = jax.lax.pmean(share, axes)
     return n_keys * jnp.sum(share * probabilities)
 
 

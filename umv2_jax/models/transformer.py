@@ -22,6 +22,7 @@ from flax import nnx
 from umv2_jax.config import ModelConfig
 from umv2_jax.models import init as init_lib
 from umv2_jax.models.sparse import SparseContext, SparseOutput, get_sparse_builder
+from umv2_jax.ops.attention import attention as attention_op
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -67,6 +68,7 @@ class Attention(nnx.Module):
         self.num_heads, self.head_dim = n, d
         self.rope_theta = config.rope_theta
         self.compute_dtype = dtype_of(config.compute_dtype)
+        self.implementation, self.chunk = config.attention, config.attention_chunk
         self.query = init_lib.make_param(rngs, std, (h, n, d), ("embed", "heads", "kv"))
         self.key = init_lib.make_param(rngs, std, (h, n, d), ("embed", "heads", "kv"))
         self.value = init_lib.make_param(rngs, std, (h, n, d), ("embed", "heads", "kv"))
@@ -87,6 +89,8 @@ class Attention(nnx.Module):
     ) -> jax.Array | tuple[jax.Array, LayerCache]:
         """x: [batch, seq, embed], positions: [batch, seq] → [batch, seq, embed].
 
+        Without a cache: `umv2_jax.ops.attention` (model.attention, model.attention_chunk), which
+        computes `dot_product_attention(q, k, v, is_causal=True)` without the f32 score matrix.
         With `cache` (this layer's keys and values, [batch, cache_len, heads, head_dim] each) and
         `window` (where the new tokens go): the new keys and values are written at slots
         window.index … window.index + seq − 1, every query attends the cached slots s with
@@ -105,8 +109,10 @@ class Attention(nnx.Module):
             q, k = self.query_norm(q), self.key_norm(k)
         q = rope(q, positions, self.rope_theta)
         k = rope(k, positions, self.rope_theta)
-        if cache is None:
-            attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:  # memory-efficient: never f32 [batch, heads, seq, seq] (ops.attention)
+            attended = attention_op(
+                q, k, v, causal=True, implementation=self.implementation, chunk=self.chunk
+            )
             return jnp.einsum("bsnd,nde->bse", attended, self.out[...].astype(dtype))
         keys = jax.lax.dynamic_update_slice_in_dim(
             cache.key, k.astype(cache.key.dtype), window.index, axis=1
@@ -269,32 +275,43 @@ class BlockStack(nnx.Module):
         remat: str,
         cache: LayerCache | None = None,
         window: DecodeWindow | None = None,
+        shared: Any = None,
     ) -> tuple[jax.Array, SparseOutput | None] | tuple[jax.Array, SparseOutput | None, LayerCache]:
         """x: [batch, seq, embed] → (x after the last block, stats with a leading [layers] axis).
 
         With `cache` (a LayerCache with a leading [layers] axis) also the updated cache, third.
+        shared: per-layer `context.shared` with a leading [layers] axis (e.g. each memory layer's
+        window of tables), scanned over as an input (xs) so that its gradients come out stacked
+        (no accumulator); None keeps `context.shared` for every layer.
         """
         graphdef, state = nnx.split(self.layers)
+
+        def layer_context(layer_shared):
+            if shared is None:
+                return context
+            return dataclasses.replace(context, shared=layer_shared)
+
         if cache is not None:
 
             def cached_body(carry, layer):
-                layer_state, layer_cache = layer
+                layer_state, layer_cache, layer_shared = layer
                 block = nnx.merge(graphdef, layer_state)
                 x_next, _, stats, layer_cache = block(
-                    carry, positions, context, cache=layer_cache, window=window
+                    carry, positions, layer_context(layer_shared), cache=layer_cache, window=window
                 )
                 return x_next, (stats, layer_cache)
 
-            x, (stats, cache) = jax.lax.scan(cached_body, x, (state, cache))
+            x, (stats, cache) = jax.lax.scan(cached_body, x, (state, cache, shared))
             return x, stats, cache
 
-        def body(carry, layer_state):
+        def body(carry, layer):
+            layer_state, layer_shared = layer
             block = nnx.merge(graphdef, layer_state)
-            x_next, _, stats, _ = block(carry, positions, context)
+            x_next, _, stats, _ = block(carry, positions, layer_context(layer_shared))
             return x_next, stats
 
         body = _rematerialize(body, remat, prevent_cse=False)
-        return jax.lax.scan(body, x, state)
+        return jax.lax.scan(body, x, (state, shared))
 
 
 @jax.tree_util.register_dataclass
@@ -378,8 +395,12 @@ class Transformer(nnx.Module):
         dropout_rng: jax.Array | None = None,
         diagnostics: bool = False,
         cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, ModelAux]:
         """tokens: [batch, seq] → (logits [batch, seq, padded_vocab] fp32, ModelAux).
+
+        return_hidden: return the final-normed hidden states [batch, seq, embed] fp32 instead of
+        the logits (the loss applies `head_matrix()` in vocabulary chunks: ops.cross_entropy).
 
         diagnostics: also compute the evaluation-only statistics (memory row-hit masks).
         cache: incremental decoding (`umv2_jax.inference`): the tokens are written at slots
@@ -408,11 +429,12 @@ class Transformer(nnx.Module):
         for number, (segment, indices) in enumerate(zip(self.blocks, self.layout)):
             layer_cache = cache.layers[number] if cache is not None else None
             if isinstance(segment, BlockStack):
+                shared = _layer_shared(self.shared, indices, stacked=True)
                 if layer_cache is None:
-                    x, stats = segment(x, positions, context, self.remat)
+                    x, stats = segment(x, positions, context, self.remat, shared=shared)
                 else:
                     x, stats, layer_cache = segment(
-                        x, positions, context, self.remat, layer_cache, window
+                        x, positions, context, self.remat, layer_cache, window, shared=shared
                     )
                     new_layers.append(layer_cache)
                 if stats is not None:
@@ -422,13 +444,17 @@ class Transformer(nnx.Module):
             (index,) = indices
             source = sources.get(index, index)
             sparse_input = taps[source] if source != index else None
+            shared = _layer_shared(self.shared, indices, stacked=False)
+            block_context = (
+                context if shared is None else dataclasses.replace(context, shared=shared)
+            )
             if layer_cache is None:
                 x, u, stats, _ = _call_block(
-                    segment, x, positions, context, sparse_input, self.remat
+                    segment, x, positions, block_context, sparse_input, self.remat
                 )
             else:  # decoding: no backward pass, so no rematerialization
                 x, u, stats, layer_cache = segment(
-                    x, positions, context, sparse_input, cache=layer_cache, window=window
+                    x, positions, block_context, sparse_input, cache=layer_cache, window=window
                 )
                 new_layers.append(layer_cache)
             if index in tapped:
@@ -436,12 +462,21 @@ class Transformer(nnx.Module):
             if stats is not None:
                 _record(aux, index, stats)
         x = self.final_norm(x).astype(jnp.float32)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = x.astype(self.compute_dtype) @ head.astype(self.compute_dtype)
         if cache is not None:
             advanced = DecodeWindow(index=window.index + tokens.shape[1], start=window.start)
             aux.cache = KVCache(layers=tuple(new_layers), window=advanced)
+        if return_hidden:
+            return x, aux
+        head = self.head_matrix()
+        logits = x.astype(self.compute_dtype) @ head.astype(self.compute_dtype)
         return logits.astype(jnp.float32), aux
+
+    def head_matrix(self) -> jax.Array:
+        """The LM head [embed, padded_vocab] as stored (param dtype): `embed.T` when tied.
+
+        logits = (hidden.astype(compute_dtype) @ head.astype(compute_dtype)).astype(float32).
+        """
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
 
 def sparse_input_blocks(config: ModelConfig) -> dict[int, int]:
@@ -512,6 +547,24 @@ def convert_block_tree(
             trees = [per_block[index] for index in indices]
             converted[segment] = {"layers": jax.tree.map(lambda *v: jnp.stack(v), *trees)}
     return converted
+
+
+def _layer_shared(shared: Any, indices: tuple[int, ...], *, stacked: bool) -> Any:
+    """What the sparse layers of blocks `indices` read as `context.shared`, or None for the model's
+    whole shared module. A shared module with `layer_views` (UltraMemV2's `MemoryTables`) hands
+    each memory layer only its own window of tables, so each layer's table gradient is window-sized:
+    a static slice for a single block. A BlockStack's layers take their window inside the scan body
+    from the whole stack (their `window` array; the transpose adds the window-sized gradient into
+    the scan's constant-cotangent accumulator in place): on XLA:CPU this plans ~1 stack of
+    temporaries less than stacked views as scan inputs (xs), whose stacked gradient (ys) is one
+    more stack-sized buffer (measured: `umv2_jax.models.ultramem_v2`). `BlockStack(shared=…)`
+    still takes per-layer views (`layer_views`) for callers that want xs."""
+    del stacked
+    if shared is None or not hasattr(shared, "layer_views"):
+        return None
+    if len(indices) > 1 or indices[0] not in dict(shared.layer_windows):
+        return None  # a scanned stack (see above), or a dense block
+    return shared.layer_view(indices[0])
 
 
 def _call_block(block, x, positions, context, sparse_input, remat: str):

@@ -16,14 +16,28 @@ weighted gather-sum over V and P is `umv2_jax.ops.value_bag`. Heads add their co
 selections are concatenated along the slot axis and read by one value_bag call.
 
 Value tables are stacked over the memory layers, `[L, n², ·]`, and live at model level (`MemoryTables`,
-registered as this kind's `build_shared`); every layer reads the whole stack flattened to `[L·n², ·]`
-and offsets its rows into its window, so no table is copied per layer.
+registered as this kind's `build_shared`). Each layer reads only its own window of tables
+(`TableWindow`, `[g, n², ·]`, row `v mod R` with R = g·n²), so the table cotangent value_bag returns is
+window-sized (`[g·n², ·]`), never the dense `[L·n², ·]` of the whole stack. A single block gets its
+window as a static slice (`MemoryTables.layer_view`); the layers of a scanned `BlockStack` take theirs
+in the scan body by their `window` array (`table_window`), whose transpose adds the window gradient
+into the scan's constant-cotangent accumulator in place. Measured on XLA:CPU (`tests/parallel/
+test_memory.py`; L = 2, 4, 8 layers of 4096 × 24 fp32 rows): this plans 3.6–3.8 windows of
+temporaries whatever L, while stacked views as scan inputs (xs, gradients as stacked ys) planned one
+more stack-sized buffer (5.5, 7.6, 11.8 windows), so the accumulator is kept for every g.
+
+Under a mesh (`umv2_jax.parallel.active_mesh()`), the layer's whole computation runs token-local
+inside one `shard_map` (`umv2_jax.parallel.memory`): each device retrieves and aggregates its own
+tokens, tables are split along D on `tensor` and along rows on `fsdp`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from umv2_jax.config import ModelConfig
@@ -32,6 +46,8 @@ from umv2_jax.models.memory_init import calibrate, memory_initializers
 from umv2_jax.models.retrieval import TuckerRetrieval
 from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
 from umv2_jax.ops.value_bag import value_bag
+from umv2_jax.parallel import memory as memory_parallel
+from umv2_jax.parallel.mesh import active_mesh
 
 TOPOLOGIES = ("none", "ring", "noring", "block")
 
@@ -114,6 +130,20 @@ def map_virtual_rows(
     return flat.astype(jnp.int32), window_row.astype(jnp.int32), group.astype(jnp.int32)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TableWindow:
+    """The value tables one memory layer addresses (its window, SPEC §3), in row order.
+
+    values:     [g, n², D_v] (a leading [layers] axis when handed to a scanned `BlockStack`)
+    pre_values: [g, n², D_p] or None
+    Row r of the window, r in [0, g·n²), is values.reshape(-1, D_v)[r].
+    """
+
+    values: jax.Array
+    pre_values: jax.Array | None = None
+
+
 class MemoryTables(nnx.Module):
     """Value and pre-value tables of every memory layer, stacked: V [L, n², D_v], P [L, n², D_p].
 
@@ -138,6 +168,38 @@ class MemoryTables(nnx.Module):
         else:
             self.pre_values = None
         self.calibration = CalibrationRecord(config) if memory.init == "paper" else None
+        # Static: {block index: its window's table indices}, for `layer_views` (same for all steps).
+        topology, window = memory.value_share.topology, memory.value_share.window
+        memory_layers = config.sparse_layer_indices()
+        self.layer_windows = tuple(
+            (block, tuple(value_share_window(topology, window, i, len(memory_layers))))
+            for i, block in enumerate(memory_layers)
+        )
+
+    def layer_views(self, blocks: tuple[int, ...]) -> TableWindow:
+        """The windows of the memory layers in `blocks` (model block indices), stacked: values
+        [len(blocks), g, n², D_v] (pre_values likewise). Plain JAX: `values[windows]` with the static
+        [len(blocks), g] table indices; a contiguous run (g = 1, the 1B/7B case) is a static slice,
+        so its cotangent is the stack's own gradient, not a scatter."""
+        windows = dict(self.layer_windows)
+        indices = np.asarray([windows[block] for block in blocks], np.int32)  # [n, g]
+        take = lambda table: _take_tables(table, indices)  # noqa: E731
+        pre = None if self.pre_values is None else take(self.pre_values[...])
+        return TableWindow(values=take(self.values[...]), pre_values=pre)
+
+    def layer_view(self, block: int) -> TableWindow:
+        """`layer_views((block,))` without the leading axis: values [g, n², D_v]."""
+        return jax.tree.map(lambda t: t[0], self.layer_views((block,)))
+
+
+def _take_tables(table: jax.Array, indices: np.ndarray) -> jax.Array:
+    """table [L, n², D] at static table indices [n, g] → [n, g, n², D] (a slice when contiguous)."""
+    flat = indices.reshape(-1)
+    if np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
+        taken = jax.lax.slice_in_dim(table, int(flat[0]), int(flat[0]) + flat.size, axis=0)
+    else:
+        taken = jnp.take(table, jnp.asarray(flat), axis=0)
+    return taken.reshape(*indices.shape, *table.shape[1:])
 
 
 class UltraMemV2(nnx.Module):
@@ -200,23 +262,22 @@ class UltraMemV2(nnx.Module):
     ) -> SparseOutput:
         """u: [..., h] (normally [batch, seq, h]) → SparseOutput (y [..., h] in compute dtype).
 
+        context.shared: this layer's `TableWindow` (what the Transformer hands it) or the model's
+        whole `MemoryTables` (the layer then takes its window by its `window` array).
         rank_one: optional (u* [H, r], t* [H, r]) replacing the SVD's (release-compatibility tests).
+        Under `umv2_jax.parallel.use_mesh` with more than one device the layer runs token-local
+        (`umv2_jax.parallel.memory.token_local`); the result equals the plain path's.
         """
-        tables = context.shared
-        if not isinstance(tables, MemoryTables):
-            raise TypeError("UltraMemV2 needs context.shared to be the model's MemoryTables")
+        tables = self.table_window(context.shared)
         leading, h = u.shape[:-1], u.shape[-1]
-        x = u.reshape(-1, h)
-        result = self.retrieval(
-            x,
-            implementation=self.implementation,
-            key_balance=self.key_balance > 0,
-            rank_one=rank_one,
-        )
-        rows, window_rows, _ = self.physical_rows(result.grid_indices)  # [H, T, m]
-        o = self.aggregate(x, rows, result.core_scores, tables)  # [T, D_v] fp32
+        mesh = active_mesh()
+        core = None
+        if mesh is not None:
+            core = memory_parallel.token_local(self, u, tables, rank_one, context.diagnostics, mesh)
+        if core is None:  # no mesh, or a shape the mesh cannot split: plain code
+            core = self.core(u.reshape(-1, h), tables, rank_one, context.diagnostics)
         dtype = self.compute_dtype
-        y = o.astype(dtype) @ self.output_proj[...].astype(dtype)
+        y = core.y.reshape(-1, h)
         if self.dropout_rate > 0 and not context.deterministic:
             if context.dropout_rng is None:
                 raise ValueError("dropout needs context.dropout_rng when deterministic is False")
@@ -225,18 +286,74 @@ class UltraMemV2(nnx.Module):
             y = jnp.where(keep, y / (1.0 - self.dropout_rate), 0).astype(dtype)
         out = SparseOutput(
             y=y.reshape(*leading, h),
-            losses=self._losses(result),
-            metrics=self._metrics(result, y),
+            losses=self._losses(core),
+            metrics=self._metrics(core, y),
             addressable_rows=self.addressable_rows(),
         )
         if context.diagnostics:
-            window_size = self.window_size * self.rows_per_table
-            hit = jnp.zeros((window_size,), jnp.bool_).at[window_rows.reshape(-1)].set(True)
-            out.row_hits = hit
+            out.row_hits = core.row_hits
             out.metrics["rows_hit_fraction"] = (
-                jnp.sum(hit, dtype=jnp.float32) / self.addressable_rows()
+                jnp.sum(core.row_hits, dtype=jnp.float32) / self.addressable_rows()
             )
         return out
+
+    def table_window(self, shared) -> TableWindow:
+        """context.shared → this layer's TableWindow ([g, n², D] tables)."""
+        if isinstance(shared, TableWindow):
+            return shared
+        if not isinstance(shared, MemoryTables):
+            raise TypeError(
+                "UltraMemV2 needs context.shared to be its TableWindow or the model's MemoryTables"
+            )
+        window = self.window[...]
+        pre = None if shared.pre_values is None else jnp.take(shared.pre_values[...], window, 0)
+        return TableWindow(values=jnp.take(shared.values[...], window, axis=0), pre_values=pre)
+
+    def core(
+        self,
+        x: jax.Array,
+        tables: TableWindow,
+        rank_one: tuple[jax.Array, jax.Array] | None,
+        diagnostics: bool,
+        plan: memory_parallel.MemoryPlan = memory_parallel.LOCAL,
+    ) -> LayerCore:
+        """SPEC steps 1–9 on tokens x [T, h] with the window's tables → LayerCore (y [T, h]).
+
+        `plan` says which collectives join this device's share to the others' inside a shard_map
+        (`umv2_jax.parallel.memory`); the default `LOCAL` is plain single-device code. Under a
+        tensor split, tables, W_p and W_o arrive as this device's D slices.
+        """
+        result = self.retrieval(
+            plan.retrieval_tokens(x),
+            implementation=self.implementation,
+            key_balance=self.key_balance > 0,
+            rank_one=rank_one,
+            balance_axes=plan.balance_axes,
+        )
+        grid = plan.gather_tokens(result.grid_indices, axis=1)  # [H, T, m]
+        core_scores = plan.gather_tokens(result.core_scores, axis=1)  # [H, T, m, C]
+        _, window_rows, _ = self.physical_rows(grid)
+        values = tables.values.reshape(-1, tables.values.shape[-1])  # [g·n², D_v(/t)]
+        pre_values = tables.pre_values
+        if pre_values is not None:
+            pre_values = pre_values.reshape(-1, pre_values.shape[-1])
+        o = self._bag(x, window_rows, core_scores, values, pre_values, plan)  # [T, D_v(/t)]
+        dtype = self.compute_dtype
+        y = plan.sum_tensor(o.astype(dtype) @ self.output_proj[...].astype(dtype))
+        stop = jax.lax.stop_gradient
+        total = jnp.sum(stop(core_scores), axis=-1)  # [H, T, m]
+        row_hits = None
+        if diagnostics:
+            hit = jnp.zeros((self.window_size * self.rows_per_table,), jnp.bool_)
+            row_hits = plan.any_batch(hit.at[window_rows.reshape(-1)].set(True))
+        return LayerCore(
+            y=y,
+            singular_values=result.singular_values,
+            key_balance=result.key_balance,
+            top1_score=plan.mean_batch(jnp.mean(total[:, :, 0])),
+            topm_score=plan.mean_batch(jnp.mean(total)),
+            row_hits=row_hits,
+        )
 
     def physical_rows(self, grid_indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Grid cells [...] → (flat rows into the stacked tables, rows in the window, virtual groups).
@@ -251,38 +368,60 @@ class UltraMemV2(nnx.Module):
     ) -> jax.Array:
         """SPEC steps 7–8 for every head: o = Σ_heads Σ_ℓ p_ℓ·[s^c_ℓ·V^c[row_ℓ]]_c.
 
-        x: [T, h]; rows: int32 [H, T, m] flat rows of the stacked tables; core_scores: [H, T, m, C].
-        Returns o: [T, D_v] fp32. Value chunk c is V[:, c·D_v/C : (c+1)·D_v/C].
+        x: [T, h]; rows: int32 [H, T, m] flat rows of the stacked tables (`physical_rows`'s first);
+        core_scores: [H, T, m, C]. Returns o: [T, D_v] fp32. Value chunk c is V[:, c·D_v/C : …].
+        """
+        values = tables.values[...]
+        pre_values = None if tables.pre_values is None else tables.pre_values[...]
+        values = values.reshape(-1, values.shape[-1])  # [L·n², D_v]: a free view, no copy
+        if pre_values is not None:
+            pre_values = pre_values.reshape(-1, pre_values.shape[-1])
+        return self._bag(x, rows, core_scores, values, pre_values, memory_parallel.LOCAL)
+
+    def _bag(self, x, rows, core_scores, values, pre_values, plan) -> jax.Array:
+        """value_bag over [H, T, m] rows of `values` [R, D_v(/t)] → o [T, D_v(/t)] fp32.
+
+        Without a tensor split: one fused value_bag call (pre-values inside). With one
+        (`plan.tensor`): this device's D_p slice gives partial pre-scores, summed over tensor, then
+        the activation; value_bag then aggregates this device's D_v slice with pre-scores folded
+        into the core scores of the chunks the slice covers (`plan.local_chunks`).
         """
         heads, tokens, topk = rows.shape
         slots = heads * topk
         rows = rows.transpose(1, 0, 2).reshape(tokens, slots)
         core_scores = core_scores.transpose(1, 0, 2, 3).reshape(tokens, slots, self.n_cores)
-        values = tables.values[...]
-        values = values.reshape(-1, values.shape[-1])  # [L·n², D_v]: a free view, no copy
-        if self.pre_value_proj is not None:
-            pre_values = tables.pre_values[...]
-            pre_values = pre_values.reshape(-1, pre_values.shape[-1])
-            dtype = self.compute_dtype
+        core_scores = core_scores.astype(jnp.float32)
+        dtype = self.compute_dtype
+        if pre_values is not None:
             x_p = (x.astype(dtype) @ self.pre_value_proj[...].astype(dtype)).astype(jnp.float32)
         else:
-            pre_values, x_p = None, None
-        out = value_bag(
-            values,
-            pre_values,
-            rows,
-            core_scores.astype(jnp.float32),
-            x_p,
-            pre_score_act=self.pre_score_act,
-            implementation=self.implementation,
-        )
+            x_p = None
+        if plan.tensor is None:
+            out = value_bag(
+                values,
+                pre_values,
+                rows,
+                core_scores,
+                x_p,
+                pre_score_act=self.pre_score_act,
+                implementation=self.implementation,
+            )
+            return out.astype(jnp.float32)
+        core_scores = plan.local_chunks(core_scores)  # [T, slots, C_local]
+        if pre_values is not None:
+            partial = pre_score_dots(pre_values, rows, x_p)  # [T, slots]
+            raw = plan.sum_tensor(partial)
+            if self.pre_score_act == "gelu":
+                raw = jax.nn.gelu(raw, approximate=False)
+            core_scores = core_scores * raw[..., None]
+        out = value_bag(values, None, rows, core_scores, None, implementation=self.implementation)
         return out.astype(jnp.float32)
 
     def addressable_rows(self) -> int:
         """Distinct rows this layer can reach: min(window rows g·n², virtual grid cells N²)."""
         return min(self.window_size * self.rows_per_table, self.keys_per_side**2)
 
-    def _losses(self, result) -> dict[str, jax.Array]:
+    def _losses(self, result: LayerCore) -> dict[str, jax.Array]:
         """Weighted auxiliary losses (fp32 scalars) by type."""
         losses: dict[str, jax.Array] = {}
         rank = result.singular_values.shape[-1]
@@ -296,19 +435,46 @@ class UltraMemV2(nnx.Module):
             losses["key_balance"] = self.key_balance * result.key_balance
         return losses
 
-    def _metrics(self, result, y: jax.Array) -> dict[str, jax.Array]:
+    def _metrics(self, result: LayerCore, y: jax.Array) -> dict[str, jax.Array]:
         """SPEC §6 diagnostics that cost nothing next to the layer (no gradient)."""
         stop = jax.lax.stop_gradient
         rank = result.singular_values.shape[-1]
-        total = jnp.sum(stop(result.core_scores), axis=-1)  # [H, T, m]
         first = stop(result.singular_values[0])
         return {
-            "top1_score": jnp.mean(total[:, :, 0]),
-            "topm_score": jnp.mean(total),
+            "top1_score": result.top1_score,
+            "topm_score": result.topm_score,
             "output_std": jnp.std(stop(y).astype(jnp.float32)),
             "lambda1": first[0],
             "lambda2": first[1] if rank > 1 else jnp.zeros((), jnp.float32),
         }
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCore:
+    """What `UltraMemV2.core` returns (global statistics already reduced over the mesh).
+
+    y: [T, h] compute dtype; singular_values: [H, r] fp32; key_balance: fp32 scalar or None;
+    top1_score, topm_score: fp32 means over every token; row_hits: bool [g·n²] or None.
+    """
+
+    y: jax.Array
+    singular_values: jax.Array
+    key_balance: jax.Array | None
+    top1_score: jax.Array
+    topm_score: jax.Array
+    row_hits: jax.Array | None = None
+
+
+def pre_score_dots(pre_values: jax.Array, rows: jax.Array, x_p: jax.Array) -> jax.Array:
+    """Raw pre-scores <x_p[t], P[rows[t, ℓ]]> (before the activation), fp32 [T, m].
+
+    pre_values [R, D_p'], rows int [T, m], x_p [T, D_p'] (D_p' = a tensor device's slice). Plain JAX:
+    `jnp.einsum("tmd,td->tm", pre_values[rows], x_p)`; the gather is [T, m, D_p'] (small next to
+    the values' [T, m, D_v]).
+    """
+    gathered = jnp.take(pre_values, rows, axis=0).astype(jnp.float32)
+    return jnp.einsum("tmd,td->tm", gathered, x_p, precision=jax.lax.Precision.HIGHEST)
 
 
 register_sparse("ultramem_v2", SparseBuilder(build_layer=UltraMemV2, build_shared=MemoryTables))

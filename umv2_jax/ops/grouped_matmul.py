@@ -204,6 +204,30 @@ def _block_padded(lhs, rhs, group_sizes, *, block_size: int, interpret: bool = F
     )
 
 
+def _varying_like(value: jax.Array, *references: jax.Array) -> jax.Array:
+    """`value` marked as varying over every manual mesh axis a reference varies over (inside
+    `shard_map`; a no-op outside), so that a loop carry initialized from constants has the type
+    of what the loop body returns."""
+    axes = set()
+    for reference in references:
+        axes |= _varying_axes(reference)
+    axes -= _varying_axes(value)
+    return jax.lax.pcast(value, tuple(sorted(axes)), to="varying") if axes else value
+
+
+def _sum_to_type(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """A custom VJP's cotangent summed over the manual mesh axes it varies over and its primal does
+    not (inside shard_map: a weight replicated over `data` used on `data`-split rows), which is the
+    transpose of the implicit broadcast at the use; a no-op outside shard_map."""
+    axes = _varying_axes(grad) - _varying_axes(primal)
+    return jax.lax.psum(grad, tuple(sorted(axes))) if axes else grad
+
+
+def _varying_axes(value: jax.Array) -> set:
+    manual = getattr(jax.typeof(value), "manual_axis_type", None)
+    return set(getattr(manual, "varying", ()))
+
+
 @jax.custom_vjp
 def _blocked_matmul(
     buffer: jax.Array, rhs: jax.Array, block_group: jax.Array, used_blocks: jax.Array
@@ -223,7 +247,9 @@ def _blocked_matmul_forward(buffer, rhs, block_group, used_blocks):
         product = jnp.dot(rows, weights, preferred_element_type=jnp.float32).astype(out_dtype)
         return jax.lax.dynamic_update_slice_in_dim(out, product, start, 0)
 
-    out = jnp.zeros((buffer.shape[0], rhs.shape[2]), out_dtype)
+    out = _varying_like(
+        jnp.zeros((buffer.shape[0], rhs.shape[2]), out_dtype), buffer, rhs, block_group
+    )
     out = jax.lax.fori_loop(0, used_blocks, body, out)
     return out, (buffer, rhs, block_group, used_blocks)
 
@@ -249,7 +275,9 @@ def _blocked_matmul_backward(residuals, out_grad):
         return buffer_grad, rhs_grad
 
     carry = (jnp.zeros_like(buffer), jnp.zeros(rhs.shape, jnp.float32))
+    carry = tuple(_varying_like(c, buffer, rhs, out_grad, block_group) for c in carry)
     buffer_grad, rhs_grad = jax.lax.fori_loop(0, used_blocks, body, carry)
+    buffer_grad, rhs_grad = _sum_to_type(buffer_grad, buffer), _sum_to_type(rhs_grad, rhs)
     return buffer_grad, rhs_grad.astype(rhs.dtype), None, None
 
 
@@ -264,15 +292,17 @@ def _gather_rows(source, index, valid, inverse_index, inverse_valid):
 
 def _gather_rows_forward(source, index, valid, inverse_index, inverse_valid):
     out = _gather_rows(source, index, valid, inverse_index, inverse_valid)
-    return out, (index, valid, inverse_index, inverse_valid)
+    # source[:0]: no data, only its type (which mesh axes it varies over, inside shard_map).
+    return out, (index, valid, inverse_index, inverse_valid, source[:0])
 
 
 def _gather_rows_backward(residuals, out_grad):
-    index, valid, inverse_index, inverse_valid = residuals
+    index, valid, inverse_index, inverse_valid, source_type = residuals
     safe = jnp.where(inverse_valid, inverse_index, 0)
     grad = jnp.where(inverse_valid[..., None], jnp.take(out_grad, safe, axis=0), 0)
     if grad.ndim == 3:  # several destination rows per source row: sum them
         grad = jnp.sum(grad, axis=1, dtype=jnp.float32)
+    grad = _sum_to_type(grad, source_type)
     return grad.astype(out_grad.dtype), None, None, None, None
 
 

@@ -1,15 +1,20 @@
 """MoE dispatch: stable sort by expert → grouped SwiGLU experts → unsort (SPEC §7).
 
-    out, kept = moe_dispatch(x, expert_ids, gate, up, down, capacity=None)
+    out, kept = moe_dispatch(x, expert_ids, gate, up, down, capacity=None, valid=None)
 
     x: [T, h]   expert_ids: [T, k] int (each token's chosen experts)
     gate, up: [E, h, d_e]   down: [E, d_e, h]
     out:  [T, k, h]  out[t, j] = SwiGLU_e(x[t]) with e = expert_ids[t, j], zeros where not kept
     kept: [T, k] bool, False for the assignments over an expert's capacity (all True when dropless)
+    valid: [T, k] bool or None: False marks an absent assignment (a padding row of an
+           expert-parallel exchange buffer): no expert computes it, it counts toward no
+           capacity, its out is 0 and its kept False
 
 where SwiGLU_e(x) = (silu(x @ gate[e]) * (x @ up[e])) @ down[e]. Plain JAX (`moe_dispatch_reference`):
 
     for t, j: out[t, j] = swiglu(x[t], gate[e], up[e], down[e]) if kept[t, j] else 0
+    # kept[t, j] = valid[t, j] and (capacity is None or the rank of (t, j) among e's valid ones
+    #              in token order < capacity)
 
 Assignment a = t·k + j; its flat order is token order. With `capacity` (an int) each expert keeps
 its first `capacity` assignments in token order; without it the dispatch is dropless. Weighting the
@@ -62,18 +67,28 @@ def moe_dispatch(
     implementation: registry.Implementation = "auto",
     block_size: int = 64,
     interpret: bool = False,
+    valid: jax.Array | None = None,
 ) -> MoEDispatch:
     """x: [T, h], expert_ids: [T, k], gate/up: [E, h, d_e], down: [E, d_e, h] → MoEDispatch.
 
     capacity: assignments kept per expert (None: dropless). block_size: row block of `xla`.
+    valid: [T, k] bool, False for absent assignments (None: all present).
     implementation / interpret: see `umv2_jax.ops.registry`.
     """
     _check_inputs(x, expert_ids, gate, up, down, capacity, block_size)
     dtype = x.dtype
+    expert_ids = expert_ids.astype(jnp.int32)
+    if valid is not None:
+        if valid.shape != expert_ids.shape:
+            raise ValueError(
+                f"moe_dispatch: valid must have expert_ids' shape {expert_ids.shape}, got "
+                f"{valid.shape}"
+            )
+        expert_ids = jnp.where(valid, expert_ids, -1)  # implementations: negative = absent
     out, kept = registry.call(
         "moe_dispatch",
         x,
-        expert_ids.astype(jnp.int32),
+        expert_ids,
         gate.astype(dtype),
         up.astype(dtype),
         down.astype(dtype),
@@ -93,9 +108,11 @@ def moe_dispatch_reference(
     down: jax.Array,
     *,
     capacity: int | None = None,
+    valid: jax.Array | None = None,
 ) -> MoEDispatch:
     """The oracle: a Python loop over tokens and their slots (concrete expert_ids), in fp32."""
     ids = jax.device_get(expert_ids)
+    present = jax.device_get(valid) if valid is not None else None
     tokens, top_k = ids.shape
     f32 = jnp.float32
     seen = [0] * gate.shape[0]
@@ -103,6 +120,10 @@ def moe_dispatch_reference(
     for token in range(tokens):
         for slot in range(top_k):
             expert = int(ids[token, slot])
+            if present is not None and not present[token, slot]:
+                kept.append(False)
+                rows.append(jnp.zeros((x.shape[1],), f32))
+                continue
             keep = capacity is None or seen[expert] < capacity
             seen[expert] += 1
             kept.append(keep)
@@ -130,16 +151,18 @@ class _Plan(NamedTuple):
 
 
 def _plan(expert_ids: jax.Array, experts: int, capacity: int | None) -> _Plan:
-    expert_of = expert_ids.reshape(-1)
-    counts = jnp.zeros((experts,), jnp.int32).at[expert_of].add(1)
+    # Negative ids are absent assignments (moe_dispatch's `valid`): key `experts`, after all groups.
+    present = expert_ids.reshape(-1) >= 0
+    expert_of = jnp.where(present, expert_ids.reshape(-1), experts)
+    counts = jnp.zeros((experts + 1,), jnp.int32).at[expert_of].add(1)[:experts]
     if capacity is not None:
-        kept = _rank_within_expert(expert_of, counts) < capacity
+        kept = present & (_rank_within_expert(expert_of, counts) < capacity)
         group_sizes = jnp.minimum(counts, capacity)
         # Dropped assignments sort after every expert's rows, past sum(group_sizes): the grouped
         # matmul gives them zeros.
         sort_key = jnp.where(kept, expert_of, experts)
     else:
-        kept = jnp.ones(expert_of.shape, bool)
+        kept = present
         group_sizes = counts
         sort_key = expert_of
     order = _stable_argsort(sort_key, experts + 1)  # sorted position → assignment
@@ -201,8 +224,9 @@ def _sorted_rows(grouped_implementation: str):
 
 def _rank_within_expert(expert_of: jax.Array, counts: jax.Array) -> jax.Array:
     """For each assignment, how many earlier assignments (in token order) chose the same expert."""
-    order = _stable_argsort(expert_of, counts.shape[0])
+    order = _stable_argsort(expert_of, counts.shape[0] + 1)  # key counts.shape[0]: absent
     starts = jnp.cumsum(counts) - counts
+    starts = jnp.concatenate([starts, jnp.sum(counts, keepdims=True)])
     rank_sorted = jnp.arange(expert_of.size, dtype=jnp.int32) - starts[expert_of[order]]
     return jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)
 

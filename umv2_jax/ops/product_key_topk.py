@@ -15,7 +15,13 @@ Gradients: the choice carries none; the selected scores reach the queries and th
 (every other key gets an exact zero), through one-hot matmuls (deterministic).
 
 Implementations (`umv2_jax.ops.registry`): `xla` (below); Pallas kernels register from
-`pallas_kernels.product_key_topk.{gpu,tpu}`.
+`pallas_kernels.product_key_topk.{gpu,tpu}`. The XLA path goes through the tokens in chunks
+(`selection.map_token_chunks`), so its [T, k, k] grid and [T, m, k] one-hot picks exist one chunk at
+a time (1B/7B-like widths, T 4096, k = m = 128, forward + backward on XLA:CPU: 536 MiB of
+temporaries in one pass, 43 MiB chunked; `benchmarks/selection_transients.py`).
+
+Under a mesh (`umv2_jax.parallel.use_mesh`) the op runs token-local (`token_local`): one shard_map
+over the batch axes, so no score is all-gathered across data-parallel devices.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from umv2_jax.ops import registry
 from umv2_jax.ops.selection import (
@@ -30,7 +37,10 @@ from umv2_jax.ops.selection import (
     best_cells,
     check_finite_queries,
     check_selection_sizes,
+    map_token_chunks,
+    name_selected,
     pick_candidates,
+    token_chunk_for,
 )
 
 
@@ -51,16 +61,52 @@ def product_key_topk(
     Returns rows [T, m] int32 = i·n + j by descending score and scores [T, m] fp32 (differentiable).
     """
     _check_inputs(q_row, q_col, k_row, k_col, rc_topk, topk)
-    return registry.call(
-        "product_key_topk",
-        q_row,
-        q_col,
-        k_row,
-        k_col,
-        implementation=implementation,
-        interpret=interpret,
-        rc_topk=rc_topk,
-        topk=topk,
+
+    def run(q_row, q_col, k_row, k_col):
+        return registry.call(
+            "product_key_topk",
+            q_row,
+            q_col,
+            k_row,
+            k_col,
+            implementation=implementation,
+            interpret=interpret,
+            rc_topk=rc_topk,
+            topk=topk,
+        )
+
+    return token_local(run, q_row.shape[0])(q_row, q_col, k_row, k_col)
+
+
+def token_local(run, n_tokens: int):
+    """`run(q_row, q_col, k_row, k_col)` on each device's own tokens when a mesh is active.
+
+    Under `umv2_jax.parallel.use_mesh` (more than one device) the tokens [T] are split over the
+    mesh's batch axes (`parallel.batch_axes`: the flattened [B·S] tokens follow the batch split) and
+    the keys enter replicated, in one `jax.shard_map`: no score or candidate is gathered across the
+    batch axes, and the keys' gradient is summed over them by the shard_map's transpose. Plain
+    `run` without a mesh, inside an enclosing shard_map over those axes, or when the batch shards do
+    not divide T (left to the partitioner).
+    """
+    from umv2_jax import parallel  # lazy: parallel imports the config, which imports the ops
+
+    mesh = parallel.active_mesh()
+    if mesh is None:
+        return run
+    axes = parallel.batch_axes(mesh)
+    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+    if not axes or n_tokens % parallel.batch_shards(mesh) or manual & set(axes):
+        return run
+    tokens, whole = PartitionSpec(axes), PartitionSpec()
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(tokens, tokens, whole, whole),
+        out_specs=(tokens, tokens),
+        # The registry traces every platform's branch (Pallas calls carry no varying-axes types).
+        # Unchecked, the transpose still sums the replicated keys' cotangents over every axis
+        # after dividing the outputs' by the axes they are replicated on: the true gradient.
+        check_vma=False,
     )
 
 
@@ -92,18 +138,37 @@ def product_key_topk_reference(
     return jax.vmap(one_token)(q_row, q_col)
 
 
-def _product_key_topk_xla(q_row, q_col, k_row, k_col, *, rc_topk, topk, interpret=False):
+def _product_key_topk_xla(
+    q_row, q_col, k_row, k_col, *, rc_topk, topk, interpret=False, token_chunk=None
+):
+    """The XLA path, `token_chunk` tokens at a time (default: as many as fit
+    `selection.TRANSIENT_BYTES` of candidate grid, one-hot picks and dense scores)."""
     del interpret
+    n_tokens, n_keys = q_row.shape[0], k_row.shape[0]
+    per_token = 4 * (2 * n_keys + rc_topk * rc_topk + 2 * topk * rc_topk)
+    chunk = token_chunk or token_chunk_for(n_tokens, per_token)
+
+    def body(q_row, q_col):
+        return _product_key_chunk(q_row, q_col, k_row, k_col, rc_topk=rc_topk, topk=topk)
+
+    return map_token_chunks(body, (q_row, q_col), chunk)
+
+
+def _product_key_chunk(q_row, q_col, k_row, k_col, *, rc_topk, topk):
+    """Scores and selection for a chunk of tokens (every token independent of the others)."""
     f32 = jnp.float32
     s_row = jnp.einsum("td,nd->tn", q_row, k_row, precision=PRECISION).astype(f32)
     s_col = jnp.einsum("td,nd->tn", q_col, k_col, precision=PRECISION).astype(f32)
     _, cand_row = lax.top_k(lax.stop_gradient(s_row), rc_topk)  # [T, k]
     _, cand_col = lax.top_k(lax.stop_gradient(s_col), rc_topk)
+    cand_row, cand_col = name_selected(cand_row, cand_col)
     # Candidates are distinct within a token, so this gather's backward never collides.
     r_cand = jnp.take_along_axis(s_row, cand_row, axis=1)  # [T, k]
     c_cand = jnp.take_along_axis(s_col, cand_col, axis=1)
     grid = lax.stop_gradient(r_cand[:, :, None] + c_cand[:, None, :])  # [T, k, k]
-    rows, best_i, best_j = best_cells(grid, cand_row, cand_col, k_row.shape[0], topk)
+    rows, best_i, best_j = name_selected(
+        *best_cells(grid, cand_row, cand_col, k_row.shape[0], topk)
+    )
     scores = pick_candidates(best_i, r_cand) + pick_candidates(best_j, c_cand)
     return rows, scores
 

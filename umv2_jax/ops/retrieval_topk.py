@@ -10,6 +10,13 @@ and keeps the best `topk` cells by their summed score. One head; the caller vmap
 Gradients: the selection is made on stop_gradient'ed scores and carries no gradient. The per-core scores
 of the selected cells are then re-expressed from differentiable per-rank scores, so autodiff reaches the
 queries, the keys that were selected (every other key gets an exact zero) and the cores.
+
+Transients: the XLA path goes through the tokens in chunks (`selection.map_token_chunks`, sized by
+`selection.TRANSIENT_BYTES`), so the [T, k, k] candidate grid, the [T, m, k] one-hot picks and the
+dense [T, r, N] scores exist one chunk at a time, forward and backward (the 1B/7B shape, T 4096,
+k = m = 128, on XLA:CPU: 609 MiB of temporaries in one pass, 53 MiB chunked, per head;
+`benchmarks/selection_transients.py`). Under a mesh the memory layer already calls this op on each
+device's own tokens (`umv2_jax.parallel.memory`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from umv2_jax.ops.selection import (
     best_cells,
     check_finite_queries,
     check_selection_sizes,
+    map_token_chunks,
+    name_selected,
     pick_candidates,
+    token_chunk_for,
 )
 
 
@@ -119,9 +129,37 @@ def retrieval_topk_reference(
 
 
 def _retrieval_topk_xla(
-    q_row, q_col, k_row, k_col, cores, u_star, t_star, *, rc_topk, topk, interpret=False
+    q_row,
+    q_col,
+    k_row,
+    k_col,
+    cores,
+    u_star,
+    t_star,
+    *,
+    rc_topk,
+    topk,
+    interpret=False,
+    token_chunk=None,
 ):
+    """The XLA path, `token_chunk` tokens at a time (default: as many as fit
+    `selection.TRANSIENT_BYTES` of candidate grid, one-hot picks and dense scores)."""
     del interpret
+    n_tokens, rank, _ = q_row.shape
+    n_keys = k_row.shape[0]
+    per_token = 4 * (2 * rank * n_keys + rc_topk * rc_topk + 2 * topk * rc_topk)
+    chunk = token_chunk or token_chunk_for(n_tokens, per_token)
+
+    def body(q_row, q_col):
+        return _retrieval_chunk(
+            q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk=rc_topk, topk=topk
+        )
+
+    return map_token_chunks(body, (q_row, q_col), chunk)
+
+
+def _retrieval_chunk(q_row, q_col, k_row, k_col, cores, u_star, t_star, *, rc_topk, topk):
+    """Steps 3–5 for a chunk of tokens (every token independent of the others)."""
     f32 = jnp.float32
     n_keys = k_row.shape[0]
 
@@ -135,6 +173,7 @@ def _retrieval_topk_xla(
     rank1_col = jnp.einsum("a,tan->tn", t_star.astype(f32), lax.stop_gradient(s_col))
     _, cand_row = lax.top_k(rank1_row, rc_topk)  # [T, k]
     _, cand_col = lax.top_k(rank1_col, rc_topk)
+    cand_row, cand_col = name_selected(cand_row, cand_col)
 
     # R[t, a, i] = S_row[t, a, I_row[t, i]]. Candidates are distinct within a token, so the backward
     # scatter of this gather never adds two values into one address (deterministic on every backend).
@@ -150,7 +189,9 @@ def _retrieval_topk_xla(
         lax.stop_gradient(q_cand),
         precision=_PRECISION,
     )
-    grid_indices, best_i, best_j = best_cells(total, cand_row, cand_col, n_keys, topk)
+    grid_indices, best_i, best_j = name_selected(
+        *best_cells(total, cand_row, cand_col, n_keys, topk)
+    )
 
     # Per-core scores of the selected cells, s^c = R[i] C^c Q[j]ᵀ.
     r_sel = pick_candidates(best_i, r_cand)  # [T, m, r]

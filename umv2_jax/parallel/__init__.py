@@ -1,10 +1,12 @@
 """Parallelism: the device mesh, logical → mesh axis rules, token-local memory and expert ops.
 
-    mesh.py     the mesh from `config.mesh`; `active_mesh()` for ops traced under `jax.set_mesh`
-    rules.py    logical axis names → mesh axes (`LOGICAL_RULES`, `mesh.rules` overrides)
-    memory.py   UltraMemV2's memory layer token-local under shard_map, tables split on tensor/fsdp
-    experts.py  expert-parallel MoE: tokens exchanged over `expert` with all-to-all
-    warnings.py mesh axes a model cannot use, reported at start-up
+mesh.py     the mesh from `config.mesh`; `active_mesh()` for ops traced under `jax.set_mesh`
+rules.py    logical axis names → mesh axes (`LOGICAL_RULES`, `mesh.rules` overrides)
+memory.py   UltraMemV2's memory layer token-local under shard_map, tables split on tensor/fsdp
+experts.py  expert-parallel MoE: tokens exchanged over `expert` with all-to-all
+warnings.py mesh axes a model cannot use, reported at start-up
+distributed.py  multi-process launches (`jax.distributed` from flags / env / SLURM / TPU) and
+            each process's share of a batch (`batch_share(mesh)`)
 """
 
 from umv2_jax.parallel.mesh import (

@@ -43,7 +43,9 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
 }
 
 
-def resolve_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] = ()) -> dict[str, MeshAxes]:
+def resolve_rules(
+    overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] = (),
+) -> dict[str, MeshAxes]:
     """LOGICAL_RULES with the config's overrides applied; ConfigError for an unknown name or axis."""
     rules = dict(LOGICAL_RULES)
     items = overrides.items() if isinstance(overrides, Mapping) else overrides

@@ -3,8 +3,15 @@
 Layout of a work directory:
 
     WORKDIR/config.json             the run's config (written once, checked on every resume)
-    WORKDIR/checkpoints/<step>/     state/ (params, opt_state, step), rest/, data/ (iterator, JSON),
-                                    config/ (JSON)
+    WORKDIR/checkpoints/<step>/     state/ (params, opt_state, step), rest/, data/ (JSON: every
+                                    process's iterator state), config/ (JSON)
+
+Multi-process: every process calls `save` (orbax writes each process's shards, process 0 commits
+and checksums) and `restore_latest`. A checkpoint restores onto another mesh shape or process count
+(orbax reads into the target shardings); each process gets its own iterator state back
+(`_own_data_state`). Arrays the target cannot hold (another shape, a missing or extra array) are a
+one-line CheckpointError naming the array and both shapes (`check_restorable`, from orbax's metadata
+before any data is read), never an "unreadable" checkpoint moved aside.
 
 Every step directory also holds `checksums.json`: the SHA-256 and size of each of its files,
 computed in orbax's background thread after the data is finalized and before the step is committed
@@ -151,7 +158,7 @@ class Checkpointer:
         """
         items = {
             "state": ocp.args.StandardSave(state),
-            "data": ocp.args.JsonSave(data_state),
+            "data": ocp.args.JsonSave(_per_process(data_state)),  # every process's iterator
             "config": ocp.args.JsonSave(to_dict(config)),
         }
         if jax.tree.leaves(rest):  # orbax refuses empty trees; a dense model has no `rest`
@@ -193,7 +200,7 @@ class Checkpointer:
                 failures.append((step, reason))
                 continue
             self._report(failures, f"resumed from step {step}")
-            return step, restored.state, rest, dict(restored.data)
+            return step, restored.state, rest, _own_data_state(dict(restored.data), step_dir)
         self._report(failures, "no earlier checkpoint is readable")
         raise CheckpointError(
             f"every checkpoint in {self.directory} is unreadable (steps {steps}); "
@@ -224,6 +231,10 @@ class Checkpointer:
     # ---- internals ---------------------------------------------------------------------------------
 
     def _restore(self, step: int, abstract_state: Any, abstract_rest: Any) -> tuple[Any, Any]:
+        step_dir = os.path.join(self.directory, str(step))
+        check_restorable(os.path.join(step_dir, "state"), abstract_state, f"step {step}")
+        if jax.tree.leaves(abstract_rest) and os.path.isdir(os.path.join(step_dir, "rest")):
+            check_restorable(os.path.join(step_dir, "rest"), abstract_rest, f"step {step}")
         items = {
             "state": ocp.args.StandardRestore(abstract_state),
             "data": ocp.args.JsonRestore(),
@@ -500,3 +511,124 @@ def _check_shapes(restored: Any, abstract: Any, step: int) -> None:
             f"checkpoint at step {step} has shapes that do not match the config; "
             "use a new --workdir"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Restoring onto another mesh / process count: what can be resharded, and whose iterator is whose
+# --------------------------------------------------------------------------------------------------
+
+DATA_FORMAT = "per-process"
+
+
+def check_restorable(item_dir: str, abstract: Any, what: str) -> None:
+    """CheckpointError unless every array saved in `item_dir` can be restored into `abstract`.
+
+    orbax restores an array into any target sharding (another mesh shape, another process count:
+    each process reads the pieces its devices hold), but not into another shape; it would say so
+    without naming the array, after reading. This reads orbax's metadata only (shapes, no data) and
+    names the first array whose saved shape differs from the target's, or that one side lacks, and
+    checks that each target sharding can hold its array. Unreadable metadata is left to the
+    restore, which reports the checkpoint as unreadable.
+    """
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(ocp.path.step.epath.Path(item_dir)).tree
+        saved_shapes = {
+            _path_name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+        }
+    except Exception:  # noqa: BLE001 a damaged checkpoint: the restore itself reports it
+        return
+    target = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    target.sort(key=lambda entry: not _path_name(entry[0]).startswith(".params"))  # params first
+    fix = "restore with the config the run was saved with (its config.json) or use a new --workdir"
+    item = os.path.basename(item_dir.rstrip("/"))
+    wanted = {_path_name(path) for path, _ in target}
+    for path, leaf in target:
+        name = _path_name(path)
+        shape = tuple(leaf.shape)
+        if name not in saved_shapes:
+            extra = sorted(set(saved_shapes) - wanted, key=_params_first)
+            instead = f" (it holds {extra[0]} instead)" if extra else ""
+            raise CheckpointError(
+                f"checkpoint at {what} has no array {item}{name} of shape {shape} that the config "
+                f"builds{instead}; {fix}"
+            )
+        if saved_shapes[name] != shape:
+            raise CheckpointError(
+                f"checkpoint at {what}: array {item}{name} was saved with shape "
+                f"{saved_shapes[name]} but the config builds {shape}; {fix}"
+            )
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            try:
+                sharding.shard_shape(shape)
+            except ValueError:
+                raise CheckpointError(
+                    f"checkpoint at {what}: array {item}{name} of shape {shape} cannot be split "
+                    f"as {sharding.spec} over mesh {dict(sharding.mesh.shape)}; change the config's "
+                    "mesh (or mesh.rules) so that its axes divide the array"
+                ) from None
+    extra = sorted(set(saved_shapes) - wanted, key=_params_first)
+    if extra:
+        raise CheckpointError(
+            f"checkpoint at {what} holds array {item}{extra[0]} of shape {saved_shapes[extra[0]]} "
+            f"that the config does not build; {fix}"
+        )
+
+
+def _params_first(name: str) -> tuple[bool, str]:
+    return not name.startswith(".params"), name
+
+
+def _path_name(path: tuple) -> str:
+    """A tree path as `.a.b.0` whatever the container types (orbax's metadata stores the train
+    state's tuples and named tuples with the same keys and indices as the live tree)."""
+    parts = []
+    for key in path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return "".join(f".{part}" for part in parts)
+
+
+def _per_process(data_state: dict) -> dict:
+    """Every process's data-iterator state, gathered onto each (orbax writes it from process 0):
+    `{"format": "per-process", "processes": [state of process 0, state of process 1, ...]}`."""
+    count = jax.process_count()
+    if count == 1:
+        states = [data_state]
+    else:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        encoded = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+        lengths = multihost_utils.process_allgather(np.asarray([encoded.size], np.int32))
+        padded = np.zeros(int(np.max(lengths)), np.uint8)
+        padded[: encoded.size] = encoded
+        rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(count, -1)
+        sizes = np.asarray(lengths).reshape(count)
+        states = [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]
+    return {"format": DATA_FORMAT, "processes": states}
+
+
+def _own_data_state(saved: dict, step_dir: str) -> dict:
+    """This process's iterator state from a checkpoint's data item.
+
+    Same process count: its own entry. Another count: the entries must agree (the pipeline's
+    iterators walk one global stream and each keeps its rows, so they always do), else
+    CheckpointError. A checkpoint from before per-process entries holds one shared state.
+    """
+    if saved.get("format") != DATA_FORMAT:
+        return saved
+    states = saved["processes"]
+    if len(states) == jax.process_count():
+        return states[jax.process_index()]
+    if all(state == states[0] for state in states):
+        return states[0]
+    raise CheckpointError(
+        f"checkpoint {step_dir} was saved by {len(states)} processes whose data iterators are at "
+        f"different positions; resume it with {len(states)} processes"
+    )

@@ -1,5 +1,11 @@
 """Command line of the trainer: `python train.py [--config PATH] [--set k=v ...] [--workdir DIR]
-[--steps N] [--no-resume [--overwrite-other-model]]`.
+[--steps N] [--no-resume [--overwrite-other-model]] [--coordinator HOST:PORT --num-processes N
+--process-id I | --distributed]`.
+
+Multi-process runs (one process per host, or per GPU) join through `jax.distributed` before JAX
+touches a device: from the flags, from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
+inside a multi-task `srun` step, or with `--distributed` by JAX's cluster detection (Cloud TPU).
+See umv2_jax.parallel.distributed.
 
 User mistakes (a bad config key or value, a missing file, an incompatible checkpoint, a work
 directory in use by another process or holding pieces of a run that do not fit together) print one
@@ -57,6 +63,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --no-resume: also delete a previous run of a different model in WORKDIR",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    launch = parser.add_argument_group(
+        "multi-process runs (see README 'Multi-host'; default: the environment, else one process)"
+    )
+    launch.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address and a free port, the same on every process "
+        "(else JAX_COORDINATOR_ADDRESS)",
+    )
+    launch.add_argument(
+        "--num-processes", type=int, default=None, help="processes in the run (JAX_NUM_PROCESSES)"
+    )
+    launch.add_argument(
+        "--process-id", type=int, default=None, help="this process, 0 … N-1 (JAX_PROCESS_ID)"
+    )
+    launch.add_argument(
+        "--local-device-ids",
+        default=None,
+        metavar="0,1,...",
+        help="the local GPUs this process uses (JAX_LOCAL_DEVICE_IDS; default all)",
+    )
+    launch.add_argument(
+        "--distributed",
+        action="store_true",
+        help="let JAX detect the cluster (Cloud TPU VM slices, SLURM, Open MPI, Kubernetes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -74,6 +107,18 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax").setLevel(logging.ERROR)  # "Unable to initialize backend 'tpu'" noise
     try:
+        from umv2_jax.parallel import distributed
+
+        # Before anything touches a JAX backend: join the other processes, if there are any.
+        distributed.initialize(
+            distributed.resolve(
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                args.local_device_ids,
+                detect=args.distributed,
+            )
+        )
         from umv2_jax.config import load_config
 
         overrides = list(args.overrides)
@@ -105,6 +150,10 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # before the handlers were installed
         print("interrupted", file=sys.stderr)
         return 130
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for the run; the others end quietly
+        return signals.exit_code(result.stop_signal) if result.preempted else 0
     evaluation = result.eval
     if evaluation:  # labelled with the step it measured; none if a stop cut the evaluation short
         print(

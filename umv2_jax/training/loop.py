@@ -27,6 +27,8 @@ from tqdm import tqdm
 from umv2_jax import parallel
 from umv2_jax.config import Config
 from umv2_jax.data import pipeline
+from umv2_jax.parallel import distributed
+from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
 from umv2_jax.training import metrics as metrics_lib
 from umv2_jax.training import preflight, rundir, signals
@@ -113,24 +115,26 @@ def _train(
     total_steps = config.train.steps
     last_step = min(stop_after, total_steps) if stop_after is not None else total_steps
     mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
-    config.check_mesh_fits_model(mesh.shape["expert"])
+    config.check_mesh_fits_model(mesh.shape["expert"], mesh.shape["tensor"])
     process_index, process_count = jax.process_index(), jax.process_count()
     primary = process_index == 0  # the one process that writes files and talks to the terminal
     if not primary:
         echo = lambda line: None  # noqa: E731
-    if config.train.batch_size % (process_count * _data_parallel(mesh)):
+    if config.train.batch_size % _data_parallel(mesh):
         from umv2_jax.errors import ConfigError
 
         raise ConfigError(
             f"config 'train.batch_size': {config.train.batch_size} is not divisible by the "
-            f"data-parallel size {_data_parallel(mesh)} × processes {process_count}"
+            f"{_data_parallel(mesh)} batch shards of mesh {dict(mesh.shape)} "
+            f"({process_count} process(es)); make it a multiple of {_data_parallel(mesh)}"
         )
+    # This process feeds the rows its own devices hold: block `share` of `shares` of each batch
+    # (processes whose devices hold the same rows, e.g. `tensor` across hosts, read the same data).
+    share, shares = distributed.batch_share(mesh)
     preflight.check(config, workdir, mesh)  # workdir, memory, disk: before anything is built
     has_run = run.open(config, resume=resume, overwrite_other_model=overwrite_other_model)
-    train_iterator = pipeline.make_train_iterator(config, process_index, process_count)
-    eval_batches = pipeline.make_eval_batches(
-        config, config.train.eval_batches, process_index, process_count
-    )
+    train_iterator = pipeline.make_train_iterator(config, share, shares)
+    eval_batches = pipeline.make_eval_batches(config, config.train.eval_batches, share, shares)
     signals.raise_if_requested(workdir)  # start-up stops: StopRequested, nothing deleted
     if not resume:
         run.clear()  # prints each path it deletes
@@ -152,6 +156,8 @@ def _train(
         checkpoint_lib.write_config(workdir, config)
     run.started(config, start_step)  # the manifest, run.json
     _print_summary(config, setup, workdir, echo, account(config) if account else None)
+    for line in mesh_warnings.mesh_warnings(config, mesh, setup.parts.params_template):
+        echo(f"warning: {line}")  # what an axis of the mesh replicates (parallel/warnings.py)
 
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(

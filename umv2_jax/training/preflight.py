@@ -15,9 +15,10 @@ Nothing is allocated and nothing is written. In order:
    per-array metadata (about 2 KiB an array).
 
 The activation estimate is coarse on purpose (float32, no rematerialization, per micro-batch): per
-layer and token 16·d_model + 2·(FFN width) + 2·heads·seq (attention probabilities) numbers, plus a
-sparse layer's scores over its keys (2 · heads · rank · keys per side) or its experts' hidden units,
-and 3 · vocab for the logits. It catches the runs that cannot fit by far, not the last 10%.
+layer and token 16·d_model + 2·(FFN width) + 2·heads·seq (attention probabilities; seq capped at
+model.attention_chunk unless model.attention is xla) numbers, plus a sparse layer's scores over its
+keys (2 · heads · rank · keys per side) or its experts' hidden units, and 3 · vocab for the logits
+(vocab capped at model.loss_vocab_chunk). It catches the runs that cannot fit by far, not the last 10%.
 """
 
 from __future__ import annotations
@@ -173,11 +174,14 @@ def activation_bytes(config: Config) -> int:
     model = config.model
     seq = config.data.seq_len
     tokens = max(1, config.train.batch_size // max(1, config.train.micro_batches)) * seq
-    per_layer = 16 * model.d_model + 2 * model.d_ff + 2 * model.num_heads * seq
+    # Chunked / fused attention holds scores for one key block per query; the plain one, all keys.
+    attended = seq if model.attention == "xla" else min(seq, model.attention_chunk)
+    per_layer = 16 * model.d_model + 2 * model.d_ff + 2 * model.num_heads * attended
     sparse = _sparse_numbers_per_token(model)
     layers = model.num_layers
     sparse_layers = len(model.sparse_layer_indices()) if model.sparse != "none" else 0
-    numbers = tokens * (layers * per_layer + sparse_layers * sparse + 3 * model.vocab_size)
+    columns = min(model.vocab_size, model.loss_vocab_chunk or model.vocab_size)  # logits chunk
+    numbers = tokens * (layers * per_layer + sparse_layers * sparse + 3 * columns)
     return 4 * numbers
 
 

@@ -119,9 +119,7 @@ def plan(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
     }
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return Plan(
-        config, mesh, parts, optimizer, state, rest, state_shardings, rest_shardings, count
-    )
+    return Plan(config, mesh, parts, optimizer, state, rest, state_shardings, rest_shardings, count)
 
 
 def build(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any = None) -> Setup:

@@ -4,9 +4,9 @@ The model is split once (`nnx.split`) into a graph definition, the trainable par
 and the other variables (`rest`: permutations, calibration constants — never updated by the step).
 The steps are pure functions of arrays, jitted by the loop with explicit shardings and donation.
 
-Loss: mean next-token cross entropy over tokens with `loss_mask` = 1, plus the already-weighted
-auxiliary losses that sparse layers report by type (`ModelAux.losses`; averaged over micro-batches
-and reported as `loss/<type>`).
+Loss: mean next-token cross entropy over tokens with `loss_mask` = 1 (the head and the loss in
+vocabulary chunks: `model_token_losses`), plus the already-weighted auxiliary losses that sparse
+layers report by type (`ModelAux.losses`; averaged over micro-batches and reported as `loss/<type>`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 from umv2_jax.data.tokenizer import BYTE_VOCAB  # targets below it are bytes, the rest specials
-from umv2_jax.models.transformer import ModelAux
+from umv2_jax.models.transformer import ModelAux, Transformer
+from umv2_jax.ops.cross_entropy import chunked_cross_entropy
 from umv2_jax.training.state import ModelParts
 
 Batch = dict[str, jax.Array]
@@ -30,6 +31,26 @@ Batch = dict[str, jax.Array]
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-token cross entropy in nats. logits: [B, S, V] fp32, targets: [B, S] → [B, S]."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def model_token_losses(
+    model: Transformer, inputs: jax.Array, targets: jax.Array, **kwargs: Any
+) -> tuple[jax.Array, ModelAux]:
+    """(per-token cross entropy [B, S] fp32, ModelAux) of `model` on inputs / targets [B, S].
+
+    With `model.config.loss_vocab_chunk` > 0 the head and the loss run in vocabulary chunks
+    (`ops.cross_entropy`), so the f32 [B, S, padded_vocab] logits never exist; the numbers are
+    `token_losses(model(inputs)[0], targets)` up to float rounding. kwargs go to the model.
+    """
+    chunk = model.config.loss_vocab_chunk
+    if chunk == 0:
+        logits, aux = model(inputs, **kwargs)
+        return token_losses(logits, targets), aux
+    hidden, aux = model(inputs, return_hidden=True, **kwargs)
+    losses = chunked_cross_entropy(
+        hidden, model.head_matrix(), targets, chunk=chunk, compute_dtype=model.compute_dtype
+    )
+    return losses, aux
 
 
 def aux_losses_and_metrics(aux: ModelAux) -> tuple[jax.Array, dict, dict]:
@@ -58,8 +79,10 @@ def make_train_step(
 
     def micro_loss(params, rest, micro, dropout_rng, total_tokens):
         model = parts.build(params, rest)
-        logits, aux = model(micro["inputs"], deterministic=False, dropout_rng=dropout_rng)
-        losses = token_losses(logits, micro["targets"]) * micro["loss_mask"]
+        losses, aux = model_token_losses(
+            model, micro["inputs"], micro["targets"], deterministic=False, dropout_rng=dropout_rng
+        )
+        losses = losses * micro["loss_mask"]
         aux_loss, aux_losses, aux_metrics = aux_losses_and_metrics(aux)
         lm_loss_share = jnp.sum(losses) / total_tokens
         return lm_loss_share + aux_loss / micro_batches, (lm_loss_share, aux_losses, aux_metrics)
@@ -125,8 +148,10 @@ def make_eval_step(parts: ModelParts):
 
     def eval_step(params: dict, rest: dict, batch: Batch):
         model = parts.build(params, rest)
-        logits, aux = model(batch["inputs"], deterministic=True, diagnostics=True)
-        losses = token_losses(logits, batch["targets"]) * batch["loss_mask"]
+        losses, aux = model_token_losses(
+            model, batch["inputs"], batch["targets"], deterministic=True, diagnostics=True
+        )
+        losses = losses * batch["loss_mask"]
         is_byte = (batch["targets"] < BYTE_VOCAB).astype(jnp.float32) * batch["loss_mask"]
         _, aux_losses, aux_metrics = aux_losses_and_metrics(aux)
         return {

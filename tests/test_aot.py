@@ -1,0 +1,202 @@
+"""The ahead-of-time fit check (`python -m umv2_jax.aot`, umv2_jax/aot.py).
+
+8 fake CPU devices need `jax_num_cpu_devices` before JAX starts, and a TPU topology needs libtpu's
+environment, so each family runs in one fresh interpreter (a module-scoped fixture printing one JSON
+line) and the tests assert on its parts.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+TINY_MODEL = [
+    "model.d_model=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.d_ff=64",
+    "data.seq_len=32",
+]
+MESH = "data=2,fsdp=2,tensor=2"
+
+PROGRAM = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    import numpy as np
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", 8)
+    from umv2_jax import aot, parallel
+    from umv2_jax.config import load_config
+    from umv2_jax.training import state
+
+    argv = json.loads(sys.argv[1])
+
+    def call(extra):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = aot.main(argv + extra)
+        return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+    report = {"json": call(["--json"]), "text": call([])}
+    # What the step's arguments hold on one device: its shard of every state and rest leaf, and
+    # its rows of the three [batch, seq] arrays (2 per batch shard here: data 2 · fsdp 2).
+    config = load_config(None, json.loads(sys.argv[2]))
+    mesh = parallel.make_mesh(config.mesh)
+    layout = state.plan(config, mesh)
+    shard_bytes = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+    leaves = jax.tree.leaves((layout.state, layout.rest))
+    report["expected_arguments"] = sum(shard_bytes(x) for x in leaves) + 3 * 2 * 32 * 4
+    print(json.dumps(report))
+    """
+)
+
+
+def _python(*args: str, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def cpu_report():
+    argv = ["--mesh", MESH, "--batch-per-device", "2"]
+    for override in TINY_MODEL:
+        argv += ["--set", override]
+    config_overrides = TINY_MODEL + [
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        "train.batch_size=8",
+    ]
+    completed = _python(
+        "-c",
+        PROGRAM,
+        json.dumps(argv),
+        json.dumps(config_overrides),
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_json_report_holds_the_per_device_plan(cpu_report):
+    run = cpu_report["json"]
+    assert run["code"] == 0, run["err"]
+    report = json.loads(run["out"].strip().splitlines()[-1])
+    sizes = report["per_device_bytes"]
+    assert {"arguments", "temporaries", "outputs", "total"} <= set(sizes)
+    assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert report["platform"] == "cpu" and report["fake_cpu_devices"] is True
+    assert report["devices"] == 8
+    assert report["batch"] == 8  # 2 per batch shard × (data 2 · fsdp 2)
+    assert report["compile_s"] > 0
+    # The arguments are one device's shards of the state and of the batch, nothing replicated.
+    assert sizes["arguments"] == cpu_report["expected_arguments"]
+    assert sizes["temporaries"] > 0
+    # The donated state comes back in place: outputs alias the arguments but for the metrics.
+    assert 0 < sizes["aliased"] <= sizes["outputs"]
+    assert sizes["total"] == (
+        sizes["arguments"]
+        + sizes["temporaries"]
+        + sizes["outputs"]
+        - sizes["aliased"]
+        + sizes["generated_code"]
+    )
+
+
+def test_text_report_ends_with_the_total_line(cpu_report):
+    run = cpu_report["text"]
+    assert run["code"] == 0, run["err"]
+    lines = run["out"].strip().splitlines()
+    assert lines[0].startswith("XLA:CPU plan on 8 fake devices")
+    sizes = json.loads(cpu_report["json"]["out"].strip().splitlines()[-1])["per_device_bytes"]
+    gb = lambda key: f"{sizes[key] / 1e9:.1f} GB"
+    assert lines[-1] == (
+        f"per-device total: {gb('total')} (arguments {gb('arguments')}, "
+        f"temporaries {gb('temporaries')}, outputs {gb('outputs')})"
+    )
+    assert any(line.startswith("compile   trace + lower ") for line in lines)
+
+
+def test_bad_mesh_and_bad_topology_exit_2_with_one_line():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    bad_mesh = _python("-m", "umv2_jax.aot", "--mesh", "data=3", "--devices", "8", env=env)
+    assert bad_mesh.returncode == 2, bad_mesh.stderr[-2000:]
+    assert bad_mesh.stderr.strip() == (
+        "error: --mesh: axes data=3, fsdp=1, tensor=1, expert=1 need 3 devices but 8 are "
+        "available (--devices 8); make the product 8 (or set one axis to -1)"
+    )
+    bad_topology = _python("-m", "umv2_jax.aot", "--topology", "v5p-7", env=env)
+    assert bad_topology.returncode == 2, bad_topology.stderr[-2000:]
+    assert len(bad_topology.stderr.strip().splitlines()) == 1
+    assert bad_topology.stderr.startswith("error: --topology 'v5p-7' is not a TPU slice")
+
+
+TPU_PROGRAM = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    from umv2_jax import aot
+
+    def call(argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = aot.main(argv)
+        return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+    tiny = json.loads(sys.argv[1])
+    big = json.loads(sys.argv[2])
+    report = {
+        "fits": call(tiny + ["--mesh", "fsdp=4,tensor=2", "--topology", "v5p:2x2x2", "--json"]),
+        # ~1.3B parameters with f32 Adam state replicated 4 ways: > 16 GB per v5e chip.
+        "refused": call(big + ["--mesh", "data=4", "--topology", "v5e:2x2"]),
+    }
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def tpu_report():
+    pytest.importorskip("libtpu", reason="TPU topologies need libtpu (pip install -e '.[tpu]')")
+    tiny = [item for override in TINY_MODEL for item in ("--set", override)]
+    big = [
+        "model.d_model=2048",
+        "model.num_layers=16",
+        "model.num_heads=16",
+        "model.d_ff=8192",
+        "model.vocab_size=50304",
+        "data.seq_len=512",
+        "model.max_seq_len=512",
+    ]
+    big = [item for override in big for item in ("--set", override)]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    completed = _python("-c", TPU_PROGRAM, json.dumps(tiny), json.dumps(big), env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_compiles_for_a_tpu_topology_from_this_host(tpu_report):
+    run = tpu_report["fits"]
+    assert run["code"] == 0, run["err"][-3000:]
+    report = json.loads(run["out"].strip().splitlines()[-1])
+    assert report["platform"] == "tpu" and report["fake_cpu_devices"] is False
+    assert report["device_kind"] == "TPU v5" and report["devices"] == 8
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}
+    assert report["per_device_bytes"]["arguments"] > 0
+
+
+def test_a_step_the_tpu_compiler_refuses_is_one_line_exit_2(tpu_report):
+    run = tpu_report["refused"]
+    assert run["code"] == 2
+    error = run["err"].strip()
+    assert len(error.splitlines()) == 1, error
+    assert error.startswith(
+        "error: XLA:TPU for v5e:2x2 refused the step on mesh data=4, fsdp=1, tensor=1, expert=1: "
+    )
+    # The compiler's own numbers: what the step needs and the chip's HBM.
+    assert re.search(r"exceeds available HBM \(15\.\d+G\)", error), error

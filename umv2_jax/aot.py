@@ -1,0 +1,370 @@
+"""Ahead-of-time fit check: compile the real training step for a mesh, without the hardware.
+
+    python -m umv2_jax.aot --config configs/paper/ultramem_v2_1b7b.yaml --mesh fsdp=8
+    python -m umv2_jax.aot --config PATH --mesh data=2,fsdp=4 --topology v5p:2x2x2 --json
+    python -m umv2_jax.aot --config PATH --set model.num_layers=2 --mesh fsdp=8 --devices 8
+
+Builds the train state's shapes and shardings (`training.state.plan`: nothing is allocated) and
+compiles the step the training loop runs (`training.step.make_train_step`, the same in/out
+shardings and donation as `training.loop`) under `parallel.use_mesh(mesh)` for abstract inputs:
+`jax.jit(step, ...).trace(state, rest, batch).lower().compile()`. Printed: the mesh warnings
+(`parallel.warnings`), trace + lower and compile seconds, and XLA's per-device memory plan
+(`compiled.memory_analysis()`); the last line reads
+
+    per-device total: X.X GB (arguments A GB, temporaries T GB, outputs O GB)
+
+total = arguments + temporaries + outputs − aliased (outputs written into donated arguments) +
+generated code, in GB = 10⁹ bytes. `--json` prints instead one line
+`{"per_device_bytes": {"arguments", "temporaries", "outputs", "aliased", "generated_code",
+"total"}, "compile_s", "lower_s", "mesh", "platform", "devices", "batch", "seq_len", "warnings"}`.
+
+Devices: `--topology v5p:2x2x2` (or `v5p-16`, `v5litepod-8`, …) compiles with XLA:TPU for that TPU
+slice from this host (libtpu, the `jax[tpu]` extra; no TPU is used): the TPU compiler's memory
+plan, and a step it refuses ("exceeds available HBM") is reported in one line, exit 2. Without
+`--topology`, the plan is XLA:CPU's on `--devices` fake CPU devices (default: the mesh's size) and
+the output says so: an estimate of the same partitioned program, not a TPU or GPU number.
+
+The global batch is `--batch-per-device` sequences × the batch shards of the mesh (data · fsdp ·
+expert); `--mesh` names the axes it sets (the others are 1; without `--mesh`, the config's). A bad
+config, mesh or topology prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from umv2_jax.errors import ConfigError, UserError
+
+GB = 1e9
+# What libtpu needs to describe a TPU slice on a host without a TPU (no metadata server is asked).
+TPU_COMPILE_ENV = {
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "TPU_SKIP_MDS_QUERY": "1",
+}
+# Chips of a slice named by its core/chip count (v5p-16, v5litepod-8) → the topology's shape.
+_SHAPES_3D = ("1x1x1", "2x1x1", "2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8")
+_SHAPES_2D = ("1x1", "2x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
+# Accelerator name → (topology prefix, TensorCores per chip counted in its name, dimensions).
+_GENERATIONS = {
+    "v4": ("v4", 2, 3),
+    "v5p": ("v5p", 2, 3),
+    "v5e": ("v5e", 1, 2),
+    "v5litepod": ("v5e", 1, 2),
+    "v6e": ("v6e", 1, 2),
+}
+_TOPOLOGY = re.compile(r"^[A-Za-z0-9_ ]+[=_:][0-9x]+(_twisted|_untwisted)?$")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`"data=1,fsdp=8"` → {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}; ConfigError if bad."""
+    from umv2_jax.config import MeshConfig
+
+    sizes = dict.fromkeys(MeshConfig.AXES, 1)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in sizes or not re.fullmatch(r"-?\d+", value.strip()):
+            raise ConfigError(
+                f"--mesh '{text}': '{part}' is not AXIS=SIZE with AXIS one of "
+                f"{', '.join(MeshConfig.AXES)} (e.g. --mesh data=2,fsdp=4)"
+            )
+        sizes[name] = int(value)
+    return sizes
+
+
+def topology_name(text: str) -> str:
+    """A TPU topology for `get_topology_desc`: `v5p:2x2x2` as is; `v5p-16` / `v5litepod-8` → shape.
+
+    ConfigError for a name that is neither (the fix names both forms).
+    """
+    if _TOPOLOGY.fullmatch(text):
+        return text
+    match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", text)
+    if match:
+        prefix, per_chip, dims = _GENERATIONS[match.group(1)]
+        count = int(match.group(2))
+        chips = count // per_chip if count % per_chip == 0 else 0
+        for shape in _SHAPES_3D if dims == 3 else _SHAPES_2D:
+            if math.prod(int(s) for s in shape.split("x")) == chips:
+                return f"{prefix}:{shape}"
+    raise ConfigError(
+        f"--topology '{text}' is not a TPU slice: use GENERATION:SHAPE (e.g. v5p:2x2x2, v5e:2x4) "
+        "or a slice name with a power-of-two size (e.g. v5p-16, v5litepod-8)"
+    )
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU slice described from this host; ConfigError when libtpu cannot."""
+    import importlib.util
+
+    for key, value in TPU_COMPILE_ENV.items():
+        os.environ.setdefault(key, value)
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(
+            f"--topology {topology}: libtpu is not installed (pip install -e '.[tpu]'); leave out "
+            "--topology for XLA:CPU's plan on fake devices"
+        )
+    from jax.experimental import topologies
+
+    name = topology_name(topology)
+    try:
+        return list(topologies.get_topology_desc(name, platform="tpu").devices)
+    except Exception as error:  # noqa: BLE001 - libtpu's own message names the problem
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--topology {topology}: libtpu cannot describe it: {first}") from None
+
+
+def _cpu_devices(count: int) -> list:
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", count)
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+        raise ConfigError(
+            f"--devices {count}: this process already started JAX with {len(devices)} CPU "
+            "device(s); run `python -m umv2_jax.aot` in a fresh process"
+        )
+    return devices[:count]
+
+
+def _refusal(error: Exception) -> str | None:
+    """The TPU compiler's one-line reason for refusing a program that does not fit, or None."""
+    text = str(error)
+    for line in text.splitlines():
+        if re.search(r"exceeds|Ran out of memory|RESOURCE_EXHAUSTED|out of memory", line, re.I):
+            return re.sub(r"\s+", " ", line).strip().rstrip(".")
+    return None
+
+
+def compile_step(config, mesh, *, batch: int) -> dict[str, Any]:
+    """Compiles one training step of `config` on `mesh` for a global batch of `batch` sequences.
+
+    Returns {"compiled", "lower_s", "compile_s", "plan"}; raises what the compiler raises.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from umv2_jax import parallel
+    from umv2_jax.training import state as state_lib
+    from umv2_jax.training.step import make_train_step
+
+    device = mesh.devices.flat[0]
+    with parallel.use_mesh(mesh):
+        layout = state_lib.plan(config, mesh)
+        batch_sharding = parallel.batch_sharding(mesh)
+        seq = config.data.seq_len
+        tokens = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=batch_sharding)
+        abstract_batch = {
+            "inputs": tokens(jnp.int32),
+            "targets": tokens(jnp.int32),
+            "loss_mask": tokens(jnp.float32),
+        }
+        step = jax.jit(
+            make_train_step(
+                layout.parts, layout.optimizer, config.train.micro_batches, config.train.seed
+            ),
+            in_shardings=(layout.state_shardings, layout.rest_shardings, batch_sharding),
+            out_shardings=(layout.state_shardings, parallel.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        start = time.perf_counter()
+        # Pallas TPU kernels read the chip's properties from the default device while lowering.
+        with jax.default_device(device) if device.platform == "tpu" else contextlib.nullcontext():
+            lowered = step.trace(layout.state, layout.rest, abstract_batch).lower()
+        lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
+    return {"compiled": compiled, "lower_s": lower_s, "compile_s": compile_s, "plan": layout}
+
+
+def memory_bytes(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled program's memory plan (`memory_analysis()`) and their total."""
+    analysis = compiled.memory_analysis()
+    get = lambda name: int(getattr(analysis, name, 0) or 0)
+    sizes = {
+        "arguments": get("argument_size_in_bytes"),
+        "temporaries": get("temp_size_in_bytes"),
+        "outputs": get("output_size_in_bytes"),
+        "aliased": get("alias_size_in_bytes"),
+        "generated_code": get("generated_code_size_in_bytes"),
+    }
+    sizes["total"] = (
+        sizes["arguments"]
+        + sizes["temporaries"]
+        + sizes["outputs"]
+        - sizes["aliased"]
+        + sizes["generated_code"]
+    )
+    return sizes
+
+
+def total_line(sizes: dict[str, int]) -> str:
+    """`per-device total: X.X GB (arguments A GB, temporaries T GB, outputs O GB)`."""
+    gb = lambda key: f"{sizes[key] / GB:.1f} GB"
+    return (
+        f"per-device total: {sizes['total'] / GB:.1f} GB (arguments {gb('arguments')}, "
+        f"temporaries {gb('temporaries')}, outputs {gb('outputs')})"
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m umv2_jax.aot",
+        description="Compile the training step for a mesh without the hardware; print per-device "
+        "memory and compile time.",
+    )
+    parser.add_argument("--config", default=None, help="YAML config (default: the defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set model.num_layers=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--mesh", default=None, help="mesh axes, e.g. data=1,fsdp=8 (unnamed axes are 1)"
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--topology", default=None, help="TPU slice to compile for, e.g. v5p:2x2x2 or v5p-16"
+    )
+    where.add_argument(
+        "--devices", type=int, default=None, help="fake CPU devices (default: the mesh's size)"
+    )
+    parser.add_argument(
+        "--batch-per-device",
+        type=int,
+        default=1,
+        help="sequences per batch shard (global batch = this × data·fsdp·expert)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
+    """Does the fit check for parsed arguments; returns the JSON report (UserError on bad input)."""
+    from umv2_jax.config import MeshConfig, load_config
+
+    if args.batch_per_device < 1:
+        raise ConfigError(f"--batch-per-device {args.batch_per_device}: must be >= 1")
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError(f"--devices {args.devices}: must be >= 1")
+    overrides = list(args.overrides)
+    if args.mesh is not None:
+        sizes = parse_mesh(args.mesh)
+        overrides += [f"mesh.{axis}={size}" for axis, size in sizes.items()]
+    base = load_config(args.config, overrides)  # ConfigError for a bad key, value or mesh
+    fixed = math.prod(getattr(base.mesh, axis) for axis in MeshConfig.AXES if axis != "data")
+
+    if args.topology is not None:
+        devices = tpu_devices(args.topology)
+        where = f"XLA:TPU plan for {args.topology} ({len(devices)} × {devices[0].device_kind})"
+    else:
+        sizes = [getattr(base.mesh, axis) for axis in MeshConfig.AXES]
+        count = args.devices or (math.prod(sizes) if -1 not in sizes else 8)
+        devices = _cpu_devices(count)
+        where = f"XLA:CPU plan on {count} fake devices (not a TPU/GPU number; --topology for TPU)"
+    if base.mesh.data != -1 and fixed * base.mesh.data != len(devices):
+        source = f"topology {args.topology}" if args.topology else f"--devices {len(devices)}"
+        raise ConfigError(
+            f"--mesh: axes {', '.join(f'{a}={getattr(base.mesh, a)}' for a in MeshConfig.AXES)} "
+            f"need {fixed * base.mesh.data} devices but {len(devices)} are available ({source}); "
+            f"make the product {len(devices)} (or set one axis to -1)"
+        )
+
+    from umv2_jax import parallel
+    from umv2_jax.parallel import warnings as mesh_warnings
+
+    mesh = parallel.make_mesh(base.mesh, devices)
+    batch = args.batch_per_device * parallel.batch_shards(mesh)
+    config = load_config(
+        args.config,
+        overrides
+        + [f"mesh.{axis}={mesh.shape[axis]}" for axis in MeshConfig.AXES]
+        + [f"train.batch_size={batch}"],
+    )
+    config.check_mesh_fits_model(mesh.shape["expert"], mesh.shape["tensor"])
+    warnings = mesh_warnings.mesh_warnings(config, mesh)
+    mesh_text = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    if not args.json:
+        echo(where)
+        echo(
+            f"config    {config.name}: {config.model.num_layers} layers, d_model "
+            f"{config.model.d_model}, sparse {config.model.sparse}; batch {batch} × seq "
+            f"{config.data.seq_len} ({args.batch_per_device} per batch shard), "
+            f"{config.train.micro_batches} micro-batch(es)"
+        )
+        echo(f"mesh      {mesh_text}")
+        for line in warnings:
+            echo(f"warning: {line}")
+
+    try:
+        result = compile_step(config, mesh, batch=batch)
+    except Exception as error:  # noqa: BLE001 - the TPU compiler's refusal is a user answer
+        reason = _refusal(error)
+        if reason is None:
+            raise
+        compiler = f"XLA:TPU for {args.topology}" if args.topology else "XLA:CPU"
+        raise UserError(
+            f"{compiler} refused the step on mesh {mesh_text}: {reason}; try more fsdp/tensor "
+            "sharding, model.remat=full, or a smaller --batch-per-device"
+        ) from None
+    sizes = memory_bytes(result["compiled"])
+    report = {
+        "per_device_bytes": sizes,
+        "compile_s": round(result["compile_s"], 3),
+        "lower_s": round(result["lower_s"], 3),
+        "mesh": dict(mesh.shape),
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "fake_cpu_devices": args.topology is None,
+        "batch": batch,
+        "seq_len": config.data.seq_len,
+        "param_count": result["plan"].param_count,
+        "warnings": warnings,
+    }
+    if args.json:
+        echo(json.dumps(report))
+    else:
+        echo(f"params    {result['plan'].param_count:,}")
+        echo(
+            f"compile   trace + lower {result['lower_s']:.1f} s, compile {result['compile_s']:.1f} s"
+        )
+        for key in ("arguments", "temporaries", "outputs", "aliased", "generated_code"):
+            echo(f"  {key.replace('_', ' '):<15}{sizes[key] / GB:10.3f} GB")
+        echo(total_line(sizes))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import logging
+
+    logging.getLogger("jax").setLevel(logging.ERROR)  # "Unable to initialize backend 'tpu'" noise
+    try:
+        run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

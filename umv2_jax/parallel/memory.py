@@ -1,0 +1,239 @@
+"""UltraMemV2's memory layer token-local under `shard_map`, tables split on `tensor` and `fsdp`.
+
+    with parallel.use_mesh(mesh):
+        out = layer(u, context)          # UltraMemV2.__call__ → token_local(...) → one shard_map
+
+Under a mesh the whole layer (retrieval → row mapping → pre-scores → value aggregation → output
+projection) runs inside ONE `jax.shard_map` on each device's own tokens: u [B, S, h] enters split over
+the mesh's batch axes (`batch_axes(mesh)`: data, fsdp, expert), the small retrieval parameters and the
+permutation enter replicated (P()). No retrieval score or row id is ever gathered across the batch
+axes, and value_bag's token loop, sort and scatter run on the local tokens only. The table gradient
+leaves the shard_map once per layer: the tables enter invariant over the batch axes (or split on
+fsdp), so shard_map's transpose reduces the window-sized cotangent with one all-reduce (data, expert)
+or one reduce-scatter (fsdp, the all-gather's transpose) per layer, not per token block.
+
+Dimension-wise memory parallelism on `tensor` (t devices; the authors' and Meta's choice). The tables
+enter as D slices (values [g, n², D_v/t], pre-values [g, n², D_p/t]), W_p as [h, D_p/t] and W_o as
+[D_v/t, h]. Each tensor device
+
+    (a) retrieves for 1/t of the local tokens, then all-gathers (tiled) the row ids [H, T, m] and
+        core scores [H, T, m, C] across the tensor group (when t does not divide the local tokens,
+        every tensor device retrieves all of them instead: same result, t× the retrieval work);
+    (b) computes partial pre-score dots <x_p[slice], P[row][slice]>, `psum`s them over tensor and
+        applies the activation;
+    (c) aggregates its own D_v slice with value_bag; core-score chunk c covers D_v columns
+        [c·D_v/C, (c+1)·D_v/C), so a device gets the C/t chunks its slice covers (t | C) or the one
+        chunk its slice lies in (C | t);
+    (d) y = o_slice @ W_o[slice], `psum` over tensor.
+
+The split needs t | D_v, t | D_p and (C % t == 0 or t % C == 0) (`tensor_split`); otherwise the layer
+runs with whole tables on every tensor device (XLA gathers the slices at the shard_map's entry) and
+`umv2_jax.parallel.warnings` is where such a mesh is reported. Without a tensor split the fused
+value_bag call (pre-values inside) is kept.
+
+Rows on `fsdp` (`mem_rows`): the layer all-gathers its window's tables over fsdp inside the
+shard_map; the transpose reduce-scatters the gradient. This is the simple FSDP choice. The
+alternative, exchanging row ids and gathered values with the devices that own the rows, moves
+T·m·(D_v + D_p)/t values per device and layer each way instead of the window's table. At the 1B/7B
+shape (n² = 278 784 rows, D_v 768, D_p 384, m = 128 slots, 4096 tokens per device, fp32 tables):
+the table all-gather is 278 784·1152·4 B = 1.28 GB per layer (7/8 of it received at fsdp 8), while
+the exchange would be 4096·128·1152·4 B = 2.42 GB per layer (2 MB of row ids plus the values) each
+way, and it grows with tokens per device while the gather does not. So the tables are gathered: the
+slots per device (T·m = 524 288) outnumber the table's rows.
+
+Measured (XLA:CPU plan on 8 fake CPU devices, not a TPU/GPU number; `python -m umv2_jax.aot --config
+configs/paper/ultramem_v2_1b7b.yaml --mesh fsdp=8 --set model.remat=full`, 4096 tokens per device):
+temporaries 10.8 GB per device at fsdp 8 (9.2 GB at fsdp 4 × tensor 2), against 58.5 GB (31.1 GB)
+with the previous memory layer (whole-stack reads, no shard_map) and the rest of the tree unchanged.
+
+Losses and metrics are global: the key-balance statistics f and p are averaged over the batch axes
+before their product (`TuckerRetrieval(..., balance_axes=...)`), mean metrics are `pmean`'d and the
+evaluation's row hits are OR-reduced (`pmax`). Both implementations (xla, pallas) run inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from umv2_jax.parallel.mesh import batch_axes, batch_shards
+
+if TYPE_CHECKING:  # pragma: no cover
+    from umv2_jax.models.ultramem_v2 import LayerCore, TableWindow, UltraMemV2
+
+P = PartitionSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """The collectives that join one device's share of a memory layer to the others' (static).
+
+    batch:           mesh axes over which devices hold different tokens (means, key balance, hits).
+    tensor:          the axis the D dimensions are split on, or None (whole D on every device).
+    tensor_size:     t.
+    split_retrieval: each tensor device retrieves 1/t of the local tokens (then all-gathers).
+    n_cores:         C (for `local_chunks`).
+    The default (`LOCAL`) makes every method the identity: plain single-device code.
+    """
+
+    batch: tuple[str, ...] = ()
+    tensor: str | None = None
+    tensor_size: int = 1
+    split_retrieval: bool = False
+    n_cores: int = 1
+
+    @property
+    def stat_axes(self) -> tuple[str, ...]:
+        """Axes a global scalar statistic is averaged over (tensor too: its devices agree)."""
+        return self.batch + ((self.tensor,) if self.tensor is not None else ())
+
+    @property
+    def balance_axes(self) -> tuple[str, ...]:
+        """Axes over which the retrieval's tokens differ (the key-balance statistics' pmean)."""
+        return self.batch + ((self.tensor,) if self.split_retrieval else ())
+
+    def retrieval_tokens(self, x: jax.Array) -> jax.Array:
+        """x [T, h] → the tokens this device retrieves for: [T/t, h] slice `axis_index(tensor)`."""
+        if not self.split_retrieval:
+            return x
+        piece = x.shape[0] // self.tensor_size
+        return lax.dynamic_slice_in_dim(x, lax.axis_index(self.tensor) * piece, piece, axis=0)
+
+    def gather_tokens(self, a: jax.Array, axis: int) -> jax.Array:
+        """The tensor group's retrieval results joined along the token `axis` (tiled all-gather)."""
+        if not self.split_retrieval:
+            return a
+        return lax.all_gather(a, self.tensor, axis=axis, tiled=True)
+
+    def local_chunks(self, core_scores: jax.Array) -> jax.Array:
+        """[T, m, C] → the core scores of the chunks this device's D_v slice covers, [T, m, C']."""
+        if self.tensor is None:
+            return core_scores
+        t, c = self.tensor_size, self.n_cores
+        index = lax.axis_index(self.tensor)
+        if c % t == 0:
+            return lax.dynamic_slice_in_dim(core_scores, index * (c // t), c // t, axis=-1)
+        return lax.dynamic_slice_in_dim(core_scores, index // (t // c), 1, axis=-1)
+
+    def sum_tensor(self, a: jax.Array) -> jax.Array:
+        """psum over tensor (a partial product of a D slice), or a."""
+        return a if self.tensor is None else lax.psum(a, self.tensor)
+
+    def mean_batch(self, a: jax.Array) -> jax.Array:
+        """Global mean of a per-device mean over equally many tokens."""
+        return lax.pmean(a, self.stat_axes) if self.stat_axes else a
+
+    def any_batch(self, hits: jax.Array) -> jax.Array:
+        """OR of a bool mask over every device (`pmax`)."""
+        if not self.stat_axes:
+            return hits
+        return lax.pmax(hits.astype(jnp.int32), self.stat_axes).astype(jnp.bool_)
+
+
+LOCAL = MemoryPlan()
+
+
+def tensor_split(mesh: Mesh, value_dim: int, pre_value_dim: int, n_cores: int) -> bool:
+    """Whether the memory layer splits D_v / D_p on `tensor` on this mesh (see the module text)."""
+    t = mesh.shape.get("tensor", 1)
+    if t <= 1:
+        return False
+    return value_dim % t == 0 and pre_value_dim % t == 0 and (n_cores % t == 0 or t % n_cores == 0)
+
+
+def token_local(
+    layer: UltraMemV2,
+    u: jax.Array,
+    tables: TableWindow,
+    rank_one: tuple[jax.Array, jax.Array] | None,
+    diagnostics: bool,
+    mesh: Mesh,
+) -> LayerCore | None:
+    """`layer.core` on each device's own tokens in one shard_map → LayerCore with y like u.
+
+    u: [B, S, h] (B split over the batch axes); tables: the layer's window, [g, n², D]. Returns None
+    when u has no batch dimension the mesh's batch axes divide (the caller then runs plain code).
+    Plain-JAX equivalent: `layer.core(u.reshape(-1, h), tables, rank_one, diagnostics)`.
+    """
+    from umv2_jax.models.ultramem_v2 import TableWindow  # models import this module
+
+    batch = batch_axes(mesh)
+    if u.ndim < 2 or u.shape[0] % batch_shards(mesh):
+        return None
+    shards = batch_shards(mesh)
+    local_tokens = (u.shape[0] // shards) * math.prod(u.shape[1:-1])
+    split = tensor_split(mesh, layer.value_dim, layer.pre_value_dim, layer.n_cores)
+    t = mesh.shape.get("tensor", 1)
+    plan = MemoryPlan(
+        batch=batch,
+        tensor="tensor" if split else None,
+        tensor_size=t if split else 1,
+        split_retrieval=split and local_tokens % t == 0,
+        n_cores=layer.n_cores,
+    )
+    f = mesh.shape.get("fsdp", 1)
+    rows_axis = "fsdp" if f > 1 and tables.values.shape[1] % f == 0 else None
+    dim_axis = "tensor" if split else None
+    table_spec = P(None, rows_axis, dim_axis)
+
+    graphdef, state = nnx.split(layer)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves = [leaf for _, leaf in flat]
+
+    def leaf_spec(path) -> PartitionSpec:
+        names = jax.tree_util.keystr(path)
+        if split and "output_proj" in names:
+            return P("tensor", None)
+        if split and "pre_value_proj" in names:
+            return P(None, "tensor")
+        return P()
+
+    leaf_specs = [leaf_spec(path) for path, _ in flat]
+    h = u.shape[-1]
+    batch_spec = P(batch if batch else None)
+
+    def body(leaves, u, values, pre_values, rank_one):
+        layer = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+        if rows_axis is not None:
+            values = lax.all_gather(values, rows_axis, axis=1, tiled=True)
+            if pre_values is not None:
+                pre_values = lax.all_gather(pre_values, rows_axis, axis=1, tiled=True)
+        window = TableWindow(values=values, pre_values=pre_values)
+        core = layer.core(u.reshape(-1, h), window, rank_one, diagnostics, plan)
+        return dataclasses.replace(core, y=core.y.reshape(u.shape))
+
+    out_specs = _core_specs(layer, batch_spec, diagnostics)
+    pre_spec = None if tables.pre_values is None else table_spec
+    rank_spec = None if rank_one is None else (P(), P())
+    run = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(leaf_specs, batch_spec, table_spec, pre_spec, rank_spec),
+        out_specs=out_specs,
+        # The Pallas kernels' outputs carry no varying-axes type, so the vma check is off. Its
+        # transpose convention is then what this module relies on: an output's cotangent is split
+        # evenly over the axes its spec leaves out and an input's cotangent is psum'd over them, which
+        # is exact here because every P() output is equal on all devices (see the tests).
+        check_vma=False,
+    )
+    return run(leaves, u, tables.values, tables.pre_values, rank_one)
+
+
+def _core_specs(layer: Any, batch_spec: PartitionSpec, diagnostics: bool) -> LayerCore:
+    from umv2_jax.models.ultramem_v2 import LayerCore
+
+    return LayerCore(
+        y=batch_spec,
+        singular_values=P(),
+        key_balance=P() if layer.key_balance > 0 else None,
+        top1_score=P(),
+        topm_score=P(),
+        row_hits=P() if diagnostics else None,
+    )
