@@ -11,7 +11,10 @@ largest magnitude (|g - g_ref| ≤ 2e-5·|g_ref| + 2e-5·max|g_ref|): summation 
 shards. Measured: at most ~6e-7 of a leaf's largest magnitude, loss 2e-7 relative.
 
 Meshes: (fsdp 4, tensor 2) and (data 2, tensor 2, expert 2) in the default suite (one subprocess,
-~50 s of CPU); (data 8) and (tensor 4, fsdp 2) are `slow` (another subprocess).
+~50 s of CPU); (data 8) and (tensor 4, fsdp 2) are `slow` (another subprocess), and so are PKM, PEER
+and UltraMem v1 on (data 2, tensor 2, expert 2) (a third). The compiled steps' collectives also show
+that the product-key selection and value aggregation stay token-local (no token-sized scores, row
+ids or slot gradients cross the batch axes).
 """
 
 import json
@@ -239,3 +242,93 @@ def test_memory_plus_selection_gathers_no_token_sized_scores_across_the_batch(
         if kind == "all-reduce" and ["f32", [2, 6, 8]] in results
     ]
     assert keys and all(batch <= set(axes) for axes in keys), keys
+
+
+SLOTS = 2 * 4  # Memory+'s heads × topk
+VALUE_DIM = 16
+SLOT_BLOCK = GLOBAL_TOKENS // 8 * SLOTS  # the fewest slots a device holds (8-way batch split): 256
+
+
+def _token_sized_slot_traffic(case) -> list:
+    """All-gathers / all-reduces across a batch axis of row ids or of a whole batch's slot buffer.
+
+    value_bag under plain GSPMD all-gathers (and all-reduces) the s32 [tokens·H·m] = [2048] row ids
+    and all-reduces f32 [tokens·H·m, D_v/t] = [2048, 8] slot gradients across the batch axes. Found:
+    an integer buffer with a dimension a multiple of one device's slots (256), or a float one with
+    a dimension a multiple of the batch's slots (2048; the model's f32 [256, 8] fsdp traffic is not
+    the memory's).
+    """
+    batch = {"data", "fsdp", "expert"}
+    found = []
+    for kind, axes, results in case["collectives"]:
+        if kind not in ("all-gather", "all-reduce") or not batch & set(axes):
+            continue
+        for dtype, shape in results:
+            block = SLOT_BLOCK if dtype.startswith(("s", "u")) else GLOBAL_TOKENS * SLOTS
+            if any(d and d % block == 0 for d in shape):
+                found.append([kind, axes, dtype, shape])
+    return found
+
+
+@pytest.mark.parametrize(
+    "mesh, fixture, batch",
+    [
+        pytest.param(
+            "data2_tensor2_expert2",
+            "default_meshes",
+            {"data", "expert"},
+            id="data2_tensor2_expert2",
+        ),
+        pytest.param("fsdp4_tensor2", "default_meshes", {"fsdp"}, id="fsdp4_tensor2"),
+        pytest.param("data8", "slow_meshes", {"data"}, id="data8", marks=pytest.mark.slow),
+    ],
+)
+def test_memory_plus_value_bag_moves_no_row_ids_or_slot_gradients_across_the_batch(
+    mesh, fixture, batch, request
+):
+    """Memory+'s value aggregation runs token-local (models/product_key.token_local_bag): under plain
+    GSPMD the step all-gathered the s32 [tokens, heads·topk] row ids across the batch axes and
+    all-reduced an f32 [tokens·heads·topk, D_v] gradient."""
+    case = request.getfixturevalue(fixture)[f"memory_plus/{mesh}"]
+    assert _token_sized_slot_traffic(case) == []
+    # The shared table's gradient leaves the shard_map whole: one table-sized [36, 16] all-reduce
+    # over the batch axes (the transpose of its replicated entry), not per slot.
+    table = [
+        axes
+        for kind, axes, results in case["collectives"]
+        if kind == "all-reduce" and ["f32", [36, VALUE_DIM]] in results
+    ]
+    assert table and all(batch <= set(axes) for axes in table), table
+
+
+# PKM, PEER and UltraMem v1 aggregate through the same `token_local_bag` (slow: ~60 s of CPU).
+_SMALL_KEYS = ["n_keys=6", "key_dim=8", "topk=4", "heads=2"]
+OTHER_KINDS = {
+    "pkm": ["model.sparse=pkm"] + [f"model.product_key.{f}" for f in _SMALL_KEYS],
+    "peer": ["model.sparse=peer"] + [f"model.product_key.{f}" for f in _SMALL_KEYS],
+    "ultramem": ["model.sparse=ultramem", "model.ultramem.value_dim=16"]
+    + ["model.ultramem.value_expand=4"]
+    + [f"model.ultramem.{f}" for f in _SMALL_KEYS],
+}
+OTHER_KINDS = {k: TINY + ["train.batch_size=8"] + v for k, v in OTHER_KINDS.items()}
+OTHER_MESH = "data2_tensor2_expert2"
+
+
+@pytest.fixture(scope="module")
+def other_kinds():
+    return _run(
+        PROGRAM, json.dumps(OTHER_KINDS), json.dumps({OTHER_MESH: DEFAULT_MESHES[OTHER_MESH]})
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(OTHER_KINDS))
+def test_other_product_key_layers_equal_the_single_device_step_and_stay_token_local(
+    kind, other_kinds
+):
+    case = other_kinds[f"{kind}/{OTHER_MESH}"]
+    assert case["devices"] == 8 and case["same_init"]
+    np.testing.assert_allclose(case["loss"], case["ref_loss"], rtol=1e-5)
+    assert case["failures"] == []
+    assert case["worst"] < 2e-5
+    assert _token_sized_slot_traffic(case) == []

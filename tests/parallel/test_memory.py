@@ -33,16 +33,20 @@ BASE = [
 ]
 ROWS, LAYERS, D_V = 144, 2, 16
 
-# (name, mesh, extra overrides): every mesh of the issue, scan on and off, the xla ops. The default
-# suite runs two (≈ 100 s of CPU with the HLO checks); the rest are marked slow. Not here yet: the
-# Pallas kernels interpreted inside the shard_map (`model.memory.implementation=pallas` does not
-# build on CPU at these shapes: retrieval_stage1 "captures constants"; tests/kernels swaps the
-# kernels in for "xla" instead, which this subprocess does not do).
+# (name, mesh, extra overrides): every mesh of the issue, scan on and off, the xla ops and the Pallas
+# kernels (`implementation=pallas`: on CPU the GPU kernels run interpreted, inside the shard_map).
+# The default suite runs three; the rest are marked slow.
 CASES = [
     ("data8", {"data": 8}, ["model.scan_layers=true"]),
     ("fsdp4_tensor2", {"fsdp": 4, "tensor": 2}, ["model.scan_layers=false"]),
+    (
+        "fsdp4_tensor2_pallas",
+        {"fsdp": 4, "tensor": 2},
+        ["model.scan_layers=false", "model.memory.implementation=pallas"],
+    ),
 ]
 SLOW_CASES = [
+    ("data8_pallas", {"data": 8}, ["model.scan_layers=true", "model.memory.implementation=pallas"]),
     ("fsdp4_tensor2_scan", {"fsdp": 4, "tensor": 2}, ["model.scan_layers=true"]),
     ("data2_tensor2_expert2", {"data": 2, "tensor": 2, "expert": 2}, ["model.scan_layers=false"]),
     ("tensor4_fsdp2", {"tensor": 4, "fsdp": 2}, ["model.scan_layers=true"]),

@@ -300,12 +300,28 @@ def test_the_cli_refuses_two_processes_without_a_coordinator(capsys, monkeypatch
     assert len(err) == 1 and err[0].startswith("error: a launch of 2 processes"), err
 
 
-def test_the_cli_says_when_distributed_finds_no_cluster(capsys, monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID"):
-        monkeypatch.delenv(name, raising=False)
-    assert cli.main(["--distributed", "--steps", "1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "found no cluster to join" in err[0], err
+def test_the_cli_says_when_distributed_finds_no_cluster(tmp_path):
+    # A fresh process: in this one JAX may already have started a backend (other tests), and
+    # `jax.distributed.initialize` must come before that, as it does in a real launch.
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+        and not name.startswith("SLURM_")
+    }
+    program = "import sys; from umv2_jax.training import cli; sys.exit(cli.main(sys.argv[1:]))"
+    completed = subprocess.run(
+        [sys.executable, "-c", program, "--distributed", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    err = [line for line in completed.stderr.strip().splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "found no cluster to join" in err[0], completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
 
 
 def _devices(processes: list[int], shape: tuple[int, ...]) -> np.ndarray:

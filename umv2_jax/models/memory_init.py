@@ -170,7 +170,10 @@ def calibrate(config: ModelConfig) -> Calibration:
         inputs = jax.random.normal(
             jax.random.key(CALIBRATION_SEED + 1), (memory.calibration_tokens, config.d_model)
         )
-        core_scores = retrieval(inputs, implementation=memory.implementation).core_scores
+        # Always the plain-JAX op: this runs under `ensure_compile_time_eval`, where a Pallas
+        # kernel's loop constants turn concrete and pallas_call refuses them ("captures
+        # constants"), so `auto` on a GPU/TPU (and an explicit pallas) could not build the model.
+        core_scores = retrieval(inputs, implementation="xla").core_scores
         return jnp.sum(core_scores, axis=-1)  # the total score each slot was selected by
 
     # Evaluate eagerly even when the model is being built under a trace (e.g. nnx.eval_shape for

@@ -35,6 +35,14 @@ normalized input (`input_block = a`, served from `context.taps[a]`).
 
 The weighted gather-sums are `umv2_jax.ops.value_bag` (values as its table, PEER's U as its pre-values,
 the weights as one "core"); value tables are `ValueParam`s (the optimizer's values group).
+
+**Under a mesh** (`umv2_jax.parallel.use_mesh`) every layer's value aggregation runs token-local
+(`token_local_bag`): one `jax.shard_map` per layer call with the tokens (rows, weights, x) split over
+the mesh's batch axes and the tables entering whole (P(), gathered once at entry when the rules shard
+them). So no [T, H·m] row id is all-gathered across the batch axes and no [T·H·m, D_v] slot
+gradient is all-reduced; the table gradient leaves the shard_map as one table-sized sum (the
+transpose of the replicated input). The selection before it is token-local too
+(`ops.product_key_topk.token_local`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from umv2_jax.config import ModelConfig, UltraMemConfig
 from umv2_jax.models import init as init_lib
@@ -52,6 +61,37 @@ from umv2_jax.models.transformer import dtype_of
 from umv2_jax.models.ultramem_v2 import GridPermutation, map_virtual_rows
 from umv2_jax.ops.product_key_topk import product_key_topk
 from umv2_jax.ops.value_bag import value_bag
+
+
+def token_local_bag(run, n_tokens: int, n_split: int):
+    """`run(*split, *whole)` on each device's own tokens when a mesh is active (else `run`).
+
+    The first `n_split` arguments have the tokens [T] as their leading dimension and are split over
+    `parallel.batch_axes(mesh)`; the others (tables) enter replicated (P()). `run` returns one
+    array with T leading, split the same way. Equivalent plain-JAX line: `run(*split, *whole)`.
+    Plain `run` without a mesh, inside an enclosing shard_map over the batch axes, or when the batch
+    shards do not divide T (left to the partitioner).
+    """
+    from umv2_jax import parallel  # lazy: parallel imports the config, which imports the models
+
+    mesh = parallel.active_mesh()
+    if mesh is None:
+        return run
+    axes = parallel.batch_axes(mesh)
+    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+    if not axes or n_tokens % parallel.batch_shards(mesh) or manual & set(axes):
+        return run
+    tokens, whole = PartitionSpec(axes), PartitionSpec()
+
+    def wrapped(*args):
+        specs = tuple(tokens if i < n_split else whole for i in range(len(args)))
+        # Pallas calls carry no varying-axes types (the registry traces every platform's branch);
+        # unchecked, the transpose still sums the replicated tables' cotangents once over the mesh.
+        return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=False)(
+            *args
+        )
+
+    return wrapped
 
 
 class ProductKeyRetrieval(nnx.Module):
@@ -196,14 +236,13 @@ class PKM(_ProductKeyLayer):
         """u: [..., h] → SparseOutput (y [..., h])."""
         x = u.reshape(-1, u.shape[-1])
         rows, weights = self.retrieval(x, implementation=self.implementation)
-        y = value_bag(
-            self.values[...],
-            None,
-            rows,
-            weights[..., None],
-            None,
-            implementation=self.implementation,
-        )
+
+        def bag(rows, weights, values):
+            return value_bag(
+                values, None, rows, weights[..., None], None, implementation=self.implementation
+            )
+
+        y = token_local_bag(bag, x.shape[0], 2)(rows, weights, self.values[...])
         return self._finish(u, y, rows, weights, context)
 
 
@@ -234,14 +273,13 @@ class MemoryPlus(_ProductKeyLayer):
         dtype = self.compute_dtype
         x = u.reshape(-1, u.shape[-1])
         rows, weights = self.retrieval(x, implementation=self.implementation)
-        o = value_bag(
-            context.shared.values[...],
-            None,
-            rows,
-            weights[..., None],
-            None,
-            implementation=self.implementation,
-        )
+
+        def bag(rows, weights, values):
+            return value_bag(
+                values, None, rows, weights[..., None], None, implementation=self.implementation
+            )
+
+        o = token_local_bag(bag, x.shape[0], 2)(rows, weights, context.shared.values[...])
         gate = jax.nn.silu(x.astype(dtype) @ self.gate_proj[...].astype(dtype))
         y = (o.astype(dtype) * gate) @ self.output_proj[...].astype(dtype)
         return self._finish(u, y, rows, weights, context)
@@ -267,14 +305,20 @@ class PEER(_ProductKeyLayer):
         """u: [..., h] → SparseOutput (y [..., h])."""
         x = u.reshape(-1, u.shape[-1])
         rows, weights = self.retrieval(x, implementation=self.implementation)
-        y = value_bag(
-            self.expert_down[...],
-            self.expert_up[...],
-            rows,
-            weights[..., None],
-            x.astype(jnp.float32),
-            pre_score_act=self.activation,
-            implementation=self.implementation,
+
+        def bag(rows, weights, x, down, up):
+            return value_bag(
+                down,
+                up,
+                rows,
+                weights[..., None],
+                x,
+                pre_score_act=self.activation,
+                implementation=self.implementation,
+            )
+
+        y = token_local_bag(bag, x.shape[0], 3)(
+            rows, weights, x.astype(jnp.float32), self.expert_down[...], self.expert_up[...]
         )
         return self._finish(u, y, rows, weights, context)
 
@@ -367,19 +411,25 @@ class UltraMemV1(nnx.Module):
         rows = rows.transpose(1, 0, 2).reshape(n_tokens, heads * topk)
         groups = groups.transpose(1, 0, 2).reshape(n_tokens, heads * topk)
         scores = result.core_scores.transpose(1, 0, 2, 3).reshape(n_tokens, heads * topk, -1)
+
         # Keep the G groups side by side: one value_bag over G copies of the tokens, each copy seeing
-        # only its group's slots (the others weigh 0).
-        in_group = groups[None] == jnp.arange(self.groups)[:, None, None]  # [G, T, H·m]
-        masked = jnp.where(in_group[..., None], scores[None], 0.0)
-        o = value_bag(
-            self.values[...],
-            None,
-            jnp.tile(rows, (self.groups, 1)),
-            masked.reshape(self.groups * n_tokens, heads * topk, -1),
-            None,
-            implementation=self.implementation,
-        )
-        o = o.reshape(self.groups, n_tokens, self.value_dim).transpose(1, 0, 2)
+        # only its group's slots (the others weigh 0). Token-local under a mesh: the copies are
+        # made of each device's own tokens.
+        def bag(rows, groups, scores, values):
+            n_local = rows.shape[0]
+            in_group = groups[None] == jnp.arange(self.groups)[:, None, None]  # [G, T, H·m]
+            masked = jnp.where(in_group[..., None], scores[None], 0.0)
+            o = value_bag(
+                values,
+                None,
+                jnp.tile(rows, (self.groups, 1)),
+                masked.reshape(self.groups * n_local, heads * topk, -1),
+                None,
+                implementation=self.implementation,
+            )
+            return o.reshape(self.groups, n_local, self.value_dim).transpose(1, 0, 2)
+
+        o = token_local_bag(bag, n_tokens, 3)(rows, groups, scores, self.values[...])
         dtype = self.compute_dtype
         y = o.reshape(n_tokens, -1).astype(dtype) @ self.output_proj[...].astype(dtype)
         total = jnp.sum(lax.stop_gradient(result.core_scores), axis=-1)
@@ -422,4 +472,5 @@ __all__ = [
     "SharedValues",
     "UltraMemV1",
     "product_key_topk",
+    "token_local_bag",
 ]
