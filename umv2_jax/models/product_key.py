@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import PartitionSpec
 
 from umv2_jax.config import ModelConfig, UltraMemConfig
 from umv2_jax.models import init as init_lib
@@ -64,34 +63,11 @@ from umv2_jax.ops.value_bag import value_bag
 
 
 def token_local_bag(run, n_tokens: int, n_split: int):
-    """`run(*split, *whole)` on each device's own tokens when a mesh is active (else `run`).
+    """`umv2_jax.parallel.mesh.token_local` for a layer's value_bag call: the first `n_split`
+    arguments (rows, weights, …) are split over the batch axes, the tables enter replicated."""
+    from umv2_jax.parallel.mesh import token_local  # lazy: parallel imports the config
 
-    The first `n_split` arguments have the tokens [T] as their leading dimension and are split over
-    `parallel.batch_axes(mesh)`; the others (tables) enter replicated (P()). `run` returns one
-    array with T leading, split the same way. Equivalent plain-JAX line: `run(*split, *whole)`.
-    Plain `run` without a mesh, inside an enclosing shard_map over the batch axes, or when the batch
-    shards do not divide T (left to the partitioner).
-    """
-    from umv2_jax import parallel  # lazy: parallel imports the config, which imports the models
-
-    mesh = parallel.active_mesh()
-    if mesh is None:
-        return run
-    axes = parallel.batch_axes(mesh)
-    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
-    if not axes or n_tokens % parallel.batch_shards(mesh) or manual & set(axes):
-        return run
-    tokens, whole = PartitionSpec(axes), PartitionSpec()
-
-    def wrapped(*args):
-        specs = tuple(tokens if i < n_split else whole for i in range(len(args)))
-        # Pallas calls carry no varying-axes types (the registry traces every platform's branch);
-        # unchecked, the transpose still sums the replicated tables' cotangents once over the mesh.
-        return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=False)(
-            *args
-        )
-
-    return wrapped
+    return token_local(run, n_tokens, n_split)
 
 
 class ProductKeyRetrieval(nnx.Module):

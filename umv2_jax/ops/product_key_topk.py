@@ -29,7 +29,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec
 
 from umv2_jax.ops import registry
 from umv2_jax.ops.selection import (
@@ -79,35 +78,12 @@ def product_key_topk(
 
 
 def token_local(run, n_tokens: int):
-    """`run(q_row, q_col, k_row, k_col)` on each device's own tokens when a mesh is active.
+    """`run(q_row, q_col, k_row, k_col)` on each device's own tokens when a mesh is active
+    (`umv2_jax.parallel.mesh.token_local`): queries split over the batch axes, keys replicated, so no
+    score or candidate is gathered across them; the keys' gradient is summed by the transpose."""
+    from umv2_jax.parallel.mesh import token_local as local  # lazy: parallel imports the config
 
-    Under `umv2_jax.parallel.use_mesh` (more than one device) the tokens [T] are split over the
-    mesh's batch axes (`parallel.batch_axes`: the flattened [B·S] tokens follow the batch split) and
-    the keys enter replicated, in one `jax.shard_map`: no score or candidate is gathered across the
-    batch axes, and the keys' gradient is summed over them by the shard_map's transpose. Plain
-    `run` without a mesh, inside an enclosing shard_map over those axes, or when the batch shards do
-    not divide T (left to the partitioner).
-    """
-    from umv2_jax import parallel  # lazy: parallel imports the config, which imports the ops
-
-    mesh = parallel.active_mesh()
-    if mesh is None:
-        return run
-    axes = parallel.batch_axes(mesh)
-    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
-    if not axes or n_tokens % parallel.batch_shards(mesh) or manual & set(axes):
-        return run
-    tokens, whole = PartitionSpec(axes), PartitionSpec()
-    return jax.shard_map(
-        run,
-        mesh=mesh,
-        in_specs=(tokens, tokens, whole, whole),
-        out_specs=(tokens, tokens),
-        # The registry traces every platform's branch (Pallas calls carry no varying-axes types).
-        # Unchecked, the transpose still sums the replicated keys' cotangents over every axis
-        # after dividing the outputs' by the axes they are replicated on: the true gradient.
-        check_vma=False,
-    )
+    return local(run, n_tokens, n_split=2, n_outputs=2)
 
 
 def product_key_topk_reference(

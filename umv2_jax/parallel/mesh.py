@@ -84,3 +84,37 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def token_local(run, n_tokens: int, n_split: int, n_outputs: int = 1):
+    """`run(*split, *whole)` on each device's own tokens under an active mesh (else `run` itself).
+
+    The first `n_split` arguments have the tokens [T] (the flattened [B·S], which follow the batch
+    split) leading and are split over `batch_axes(mesh)`; the rest (keys, tables) enter replicated.
+    `run` returns `n_outputs` arrays (one array when 1) with T leading, split the same way. One
+    `jax.shard_map`: nothing token-sized crosses the batch axes, and the transpose sums the
+    replicated inputs' cotangents once over the mesh. Plain `run` without a mesh, inside an enclosing
+    shard_map over those axes, or when the batch shards do not divide T (left to the partitioner).
+    Plain-JAX equivalent: `run(*split, *whole)`.
+    """
+    mesh = active_mesh()
+    if mesh is None:
+        return run
+    axes = batch_axes(mesh)
+    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+    if not axes or n_tokens % batch_shards(mesh) or manual & set(axes):
+        return run
+    tokens, whole = PartitionSpec(axes), PartitionSpec()
+    out_specs = tokens if n_outputs == 1 else (tokens,) * n_outputs
+
+    def wrapped(*args):
+        specs = tuple(tokens if i < n_split else whole for i in range(len(args)))
+        # Pallas calls carry no varying-axes types (the registry traces every platform's branch),
+        # so the check is off; unchecked, the transpose still sums the replicated inputs'
+        # cotangents over every axis after dividing the outputs' by the axes they are replicated
+        # on: the true gradient (the mesh-equivalence tests compare it with one device's).
+        return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(
+            *args
+        )
+
+    return wrapped
