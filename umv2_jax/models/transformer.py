@@ -275,43 +275,34 @@ class BlockStack(nnx.Module):
         remat: str,
         cache: LayerCache | None = None,
         window: DecodeWindow | None = None,
-        shared: Any = None,
     ) -> tuple[jax.Array, SparseOutput | None] | tuple[jax.Array, SparseOutput | None, LayerCache]:
         """x: [batch, seq, embed] → (x after the last block, stats with a leading [layers] axis).
 
         With `cache` (a LayerCache with a leading [layers] axis) also the updated cache, third.
-        shared: per-layer `context.shared` with a leading [layers] axis (e.g. each memory layer's
-        window of tables), scanned over as an input (xs) so that its gradients come out stacked
-        (no accumulator); None keeps `context.shared` for every layer.
+        Every layer sees the model's whole `context.shared`; a memory layer takes its own window of
+        tables inside the body (see `_layer_shared` for why not per-layer scan inputs).
         """
         graphdef, state = nnx.split(self.layers)
-
-        def layer_context(layer_shared):
-            if shared is None:
-                return context
-            return dataclasses.replace(context, shared=layer_shared)
-
         if cache is not None:
 
             def cached_body(carry, layer):
-                layer_state, layer_cache, layer_shared = layer
+                layer_state, layer_cache = layer
                 block = nnx.merge(graphdef, layer_state)
                 x_next, _, stats, layer_cache = block(
-                    carry, positions, layer_context(layer_shared), cache=layer_cache, window=window
+                    carry, positions, context, cache=layer_cache, window=window
                 )
                 return x_next, (stats, layer_cache)
 
-            x, (stats, cache) = jax.lax.scan(cached_body, x, (state, cache, shared))
+            x, (stats, cache) = jax.lax.scan(cached_body, x, (state, cache))
             return x, stats, cache
 
-        def body(carry, layer):
-            layer_state, layer_shared = layer
+        def body(carry, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            x_next, _, stats, _ = block(carry, positions, layer_context(layer_shared))
+            x_next, _, stats, _ = block(carry, positions, context)
             return x_next, stats
 
         body = _rematerialize(body, remat, prevent_cse=False)
-        return jax.lax.scan(body, x, (state, shared))
+        return jax.lax.scan(body, x, state)
 
 
 @jax.tree_util.register_dataclass
@@ -429,12 +420,11 @@ class Transformer(nnx.Module):
         for number, (segment, indices) in enumerate(zip(self.blocks, self.layout)):
             layer_cache = cache.layers[number] if cache is not None else None
             if isinstance(segment, BlockStack):
-                shared = _layer_shared(self.shared, indices, stacked=True)
                 if layer_cache is None:
-                    x, stats = segment(x, positions, context, self.remat, shared=shared)
+                    x, stats = segment(x, positions, context, self.remat)
                 else:
                     x, stats, layer_cache = segment(
-                        x, positions, context, self.remat, layer_cache, window, shared=shared
+                        x, positions, context, self.remat, layer_cache, window
                     )
                     new_layers.append(layer_cache)
                 if stats is not None:
@@ -444,7 +434,7 @@ class Transformer(nnx.Module):
             (index,) = indices
             source = sources.get(index, index)
             sparse_input = taps[source] if source != index else None
-            shared = _layer_shared(self.shared, indices, stacked=False)
+            shared = _layer_shared(self.shared, index)
             block_context = (
                 context if shared is None else dataclasses.replace(context, shared=shared)
             )
@@ -549,22 +539,20 @@ def convert_block_tree(
     return converted
 
 
-def _layer_shared(shared: Any, indices: tuple[int, ...], *, stacked: bool) -> Any:
-    """What the sparse layers of blocks `indices` read as `context.shared`, or None for the model's
-    whole shared module. A shared module with `layer_views` (UltraMemV2's `MemoryTables`) hands
-    each memory layer only its own window of tables, so each layer's table gradient is window-sized:
-    a static slice for a single block. A BlockStack's layers take their window inside the scan body
-    from the whole stack (their `window` array; the transpose adds the window-sized gradient into
-    the scan's constant-cotangent accumulator in place): on XLA:CPU this plans ~1 stack of
-    temporaries less than stacked views as scan inputs (xs), whose stacked gradient (ys) is one
-    more stack-sized buffer (measured: `umv2_jax.models.ultramem_v2`). `BlockStack(shared=…)`
-    still takes per-layer views (`layer_views`) for callers that want xs."""
-    del stacked
-    if shared is None or not hasattr(shared, "layer_views"):
+def _layer_shared(shared: Any, block: int) -> Any:
+    """What the sparse layer of a single (unscanned) block reads as `context.shared`, or None for
+    the model's whole shared module. A shared module with `layer_view` (UltraMemV2's
+    `MemoryTables`) hands the layer only its own window of tables, a static slice, so the layer's
+    table gradient is window-sized. A BlockStack's layers instead take their window inside the scan
+    body from the whole stack (their `window` array; the transpose adds the window-sized gradient
+    into the scan's constant-cotangent accumulator in place): on XLA:CPU that plans ~1 stack of
+    temporaries less than per-layer views as scan inputs (xs), whose stacked gradient (ys) is one
+    more stack-sized buffer (measured: `umv2_jax.models.ultramem_v2`)."""
+    if shared is None or not hasattr(shared, "layer_view"):
         return None
-    if len(indices) > 1 or indices[0] not in dict(shared.layer_windows):
-        return None  # a scanned stack (see above), or a dense block
-    return shared.layer_view(indices[0])
+    if block not in dict(shared.layer_windows):
+        return None  # a block without a memory layer
+    return shared.layer_view(block)
 
 
 def _call_block(block, x, positions, context, sparse_input, remat: str):
