@@ -200,3 +200,31 @@ def test_a_step_the_tpu_compiler_refuses_is_one_line_exit_2(tpu_report):
     )
     # The compiler's own numbers: what the step needs and the chip's HBM.
     assert re.search(r"exceeds available HBM \(15\.\d+G\)", error), error
+
+
+# libtpu hidden from the tool (as on a machine without the `tpu` extra).
+NO_LIBTPU = textwrap.dedent(
+    """
+    import importlib.util, sys
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a, **k: None if name == "libtpu" else real(name, *a, **k)
+    from umv2_jax import aot
+    sys.exit(aot.main(sys.argv[1:]))
+    """
+)
+
+
+def test_without_libtpu_a_topology_falls_back_to_the_cpu_plan_and_says_so():
+    tiny = [item for override in TINY_MODEL for item in ("--set", override)]
+    argv = tiny + ["--mesh", "fsdp=4,tensor=2", "--topology", "v5p:2x2x2"]
+    completed = _python("-c", NO_LIBTPU, *argv, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.strip().splitlines()
+    assert lines[0] == (
+        "libtpu is not installed (pip install -e '.[tpu]'), so this is XLA:CPU's plan on 8 fake "
+        "devices for v5p:2x2x2, not the TPU compiler's"
+    )
+    assert re.fullmatch(
+        r"per-device total: \d+\.\d GB \(arguments \S+ GB, temporaries \S+ GB, outputs \S+ GB\)",
+        lines[-1],
+    ), lines[-1]

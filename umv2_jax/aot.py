@@ -104,20 +104,18 @@ def topology_name(text: str) -> str:
     )
 
 
-def tpu_devices(topology: str) -> list:
-    """The devices of a TPU slice described from this host; ConfigError when libtpu cannot."""
+def tpu_devices(topology: str) -> list | None:
+    """The devices of a TPU slice described from this host; None without libtpu (the caller falls
+    back to XLA:CPU's plan); ConfigError for a malformed name or one libtpu cannot describe."""
     import importlib.util
 
     for key, value in TPU_COMPILE_ENV.items():
         os.environ.setdefault(key, value)
+    name = topology_name(topology)  # ConfigError for a malformed name, with or without libtpu
     if importlib.util.find_spec("libtpu") is None:
-        raise ConfigError(
-            f"--topology {topology}: libtpu is not installed (pip install -e '.[tpu]'); leave out "
-            "--topology for XLA:CPU's plan on fake devices"
-        )
+        return None
     from jax.experimental import topologies
 
-    name = topology_name(topology)
     try:
         return list(topologies.get_topology_desc(name, platform="tpu").devices)
     except Exception as error:  # noqa: BLE001 - libtpu's own message names the problem
@@ -272,9 +270,18 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
     base = load_config(args.config, overrides)  # ConfigError for a bad key, value or mesh
     fixed = math.prod(getattr(base.mesh, axis) for axis in MeshConfig.AXES if axis != "data")
 
-    if args.topology is not None:
-        devices = tpu_devices(args.topology)
+    devices = tpu_devices(args.topology) if args.topology is not None else None
+    if devices is not None:
         where = f"XLA:TPU plan for {args.topology} ({len(devices)} × {devices[0].device_kind})"
+    elif args.topology is not None:  # no libtpu: the same slice's device count, planned by XLA:CPU
+        count = args.devices or math.prod(
+            int(size) for size in re.findall(r"\d+", topology_name(args.topology).split(":")[-1])
+        )
+        devices = _cpu_devices(count)
+        where = (
+            f"libtpu is not installed (pip install -e '.[tpu]'), so this is XLA:CPU's plan on "
+            f"{count} fake devices for {args.topology}, not the TPU compiler's"
+        )
     else:
         sizes = [getattr(base.mesh, axis) for axis in MeshConfig.AXES]
         count = args.devices or (math.prod(sizes) if -1 not in sizes else 8)
@@ -320,7 +327,7 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         reason = _refusal(error)
         if reason is None:
             raise
-        compiler = f"XLA:TPU for {args.topology}" if args.topology else "XLA:CPU"
+        compiler = f"XLA:TPU for {args.topology}" if devices[0].platform == "tpu" else "XLA:CPU"
         raise UserError(
             f"{compiler} refused the step on mesh {mesh_text}: {reason}; try more fsdp/tensor "
             "sharding, model.remat=full, or a smaller --batch-per-device"
@@ -334,7 +341,7 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "devices": len(devices),
-        "fake_cpu_devices": args.topology is None,
+        "fake_cpu_devices": devices[0].platform == "cpu",
         "batch": batch,
         "seq_len": config.data.seq_len,
         "param_count": result["plan"].param_count,
