@@ -675,17 +675,85 @@ def _format_task_params(value: tuple) -> dict[str, Any]:
     return {name: plain(item) for name, item in value}
 
 
+def _coerce_mixture(value: Any, key: str) -> tuple:
+    """`data.mixture: [[SOURCE, WEIGHT], ...]` → ((source, weight), ...)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"config '{key}': expected a list of [SOURCE, WEIGHT] pairs, got {value!r}")
+    pairs = []
+    for index, item in enumerate(value):
+        if (
+            not isinstance(item, list | tuple)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or isinstance(item[1], bool)
+            or not isinstance(item[1], int | float)
+        ):
+            raise ConfigError(
+                f"config '{key}[{index}]': expected [SOURCE, WEIGHT] (e.g. [files:a/*.txt, 0.7]), "
+                f"got {item!r}"
+            )
+        pairs.append((item[0], float(item[1])))
+    return tuple(pairs)
+
+
+def _format_mixture(value: tuple) -> list:
+    return [[source, weight] for source, weight in value]
+
+
+# Source kinds of `data.source` (and of each `data.mixture` entry); `task:` only stands alone.
+TEXT_SOURCE_KINDS = ("tfds", "files", "hf_disk", "arrayrecord")
+
+
+def source_kind(source: str) -> str:
+    """`shakespeare` | `tfds` | `files` | `hf_disk` | `arrayrecord` | `task` | '' (not a source)."""
+    if source == "shakespeare":
+        return "shakespeare"
+    kind, sep, rest = source.partition(":")
+    if sep and rest and kind in (*TEXT_SOURCE_KINDS, "task"):
+        return kind
+    return ""
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Where batches come from. `shakespeare` is the corpus embedded in the package."""
+    """Where batches come from and how text becomes tokens (umv2_jax.data.pipeline).
 
-    source: str = "shakespeare"  # shakespeare | tfds:NAME | task:NAME (umv2_jax.data.tasks)
+    `shakespeare` is the corpus embedded in the package. Text sources: `tfds:NAME`, `files:GLOB`
+    (.txt = one document per file, .jsonl / .jsonl.gz = one per line, text in `text_key`),
+    `hf_disk:PATH` (a Hugging Face `datasets` dataset saved with `save_to_disk`), `arrayrecord:GLOB`
+    (shards written by `python -m umv2_jax.data.pretokenize`). `task:NAME` generates a synthetic task.
+    """
+
+    source: str = "shakespeare"
+    # Weighted mixture of text sources, [[SOURCE, WEIGHT], ...]; replaces `source` when set.
+    mixture: tuple = _language((), _Language(coerce=_coerce_mixture, format=_format_mixture))
     data_dir: str | None = None  # tfds data_dir for tfds:NAME (default: tfds's own)
     seq_len: int = 128
     shuffle_seed: int = 0  # for task:NAME, the seed of the training stream (eval uses its own)
-    text_key: str = "text"  # feature holding the text in a tfds:NAME dataset
+    text_key: str = "text"  # the text field of tfds / jsonl / hf_disk records
     train_split: str = "train"
     eval_split: str = "validation"
+    # Sources without splits (files, a single-split hf_disk or arrayrecord) hold out this fraction
+    # of their documents, evenly spaced, for evaluation.
+    eval_holdout: float = 0.05
+    # bytes | sentencepiece:PATH | hf:PATH (a tokenizer.json); a bare sentencepiece name such as
+    # `sentencepiece:shakespeare_bpe2048` is one shipped in umv2_jax/data/prepared/tokenizers/.
+    tokenizer: str = "bytes"
+    # Special tokens (their strings in the vocabulary) for tokenizers that lack them.
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    # Attention and RoPE positions restart at every document of a packed window (auto: on for text
+    # sources; task sources build their own rows).
+    document_mask: Literal["auto", True, False] = "auto"
+    # A .txt document longer than this many characters is cut on line boundaries into pieces that
+    # pack as separate documents (so a few large files still give every batch row its own text).
+    max_document_chars: int = 65536
+    # jsonl lines that are not JSON or lack `text_key`: an error naming file and line (false), or
+    # skipped and counted (true).
+    skip_bad_records: bool = False
     # Parameters of a task:NAME source, a mapping checked by the task (e.g. {mix: [[64, 4]]}).
     task: tuple = _language((), _Language(coerce=_coerce_task_params, format=_format_task_params))
 
@@ -696,30 +764,91 @@ class DataConfig:
     def task_name(self) -> str | None:
         """NAME of a `task:NAME` source, else None."""
         kind, _, name = self.source.partition(":")
-        return name if kind == "task" else None
+        return name if kind == "task" and not self.mixture else None
+
+    @property
+    def sources(self) -> tuple[tuple[str, float], ...]:
+        """((source, weight), ...): the mixture, or the one source with weight 1."""
+        return self.mixture or ((self.source, 1.0),)
+
+    @property
+    def masks_documents(self) -> bool:
+        """Whether packed documents are masked from each other (`document_mask`, auto → text)."""
+        if self.document_mask == "auto":
+            return self.task_name is None
+        return bool(self.document_mask)
 
     def task_params(self) -> dict[str, Any]:
         """`data.task` as plain data (lists, not tuples)."""
         return _format_task_params(self.task)
 
     def validate(self, prefix: str = "data") -> None:
+        _check_choices(self, prefix)
         _require(self.seq_len >= 1, f"{prefix}.seq_len", f"must be positive, got {self.seq_len}")
-        kind, _, name = self.source.partition(":")
-        _require(
-            self.source == "shakespeare" or (kind in ("tfds", "task") and name),
-            f"{prefix}.source",
-            f"'{self.source}' is not one of shakespeare, tfds:NAME, task:NAME",
-        )
+        allowed = "shakespeare, tfds:NAME, files:GLOB, hf_disk:PATH, arrayrecord:GLOB, task:NAME"
+        if self.mixture:
+            _require(
+                self.source in ("shakespeare", "mixture"),
+                f"{prefix}.source",
+                f"'{self.source}' is set together with data.mixture; set one of them (the "
+                "mixture names its sources)",
+            )
+            for index, (source, weight) in enumerate(self.mixture):
+                _require(
+                    source_kind(source) not in ("", "task"),
+                    f"{prefix}.mixture[{index}]",
+                    f"'{source}' is not a text source; allowed: "
+                    + allowed.removesuffix(", task:NAME"),
+                )
+                _require(
+                    math.isfinite(weight) and weight >= 0,
+                    f"{prefix}.mixture[{index}]",
+                    f"weight {weight} must be a finite number >= 0",
+                )
+            _require(
+                sum(weight for _, weight in self.mixture) > 0,
+                f"{prefix}.mixture",
+                "weights sum to 0; give at least one source a positive weight",
+            )
+        else:
+            _require(
+                source_kind(self.source) != "",
+                f"{prefix}.source",
+                f"'{self.source}' is not one of {allowed}",
+            )
+        kind = source_kind(self.source) if not self.mixture else "mixture"
         _require(
             kind == "task" or not self.task,
             f"{prefix}.task",
             f"task parameters are set but data.source is '{self.source}'; set data.source: "
             "task:NAME or remove data.task",
         )
+        _require(
+            kind != "task" or self.tokenizer == "bytes",
+            f"{prefix}.tokenizer",
+            f"'{self.tokenizer}' is set but task sources generate their own token ids; remove "
+            "data.tokenizer",
+        )
+        _require(
+            0 < self.eval_holdout < 1,
+            f"{prefix}.eval_holdout",
+            f"{self.eval_holdout} must be in (0, 1) (the fraction of documents held out)",
+        )
+        _require(
+            self.max_document_chars >= 1,
+            f"{prefix}.max_document_chars",
+            f"must be >= 1, got {self.max_document_chars}",
+        )
+        tokenizer_kind, sep, path = self.tokenizer.partition(":")
+        _require(
+            self.tokenizer == "bytes" or (tokenizer_kind in ("sentencepiece", "hf") and sep and path),
+            f"{prefix}.tokenizer",
+            f"'{self.tokenizer}' is not one of bytes, sentencepiece:PATH, hf:PATH",
+        )
         if kind == "task":
             from umv2_jax.data.tasks import make_task
 
-            make_task(name, self.task_params()).check_seq_len(self.seq_len)
+            make_task(self.task_name, self.task_params()).check_seq_len(self.seq_len)
 
 
 @dataclass(frozen=True)

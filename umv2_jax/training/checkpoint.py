@@ -617,9 +617,8 @@ def _per_process(data_state: dict) -> dict:
 def _own_data_state(saved: dict, step_dir: str) -> dict:
     """This process's iterator state from a checkpoint's data item.
 
-    Same process count: its own entry. Another count: the entries must agree (the pipeline's
-    iterators walk one global stream and each keeps its rows, so they always do), else
-    CheckpointError. A checkpoint from before per-process entries holds one shared state.
+    Same process count: its own entry. Another count: per-row states (the text pipeline's) are
+    merged, other entries must agree (task streams walk one global stream), else CheckpointError. A checkpoint from before per-process entries holds one shared state.
     """
     if saved.get("format") != DATA_FORMAT:
         return saved
@@ -628,6 +627,12 @@ def _own_data_state(saved: dict, step_dir: str) -> dict:
         return states[jax.process_index()]
     if all(state == states[0] for state in states):
         return states[0]
+    if all(isinstance(state, dict) and isinstance(state.get("rows"), dict) for state in states):
+        # Text pipelines keep one entry per global batch row: the union is the global state,
+        # from which each process of the new count takes its rows.
+        merged = dict(states[0])
+        merged["rows"] = {row: entry for state in states for row, entry in state["rows"].items()}
+        return merged
     raise CheckpointError(
         f"checkpoint {step_dir} was saved by {len(states)} processes whose data iterators are at "
         f"different positions; resume it with {len(states)} processes"
