@@ -680,7 +680,9 @@ def _coerce_mixture(value: Any, key: str) -> tuple:
     if value is None:
         return ()
     if not isinstance(value, list | tuple):
-        raise ConfigError(f"config '{key}': expected a list of [SOURCE, WEIGHT] pairs, got {value!r}")
+        raise ConfigError(
+            f"config '{key}': expected a list of [SOURCE, WEIGHT] pairs, got {value!r}"
+        )
     pairs = []
     for index, item in enumerate(value):
         if (
@@ -841,7 +843,8 @@ class DataConfig:
         )
         tokenizer_kind, sep, path = self.tokenizer.partition(":")
         _require(
-            self.tokenizer == "bytes" or (tokenizer_kind in ("sentencepiece", "hf") and sep and path),
+            self.tokenizer == "bytes"
+            or (tokenizer_kind in ("sentencepiece", "hf") and sep and path),
             f"{prefix}.tokenizer",
             f"'{self.tokenizer}' is not one of bytes, sentencepiece:PATH, hf:PATH",
         )

@@ -4,8 +4,10 @@ Read-only: it never writes into the work directory (an unreadable checkpoint is 
 line and the previous one used; a read-only directory works). Every argument is checked before
 the model is built: a bad one, a missing run or an unreadable `config.json` is one line on stderr
 and exit status 2. Prompts are bytes (`--prompt` as the shell passed it, `--prompt-file`, or `-`
-for stdin), so the byte tokenizer takes any input, UTF-8 or not; the output is the prompt and its
-continuation decoded as UTF-8, with U+FFFD for bytes that are not.
+for stdin): the byte tokenizer takes any input, UTF-8 or not; a subword tokenizer (the run's own,
+from WORKDIR/tokenizer/, checked against the identity saved at training) needs UTF-8 text. The
+output is the prompt and its continuation decoded with the run's tokenizer (U+FFFD for bytes that
+are not UTF-8).
 
 Decoding uses the KV cache of umv2_jax.inference: the prompt is prefilled once, then each token
 costs one cached step. The cache holds `--cache-len` tokens (default: the run's `data.seq_len`, at
@@ -70,6 +72,7 @@ def generate_ids(
     seed: int,
     top_p: float = 1.0,
     cache_len: int | None = None,
+    eos_id: int | None = None,
 ) -> list[int]:
     """The new token ids after `prompt_ids` (BOS included by the caller), stopping at EOS (not kept).
 
@@ -78,9 +81,9 @@ def generate_ids(
     longer prompt, or an output that fills the cache, slides the window (the last `cache_len` ids
     are prefilled again). temperature 0 = greedy (argmax); otherwise sampling from the `top_k` most
     likely tokens (0 = all) within the smallest set whose probability reaches `top_p` (1 = all),
-    with one split of `jax.random.key(seed)` per sampled token.
+    with one split of `jax.random.key(seed)` per sampled token. `eos_id` (default: the EOS of
+    the config's tokenizer) ends the output.
     """
-    from umv2_jax.data import tokenizer
     from umv2_jax.inference import sampling
     from umv2_jax.inference.decode import Decoder
 
@@ -94,6 +97,8 @@ def generate_ids(
         logits, cache, _ = decoder.prefill(context, no_padding, window)
         return logits[0], cache, context.shape[1]
 
+    if eos_id is None:
+        eos_id = _config_tokenizer(config).eos_id
     ids = list(prompt_ids)
     key = jax.random.key(seed)
     generated: list[int] = []
@@ -104,7 +109,7 @@ def generate_ids(
         else:
             key, sample_key = jax.random.split(key)
             token = int(sampling.sample(logits, sample_key, temperature, top_k, top_p))
-        if token == tokenizer.EOS:
+        if token == eos_id:
             break
         ids.append(token)
         generated.append(token)
@@ -129,24 +134,26 @@ def generate(
     top_k: int,
     seed: int,
     top_p: float = 1.0,
+    tokenizer=None,
 ) -> str:
     """The text continuing `prompt` (see `generate_ids`; the prompt is prefixed with BOS).
 
-    A str prompt is UTF-8 encoded; bytes are taken as they are.
+    `tokenizer` defaults to the config's `data.tokenizer`. For the byte tokenizer a str prompt is
+    UTF-8 encoded and bytes are taken as they are; other tokenizers encode the text.
     """
-    from umv2_jax.data import tokenizer
-
+    tokenizer = tokenizer or _config_tokenizer(config)
     generated = generate_ids(
         config,
         parts,
         params,
         rest,
-        _prompt_ids(prompt),
+        _prompt_ids(prompt, tokenizer),
         max_new_tokens,
         temperature,
         top_k,
         seed,
         top_p,
+        eos_id=tokenizer.eos_id,
     )
     return tokenizer.decode(np.asarray(generated, np.int32))
 
@@ -175,28 +182,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         prompt_bytes = _read_prompt(args)
-        _check_cache(args, len(_prompt_ids(prompt_bytes)))
+        tokenizer = _run_tokenizer(args.workdir)
+        prompt_ids = _prompt_ids(prompt_bytes, tokenizer)
+        _check_cache(args, len(prompt_ids))
         config, parts, params, rest, step = load_run(args.workdir)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    from umv2_jax.data import tokenizer
-
     generated = generate_ids(
         config,
         parts,
         params,
         rest,
-        _prompt_ids(prompt_bytes),
+        prompt_ids,
         args.max_new_tokens,
         args.temperature,
         args.top_k,
         args.seed,
         args.top_p,
         args.cache_len,
+        eos_id=tokenizer.eos_id,
     )
     print(f"[{config.name}, step {step}]")
-    print(tokenizer.decode(np.asarray(_prompt_ids(prompt_bytes)[1:] + generated, np.int32)))
+    print(tokenizer.decode(np.asarray(prompt_ids[1:] + generated, np.int32)))
     return 0
 
 
@@ -293,11 +301,47 @@ def _check_cache(args: argparse.Namespace, prompt_len: int) -> None:
     check_fits(prompt_len, cache_len)
 
 
-def _prompt_ids(prompt: str | bytes) -> list[int]:
-    from umv2_jax.data import tokenizer
+def _prompt_ids(prompt: str | bytes, tokenizer=None) -> list[int]:
+    """[BOS, prompt ids...]: the byte tokenizer takes any bytes; others need UTF-8 text."""
+    from umv2_jax.data import tokenizers
 
-    data = prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
-    return [tokenizer.BOS, *np.frombuffer(data, np.uint8).tolist()]
+    tokenizer = tokenizer or tokenizers.byte_tokenizer()
+    if tokenizer.kind == "bytes":
+        data = prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
+        return [tokenizer.bos_id, *np.frombuffer(data, np.uint8).tolist()]
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"the prompt is not UTF-8 text, and the run's {tokenizer.kind} tokenizer encodes "
+                "text; pass UTF-8"
+            ) from None
+    return [tokenizer.bos_id, *tokenizer.encode(prompt).tolist()]
+
+
+def _config_tokenizer(config):
+    """The tokenizer `config` names (bytes for task sources)."""
+    from umv2_jax.data import tokenizers
+
+    data = config.data
+    if data.task_name is not None:
+        return tokenizers.byte_tokenizer()
+    return tokenizers.load_tokenizer(
+        data.tokenizer, bos=data.bos_token, eos=data.eos_token, pad=data.pad_token
+    )
+
+
+def _run_tokenizer(workdir: str):
+    """The tokenizer of the run in `workdir` (its saved copy, checked against its identity)."""
+    from umv2_jax import config as config_lib
+    from umv2_jax.data import run_tokenizer
+    from umv2_jax.training.checkpoint import CONFIG_FILE
+
+    config = config_lib.config_from_dict(_read_run_config(workdir, CONFIG_FILE))
+    if config.data.task_name is not None:
+        return _config_tokenizer(config)
+    return run_tokenizer.load(workdir, config)
 
 
 def _read_prompt(args: argparse.Namespace) -> bytes:

@@ -58,7 +58,9 @@ def glob(pattern: str, key: str) -> list[epath.Path]:
     text = os.fspath(pattern)
     if scheme(text) is None:
         local = os.path.abspath(os.path.expanduser(text))
-        return [epath.Path(p) for p in sorted(glob_lib.glob(local, recursive=True)) if os.path.isfile(p)]
+        return [
+            epath.Path(p) for p in sorted(glob_lib.glob(local, recursive=True)) if os.path.isfile(p)
+        ]
     # Split at the first component with a wildcard: the folder before it, the pattern after it.
     parts = text.split("/")
     first = next((i for i, part in enumerate(parts) if glob_lib.has_magic(part)), len(parts))

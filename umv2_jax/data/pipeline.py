@@ -139,7 +139,9 @@ def describe_source(config: Config) -> str:
         parts.append(line if len(data.sources) == 1 else f"{weight:g} × {line}")
     tokenizer = run_tokenizer(config)
     masked = "documents masked" if data.masks_documents else "documents not masked"
-    return f"{'; '.join(parts)}; tokenizer {tokenizer.kind} (vocab {tokenizer.vocab_size:,}); {masked}"
+    return (
+        f"{'; '.join(parts)}; tokenizer {tokenizer.kind} (vocab {tokenizer.vocab_size:,}); {masked}"
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -223,7 +225,9 @@ def _open_documents(config: Config, role: str) -> _RunDocuments:
     for source, _ in data.sources:
         split = sources_lib.open_split(data, source, role)
         if len(split) == 0:
-            raise DataError(f"{split.label} split '{split.name}' holds no document; use a larger dataset")
+            raise DataError(
+                f"{split.label} split '{split.name}' holds no document; use a larger dataset"
+            )
         if split.identity is not None:
             _check_pretokenized(split, tokenizer)
         splits.append(split)
@@ -320,7 +324,9 @@ class _EvalCursor:
 
     def current(self) -> np.ndarray | None:
         if self._current is None:
-            left = [k for k, split in enumerate(self._documents.splits) if self._next[k] < len(split)]
+            left = [
+                k for k, split in enumerate(self._documents.splits) if self._next[k] < len(split)
+            ]
             if not left:
                 return None
             weights = self._documents.weights[left]
@@ -508,4 +514,3 @@ def _task_stream():
     from umv2_jax.data.tasks import stream
 
     return stream
-

@@ -89,13 +89,39 @@ def open_split(data: DataConfig, source: str, role: str) -> Split:
     raise ConfigError(f"config 'data.source': '{source}' is not a text source")
 
 
+def open_all_splits(data: DataConfig, source: str) -> dict[str, Split]:
+    """Every split of `source` before any holdout: named splits, or {"all": every document}
+    for sources without splits (what `pretokenize` writes, so the holdout is the same later)."""
+    kind = source_kind(source)
+    if kind in ("shakespeare", "tfds"):
+        builder, _, _ = open_tfds_builder(data, source)
+        return {
+            name: _tfds_split(data, source, name, "data.source") for name in builder.info.splits
+        }
+    if kind == "files":
+        documents = _files_documents(data, source)
+        return {ALL_SPLIT: Split(documents.label, ALL_SPLIT, documents.length, documents.read)}
+    if kind == "hf_disk":
+        dataset = _load_from_disk(source.removeprefix("hf_disk:"))
+        if hasattr(dataset, "keys"):
+            return {
+                name: _hf_split(dataset[name], data.text_key, _short(source), name)
+                for name in dataset
+            }
+        return {ALL_SPLIT: _hf_split(dataset, data.text_key, _short(source), ALL_SPLIT)}
+    raise ConfigError(
+        f"'{source}' cannot be pretokenized (it is {'already token ids' if kind == 'arrayrecord' else 'not a text source'}); "
+        "pass shakespeare, tfds:NAME, files:GLOB or hf_disk:PATH"
+    )
+
+
 def describe(data: DataConfig, source: str) -> str:
     """One line for the run summary: 'files:x/*.txt: 120 documents train / 6 validation'."""
     parts = []
     for role in ("train", "eval"):
         split = open_split(data, source, role)
         parts.append(f"{len(split):,} documents {split.name}")
-    return f"{_short(source)}: {' / '.join(parts)}"
+    return f"{open_split(data, source, 'train').label}: {' / '.join(parts)}"
 
 
 def holdout_mask(count: int, fraction: float) -> np.ndarray:
@@ -120,11 +146,15 @@ def _tfds_split(data: DataConfig, source: str, split: str, key: str) -> Split:
     builder, text_key, label = open_tfds_builder(data, source)
     available = list(builder.info.splits)
     if split.split("[")[0] not in available:
-        raise DataError(f"{label} has no split '{split}' (splits: {', '.join(available)}); set {key}")
+        raise DataError(
+            f"{label} has no split '{split}' (splits: {', '.join(available)}); set {key}"
+        )
     try:
         records = builder.as_data_source(split=split)
     except Exception as error:  # tfds raises assorted types for malformed split specs
-        raise DataError(f"{label}: cannot read split '{split}' ({_first_line(error)}); fix {key}") from None
+        raise DataError(
+            f"{label}: cannot read split '{split}' ({_first_line(error)}); fix {key}"
+        ) from None
     feature = builder.info.features[text_key]
     holds_ids = np.issubdtype(np.dtype(getattr(feature, "np_dtype", np.object_)), np.integer)
 
@@ -177,7 +207,9 @@ def open_tfds_builder(data: DataConfig, source: str) -> tuple[Any, str, str]:
             "or fix data.source / data.data_dir"
         ) from None
     except Exception as error:  # bad names, bad configs or versions
-        raise DataError(f"cannot open {label} in {where} ({_first_line(error)}); fix data.source") from None
+        raise DataError(
+            f"cannot open {label} in {where} ({_first_line(error)}); fix data.source"
+        ) from None
     if not builder.is_prepared():
         raise DataError(
             f"tfds dataset '{name}' is not prepared in {where}; run its "
@@ -192,7 +224,9 @@ def open_tfds_builder(data: DataConfig, source: str) -> tuple[Any, str, str]:
     features = builder.info.features
     if features is None or data.text_key not in features:
         names = ", ".join(features.keys()) if features is not None else "none"
-        raise DataError(f"{label} has no feature '{data.text_key}' (features: {names}); set data.text_key")
+        raise DataError(
+            f"{label} has no feature '{data.text_key}' (features: {names}); set data.text_key"
+        )
     return builder, data.text_key, label
 
 
@@ -258,10 +292,14 @@ def _index_files(pattern: str, text_key: str, max_chars: int, skip_bad: bool) ->
             try:
                 raw = gzip.decompress(raw)
             except (OSError, EOFError, gzip.BadGzipFile) as error:
-                raise DataError(f"{path} is not a valid gzip file ({_first_line(error)}); fix or remove it") from None
+                raise DataError(
+                    f"{path} is not a valid gzip file ({_first_line(error)}); fix or remove it"
+                ) from None
             held[number] = raw
         if str(path).endswith(".txt"):
-            rows.extend((number, start, length) for start, length in _text_pieces(raw, max_chars, path))
+            rows.extend(
+                (number, start, length) for start, length in _text_pieces(raw, max_chars, path)
+            )
             continue
         offset = 0
         for line_number, line in enumerate(raw.split(b"\n"), start=1):
@@ -307,7 +345,9 @@ def _read_bytes(path, label: str) -> bytes:
     try:
         return path.read_bytes()
     except (PermissionError, IsADirectoryError, FileNotFoundError, OSError) as error:
-        raise DataError(f"{label}: cannot read {path} ({type(error).__name__}); fix its permissions or the pattern") from None
+        raise DataError(
+            f"{label}: cannot read {path} ({type(error).__name__}); fix its permissions or the pattern"
+        ) from None
 
 
 def _jsonl_problem(line: bytes, text_key: str) -> str | None:
@@ -377,7 +417,9 @@ def _hf_disk_split(data: DataConfig, source: str, split: str, key: str, role: st
     label = _short(source)
     if hasattr(dataset, "keys"):  # a DatasetDict
         if split not in dataset:
-            raise DataError(f"{label} has no split '{split}' (splits: {', '.join(dataset)}); set {key}")
+            raise DataError(
+                f"{label} has no split '{split}' (splits: {', '.join(dataset)}); set {key}"
+            )
         return _hf_split(dataset[split], data.text_key, label, split)
     documents = _hf_documents(dataset, data.text_key, label)
     return _holdout(documents, data.eval_holdout, role)
@@ -394,7 +436,9 @@ def _load_from_disk(path: str) -> Any:
         ) from None
     location = paths.to_path(path, "data.source")
     if not location.exists():
-        raise DataError(f"hf_disk:{path} does not exist; save the dataset there with save_to_disk or fix data.source")
+        raise DataError(
+            f"hf_disk:{path} does not exist; save the dataset there with save_to_disk or fix data.source"
+        )
     try:
         return datasets.load_from_disk(os.fspath(location))
     except Exception as error:
@@ -426,7 +470,9 @@ def _hf_split(dataset: Any, text_key: str, label: str, name: str) -> Split:
         array = np.asarray(value)
         if np.issubdtype(array.dtype, np.integer):
             return array.astype(np.int32).reshape(-1)
-        raise DataError(f"column '{text_key}' of {label} holds {type(value).__name__}, neither text nor token ids")
+        raise DataError(
+            f"column '{text_key}' of {label} holds {type(value).__name__}, neither text nor token ids"
+        )
 
     return Split(label=label, name=name, length=len(dataset), read=read)
 
@@ -453,7 +499,13 @@ def _arrayrecord_split(data: DataConfig, source: str, split: str, key: str, role
     if split not in splits:
         raise DataError(f"{label} has no split '{split}' (splits: {', '.join(splits)}); set {key}")
     documents = _shard_documents(shards, split, label)
-    return Split(label=label, name=split, length=documents.length, read=documents.read, identity=documents.identity)
+    return Split(
+        label=label,
+        name=split,
+        length=documents.length,
+        read=documents.read,
+        identity=documents.identity,
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -472,15 +524,21 @@ def open_pretokenized(pattern: str) -> dict:
         )
     directories = {str(p.parent) for p in files}
     if len(directories) > 1:
-        raise DataError(f"{label} matches shards in {len(directories)} folders; point it at one pretokenized folder")
+        raise DataError(
+            f"{label} matches shards in {len(directories)} folders; point it at one pretokenized folder"
+        )
     manifest_path = files[0].parent / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
         declared = manifest["splits"]
     except FileNotFoundError:
-        raise DataError(f"{label}: no {MANIFEST} beside the shards in {files[0].parent}; rewrite them with python -m umv2_jax.data.pretokenize") from None
+        raise DataError(
+            f"{label}: no {MANIFEST} beside the shards in {files[0].parent}; rewrite them with python -m umv2_jax.data.pretokenize"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise DataError(f"{label}: {manifest_path} is not a pretokenize manifest; rewrite the shards") from None
+        raise DataError(
+            f"{label}: {manifest_path} is not a pretokenize manifest; rewrite the shards"
+        ) from None
     splits: dict[str, list] = {}
     for path in files:
         match = SHARD_PATTERN.match(path.name)
@@ -488,7 +546,9 @@ def open_pretokenized(pattern: str) -> dict:
     for name, shard_paths in splits.items():
         info = declared.get(name)
         if info is None:
-            raise DataError(f"{label}: split '{name}' is not in {manifest_path}; rewrite the shards")
+            raise DataError(
+                f"{label}: split '{name}' is not in {manifest_path}; rewrite the shards"
+            )
         expected = info["shards"]
         if len(shard_paths) != len(expected):
             raise DataError(
@@ -548,4 +608,3 @@ def _short(source: str) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:200]
-

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from umv2_jax import parallel
 from umv2_jax.config import Config
-from umv2_jax.data import pipeline
+from umv2_jax.data import pipeline, run_tokenizer
 from umv2_jax.parallel import distributed
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
@@ -132,6 +132,9 @@ def _train(
     # (processes whose devices hold the same rows, e.g. `tensor` across hosts, read the same data).
     share, shares = distributed.batch_share(mesh)
     preflight.check(config, workdir, mesh)  # workdir, memory, disk: before anything is built
+    vocab_warning = pipeline.check_vocab(config)  # ConfigError if the tokenizer's ids do not fit
+    if resume and config.data.task_name is None:
+        run_tokenizer.check(workdir, pipeline.run_tokenizer(config))  # before anything is written
     has_run = run.open(config, resume=resume, overwrite_other_model=overwrite_other_model)
     train_iterator = pipeline.make_train_iterator(config, share, shares)
     eval_batches = pipeline.make_eval_batches(config, config.train.eval_batches, share, shares)
@@ -154,10 +157,14 @@ def _train(
         signals.raise_if_requested(workdir, start_step)
     if primary:
         checkpoint_lib.write_config(workdir, config)
+        if config.data.task_name is None:
+            run_tokenizer.save(workdir, pipeline.run_tokenizer(config))
     run.started(config, start_step)  # the manifest, run.json
     _print_summary(config, setup, workdir, echo, account(config) if account else None)
     for line in mesh_warnings.mesh_warnings(config, mesh, setup.parts.params_template):
         echo(f"warning: {line}")  # what an axis of the mesh replicates (parallel/warnings.py)
+    if vocab_warning:
+        echo(f"warning: {vocab_warning}")
 
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(

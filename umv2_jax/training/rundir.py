@@ -400,6 +400,7 @@ class RunDir:
                 f"run {(state.manifest or {}).get('run_id', '?')}",
             ),
             (join(self.workdir, checkpoint_lib.CONFIG_FILE), "the run's config"),
+            (join(self.workdir, "tokenizer"), "the run's tokenizer"),
         ]
         removed = []
         for path, what in candidates:

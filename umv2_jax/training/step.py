@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from umv2_jax.data.tokenizer import BYTE_VOCAB  # targets below it are bytes, the rest specials
+from umv2_jax.data.tokenizer import BYTE_VOCAB  # task batches: ids below it are bytes
 from umv2_jax.models.transformer import ModelAux, Transformer
 from umv2_jax.ops.cross_entropy import chunked_cross_entropy
 from umv2_jax.training.state import ModelParts
@@ -141,8 +141,9 @@ def make_eval_step(parts: ModelParts):
     """eval_step(params, rest, batch) → sums {"loss_sum", "tokens", "byte_loss_sum", "bytes",
     "aux": {name: scalar}, "row_hits": {block: bool [rows]}, "addressable": {block: scalar}}.
 
-    Sums (not means) so that the loop can add them over batches; bits-per-byte counts byte targets
-    only (the BOS/EOS separators are not bytes of the text). The model runs with `diagnostics`, so
+    Sums (not means) so that the loop can add them over batches. Bits per byte = the loss of the
+    targets that cover text (batch["target_bytes"] > 0: not BOS/EOS/PAD) over the UTF-8 bytes they
+    cover, so it compares across tokenizers; for the byte tokenizer it is the loss per byte target. The model runs with `diagnostics`, so
     memory layers also report which rows they read.
     """
 
@@ -152,13 +153,16 @@ def make_eval_step(parts: ModelParts):
             model, batch["inputs"], batch["targets"], deterministic=True, diagnostics=True
         )
         losses = losses * batch["loss_mask"]
-        is_byte = (batch["targets"] < BYTE_VOCAB).astype(jnp.float32) * batch["loss_mask"]
+        if "target_bytes" in batch:  # text pipelines: the UTF-8 bytes each target covers
+            covered = batch["target_bytes"]
+        else:  # task sources: ids below 256 stand for one byte each
+            covered = (batch["targets"] < BYTE_VOCAB).astype(jnp.float32) * batch["loss_mask"]
         _, aux_losses, aux_metrics = aux_losses_and_metrics(aux)
         return {
             "loss_sum": jnp.sum(losses),
             "tokens": jnp.sum(batch["loss_mask"]),
-            "byte_loss_sum": jnp.sum(losses * is_byte),
-            "bytes": jnp.sum(is_byte),
+            "byte_loss_sum": jnp.sum(jnp.where(covered > 0, losses, 0.0)),
+            "bytes": jnp.sum(covered),
             "aux": {**aux_losses, **aux_metrics},
             "row_hits": aux.row_hits,
             "addressable": aux.addressable,
