@@ -366,26 +366,27 @@ def _jsonl_problem(line: bytes, text_key: str) -> str | None:
 
 def _text_pieces(raw: bytes, max_chars: int, path) -> list[tuple[int, int]]:
     """(byte offset, byte length) pieces of a .txt file: whole if short, else cut after newlines
-    into pieces of at most `max_chars` characters (a longer single line stays whole)."""
+    into pieces of at most `max_chars` characters (a longer single line stays whole).
+
+    Lines are cut from the raw bytes (so offsets stay exact when the file is not valid UTF-8 and
+    a replacement character stands for bytes of another length); characters are counted per line
+    as read decodes them."""
     if not raw:
         return []
-    text = raw.decode("utf-8", errors="replace")
-    if len(text) <= max_chars:
+    if len(raw.decode("utf-8", errors="replace")) <= max_chars:
         return [(0, len(raw))]
     pieces, offset = [], 0
-    current = 0  # characters in the current piece
-    lines = text.splitlines(keepends=True)
-    piece_lines: list[str] = []
-    for line in lines:
-        if piece_lines and current + len(line) > max_chars:
-            length = len("".join(piece_lines).encode("utf-8", errors="replace"))
+    length = current = 0  # bytes and characters in the current piece
+    for line in raw.splitlines(keepends=True):
+        chars = len(line.decode("utf-8", errors="replace"))
+        if length and current + chars > max_chars:
             pieces.append((offset, length))
             offset += length
-            piece_lines, current = [], 0
-        piece_lines.append(line)
-        current += len(line)
-    if piece_lines:
-        pieces.append((offset, len("".join(piece_lines).encode("utf-8", errors="replace"))))
+            length = current = 0
+        length += len(line)
+        current += chars
+    if length:
+        pieces.append((offset, length))
     return pieces
 
 
