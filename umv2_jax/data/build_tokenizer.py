@@ -1,7 +1,12 @@
-"""Trains the shipped sentencepiece BPE model on the embedded Shakespeare corpus's train split.
+"""Trains a sentencepiece BPE model on a source's train split (default: the shipped Shakespeare one).
 
     python -m umv2_jax.data.build_tokenizer                       # vocab 2048 → SHAKESPEARE_BPE
     python -m umv2_jax.data.build_tokenizer --vocab-size 4096 --out /tmp/bpe4096.model
+    python -m umv2_jax.data.build_tokenizer --source 'files:my_corpus/*.txt' --out my.model
+
+`--source` takes any text source of `data.source` (files:GLOB, hf_disk:PATH, tfds:NAME); the
+model is trained on its train split (the holdout's training side for sources without splits) and
+checked on its eval split.
 
 The model keeps the text exactly (identity normalization, no dummy prefix, spaces kept, "\\n" its
 own piece, byte fallback for characters outside the training text), so decode(encode(text)) ==
@@ -70,19 +75,52 @@ def train(texts: list[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
+def source_texts(source: str, role: str, text_key: str, limit: int | None = None) -> list[str]:
+    """The text documents of `source`'s train or eval split (DataError for a bad source)."""
+    from umv2_jax.config import DataConfig
+    from umv2_jax.data import sources
+
+    data = DataConfig(source=source, text_key=text_key)
+    data.validate()
+    split = sources.open_split(data, source, role)
+    count = len(split) if limit is None else min(limit, len(split))
+    texts = [split[index] for index in range(count)]
+    if any(not isinstance(text, str) for text in texts):
+        from umv2_jax.errors import DataError
+
+        raise DataError(f"{source} holds token ids, not text; pass a text source")
+    return texts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--out", type=Path, default=Path(SHAKESPEARE_BPE))
+    parser.add_argument("--out", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--source", default="shakespeare", help="a text source (data.source)")
+    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--max-documents", type=int, default=200_000, help="train on the first N")
     args = parser.parse_args(argv)
-    model = train(split_texts("train"), args.vocab_size)
+    from umv2_jax.errors import UserError
+
+    if args.out is None:
+        if args.source != "shakespeare":
+            parser.error("--out is required with --source (the shipped model is Shakespeare's)")
+        args.out = Path(SHAKESPEARE_BPE)
+    try:
+        if args.source == "shakespeare":
+            texts, validation = split_texts("train"), split_texts("validation")
+        else:
+            texts = source_texts(args.source, "train", args.text_key, args.max_documents)
+            validation = source_texts(args.source, "eval", args.text_key, 1000)
+    except UserError as error:
+        raise SystemExit(f"error: {error}") from None
+    model = train(texts, args.vocab_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(model)
 
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_proto=model)
-    validation = split_texts("validation")
     broken = sum(processor.decode(processor.encode(text)) != text for text in validation)
     tokens = sum(len(ids) for ids in processor.encode(validation))
     size = sum(len(text.encode("utf-8")) for text in validation)

@@ -24,9 +24,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from umv2_jax import parallel
+from umv2_jax import parallel, paths
 from umv2_jax.config import Config
 from umv2_jax.data import pipeline, run_tokenizer
+from umv2_jax.errors import ConfigError
 from umv2_jax.parallel import distributed
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
@@ -87,6 +88,12 @@ def train(
     run of another model there.
     """
     primary = jax.process_index() == 0
+    if paths.scheme(workdir) is not None:
+        raise ConfigError(
+            f"--workdir {workdir}: remote work directories are not supported (the run directory "
+            "needs a file lock and atomic renames); train in a local or mounted folder (e.g. a "
+            "gcsfuse mount) instead"
+        )
     mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
     with (
         # Everything traced in the run sees the mesh (token-local ops run under shard_map on it).
