@@ -223,6 +223,7 @@ def test_decode_drops_specials_and_ids_past_the_vocabulary(toks, kind):
     noisy += [tok.vocab_size + 57, -1, tok.pad_id]
     assert tok.decode(noisy) == text
     assert tok.decode(np.asarray(noisy, np.int64)) == text
+    assert tok.decode(iter(noisy)) == text and tok.decode(tuple(noisy)) == text
     assert tok.decode(np.asarray([noisy[:6], noisy[6:12]], np.int32)) == tok.decode(noisy[:12])
     assert tok.decode([tok.bos_id, tok.eos_id, tok.pad_id]) == ""
     assert tok.decode_batch([noisy, [tok.pad_id] * 3]) == [text, ""]

@@ -66,7 +66,14 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 class Tokenizer:
     """The interface (see the module docstring); `load_tokenizer` builds the implementations."""
 
-    kind: str = ""
+    kind: str = ""  # "bytes" | "sentencepiece" | "hf"
+    spec: str  # the data.tokenizer string it was loaded from
+    path: str | None  # absolute path of the file; None for bytes
+    vocab_size: int  # every id is in [0, vocab_size)
+    sha256: str | None  # of the file's bytes; None for bytes
+    bos_id: int
+    eos_id: int
+    pad_id: int
 
     def __init__(self, spec: str, path: str | None, vocab_size: int, sha256: str | None):
         self.spec = spec
@@ -144,7 +151,9 @@ class Tokenizer:
         return []
 
     def _kept(self, ids: Iterable[int] | np.ndarray) -> list[int]:
-        array = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids)).reshape(-1)
+        if not (hasattr(ids, "__array__") or isinstance(ids, list | tuple)):
+            ids = list(ids)  # a generator or other iterable
+        array = np.asarray(ids).reshape(-1)
         if array.size and not np.issubdtype(array.dtype, np.integer):
             raise TypeError(f"decode expects integer ids, got dtype {array.dtype}")
         array = array.astype(np.int64)
