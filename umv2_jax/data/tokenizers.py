@@ -1,6 +1,6 @@
 """One tokenizer interface over bytes, sentencepiece models and Hugging Face tokenizer.json files.
 
-    tok = load_tokenizer("sentencepiece:shakespeare_bpe2048")   # or "bytes", "hf:/abs/tokenizer.json"
+    tok = load_tokenizer("sentencepiece:shakespeare_bpe2048")   # "bytes", "hf:/x/tokenizer.json"
     ids = tok.encode("To be, or not to be")      # int32[n], no special tokens added
     ids_list = tok.encode_batch(texts)            # list of int32[n_i] (the libraries' batch calls)
     text = tok.decode(ids)                        # drops BOS/EOS/PAD, special ids, ids >= vocab_size
@@ -26,10 +26,16 @@ piece's UTF-8 length with "▁" as a space, byte-fallback pieces <0xNN> 1; hf by
 decoding: ByteLevel (GPT-2) maps each character back to its byte, Metaspace like sentencepiece,
 WordPiece strips "##", otherwise the token's UTF-8 length. BOS/EOS/PAD and control, unknown,
 unused and special tokens are 0. The sum over a document's ids is its UTF-8 length exactly for
-bytes, for byte-level BPE and for sentencepiece models without a dummy prefix; a dummy prefix
-(add_dummy_prefix, Metaspace prepend) adds a "▁" that is not in the text (+1 byte per document),
-and WordPiece does not count the spaces between words. Text that spells a special token of an
-hf tokenizer (e.g. "<|endoftext|>") encodes to that token, as the library does.
+bytes, for byte-level BPE without add_prefix_space and for sentencepiece models with byte
+fallback, identity normalization and no dummy prefix (the shipped one). Approximations: a dummy
+prefix (add_dummy_prefix, Metaspace prepend, ByteLevel add_prefix_space) adds a space that is
+not in the text (+1 byte per document); WordPiece does not count the spaces between words;
+normalizers that change the text and unknown tokens (0 bytes) make the sum differ. Text that
+spells a special token of an hf tokenizer (e.g. "<|endoftext|>") encodes to that token, as the
+library does.
+
+Errors are one line: ConfigError for a malformed spec or a missing library, DataError for a
+missing, unreadable or malformed file and for missing, unknown or clashing special tokens.
 """
 
 from __future__ import annotations
