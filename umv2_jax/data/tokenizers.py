@@ -3,7 +3,7 @@
     tok = load_tokenizer("sentencepiece:shakespeare_bpe2048")   # "bytes", "hf:/x/tokenizer.json"
     ids = tok.encode("To be, or not to be")      # int32[n], no special tokens added
     ids_list = tok.encode_batch(texts)            # list of int32[n_i] (the libraries' batch calls)
-    text = tok.decode(ids)                        # drops BOS/EOS/PAD, special ids, ids >= vocab_size
+    text = tok.decode(ids)                        # drops special ids and ids >= vocab_size
     lengths = tok.token_byte_lengths()            # int32[vocab_size]: UTF-8 bytes each id covers
     tok.identity()                                # JSON-able; check_identity compares two of them
 
