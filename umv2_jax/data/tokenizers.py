@@ -1,9 +1,9 @@
 """One tokenizer interface over bytes, sentencepiece models and Hugging Face tokenizer.json files.
 
-    tok = load_tokenizer("sentencepiece:shakespeare_bpe2048")   # or "bytes", "hf:/abs/tokenizer.json"
+    tok = load_tokenizer("sentencepiece:shakespeare_bpe2048")   # "bytes", "hf:/x/tokenizer.json"
     ids = tok.encode("To be, or not to be")      # int32[n], no special tokens added
     ids_list = tok.encode_batch(texts)            # list of int32[n_i] (the libraries' batch calls)
-    text = tok.decode(ids)                        # drops BOS/EOS/PAD, special ids, ids >= vocab_size
+    text = tok.decode(ids)                        # drops special ids and ids >= vocab_size
     lengths = tok.token_byte_lengths()            # int32[vocab_size]: UTF-8 bytes each id covers
     tok.identity()                                # JSON-able; check_identity compares two of them
 
@@ -26,10 +26,16 @@ piece's UTF-8 length with "▁" as a space, byte-fallback pieces <0xNN> 1; hf by
 decoding: ByteLevel (GPT-2) maps each character back to its byte, Metaspace like sentencepiece,
 WordPiece strips "##", otherwise the token's UTF-8 length. BOS/EOS/PAD and control, unknown,
 unused and special tokens are 0. The sum over a document's ids is its UTF-8 length exactly for
-bytes, for byte-level BPE and for sentencepiece models without a dummy prefix; a dummy prefix
-(add_dummy_prefix, Metaspace prepend) adds a "▁" that is not in the text (+1 byte per document),
-and WordPiece does not count the spaces between words. Text that spells a special token of an
-hf tokenizer (e.g. "<|endoftext|>") encodes to that token, as the library does.
+bytes, for byte-level BPE without add_prefix_space and for sentencepiece models with byte
+fallback, identity normalization and no dummy prefix (the shipped one). Approximations: a dummy
+prefix (add_dummy_prefix, Metaspace prepend, ByteLevel add_prefix_space) adds a space that is
+not in the text (+1 byte per document); WordPiece does not count the spaces between words;
+normalizers that change the text and unknown tokens (0 bytes) make the sum differ. Text that
+spells a special token of an hf tokenizer (e.g. "<|endoftext|>") encodes to that token, as the
+library does.
+
+Errors are one line: ConfigError for a malformed spec or a missing library, DataError for a
+missing, unreadable or malformed file and for missing, unknown or clashing special tokens.
 """
 
 from __future__ import annotations
@@ -66,7 +72,14 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 class Tokenizer:
     """The interface (see the module docstring); `load_tokenizer` builds the implementations."""
 
-    kind: str = ""
+    kind: str = ""  # "bytes" | "sentencepiece" | "hf"
+    spec: str  # the data.tokenizer string it was loaded from
+    path: str | None  # absolute path of the file; None for bytes
+    vocab_size: int  # every id is in [0, vocab_size)
+    sha256: str | None  # of the file's bytes; None for bytes
+    bos_id: int
+    eos_id: int
+    pad_id: int
 
     def __init__(self, spec: str, path: str | None, vocab_size: int, sha256: str | None):
         self.spec = spec
@@ -144,7 +157,9 @@ class Tokenizer:
         return []
 
     def _kept(self, ids: Iterable[int] | np.ndarray) -> list[int]:
-        array = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids)).reshape(-1)
+        if not (hasattr(ids, "__array__") or isinstance(ids, list | tuple)):
+            ids = list(ids)  # a generator or other iterable
+        array = np.asarray(ids).reshape(-1)
         if array.size and not np.issubdtype(array.dtype, np.integer):
             raise TypeError(f"decode expects integer ids, got dtype {array.dtype}")
         array = array.astype(np.int64)
