@@ -429,6 +429,7 @@ class TrainIterator:
 
     def __init__(self, documents: _RunDocuments, data: DataConfig, rows: int, own_rows: range):
         self._data = data
+        self._rows = rows  # the global batch: row r reads documents r, r + rows, …
         self._own_rows = own_rows
         self._packers = {
             row: _Packer(_RowCursor(documents, row, rows), data.seq_len + 1, documents.pad_id)
@@ -446,6 +447,7 @@ class TrainIterator:
         return {
             "format": STATE_FORMAT,
             "seq_len": self._data.seq_len,
+            "batch_size": self._rows,
             "rows": {
                 str(row): {**packer.cursor.get_state(), "offset": packer.offset}
                 for row, packer in self._packers.items()
@@ -463,6 +465,13 @@ class TrainIterator:
             raise DataError(
                 f"the data iterator state was saved with seq_len={state['seq_len']} but "
                 f"data.seq_len={self._data.seq_len}; resume with the original seq_len"
+            )
+        saved_rows = state.get("batch_size", self._rows)
+        if saved_rows != self._rows:
+            raise DataError(
+                f"the data iterator state was saved with train.batch_size={saved_rows} but "
+                f"train.batch_size={self._rows}: each batch row reads its own documents, so the "
+                "position does not carry over; resume with the original batch size"
             )
         rows = state["rows"]
         missing = [row for row in self._own_rows if str(row) not in rows]
