@@ -101,7 +101,8 @@ def pretokenize(
                     (name, start, min(start + CHUNK_DOCUMENTS, count))
                     for start in range(0, count, CHUNK_DOCUMENTS)
                 ]
-                results = pool.imap(_encode_chunk, tasks)
+                # One document at a time: a chunk may straddle shards.
+                results = (item for chunk in pool.imap(_encode_chunk, tasks) for item in chunk)
                 for shard in range(shard_count):
                     file = f"{name}-{shard:05d}-of-{shard_count:05d}.arrayrecord"
                     writer = array_record_module.ArrayRecordWriter(
@@ -110,12 +111,12 @@ def pretokenize(
                     stop = min((shard + 1) * shard_documents, count)
                     written = tokens = 0
                     while info["documents"] + written < stop:
-                        for ids, text_bytes in next(results):
-                            writer.write(ids.astype(dtype).tobytes())
-                            written += 1
-                            tokens += ids.size
-                            info["text_bytes"] += text_bytes
-                            bar.update(1)
+                        ids, text_bytes = next(results)
+                        writer.write(ids.astype(dtype).tobytes())
+                        written += 1
+                        tokens += ids.size
+                        info["text_bytes"] += text_bytes
+                        bar.update(1)
                     writer.close()
                     info["documents"] += written
                     info["tokens"] += tokens
