@@ -588,14 +588,19 @@ def _shard_documents(shards: dict, split: str, label: str) -> _Documents:
     paths_of_split = [os.fspath(p) for p in shards["splits"][split]]
     source = grain.sources.ArrayRecordDataSource(paths_of_split)
     dtype = np.dtype(shards["manifest"].get("dtype", "int32"))
+    # First document of each shard (the manifest's counts, checked by open_pretokenized).
+    declared = shards["manifest"]["splits"][split]["shards"]
+    starts = np.cumsum([0] + [int(shard["documents"]) for shard in declared])
 
     def read(index: int) -> np.ndarray:
         try:
             record = source[index]
         except Exception as error:
+            shard = int(np.searchsorted(starts, index, side="right")) - 1
+            path = paths_of_split[min(max(shard, 0), len(paths_of_split) - 1)]
             raise DataError(
-                f"{label}: record {index} cannot be read ({_first_line(error)}); a shard is "
-                "corrupt: write them again with python -m umv2_jax.data.pretokenize"
+                f"{path}: record {index - starts[shard]} cannot be read ({_first_line(error)}); "
+                "the shard is corrupt: write it again with python -m umv2_jax.data.pretokenize"
             ) from None
         return np.frombuffer(record, dtype).astype(np.int32)
 
