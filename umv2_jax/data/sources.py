@@ -36,6 +36,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -291,7 +292,7 @@ def _index_files(pattern: str, text_key: str, max_chars: int, skip_bad: bool) ->
         if str(path).endswith(".gz"):
             try:
                 raw = gzip.decompress(raw)
-            except (OSError, EOFError, gzip.BadGzipFile) as error:
+            except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
                 raise DataError(
                     f"{path} is not a valid gzip file ({_first_line(error)}); fix or remove it"
                 ) from None
