@@ -232,6 +232,11 @@ def _open_documents(config: Config, role: str) -> _RunDocuments:
             _check_pretokenized(split, tokenizer)
         splits.append(split)
     weights = np.asarray([weight for _, weight in data.sources], np.float64)
+    if not (np.isfinite(weights).all() and (weights >= 0).all() and weights.sum() > 0):
+        raise ConfigError(
+            f"config 'data.mixture': weights {weights.tolist()} must be finite, >= 0 and not all "
+            "0; give each source a weight >= 0 and at least one a positive weight"
+        )
     return _RunDocuments(
         splits=tuple(splits),
         weights=weights / weights.sum(),
