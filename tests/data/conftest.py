@@ -158,6 +158,7 @@ def split_documents(stream: np.ndarray, bos: int, eos: int) -> tuple[list[list[i
             assert current is None, "BOS inside a document"
             current, complete = [], False
         elif token == eos:
+            assert current is not None, "EOS outside a document"
             documents.append(current)
             current, complete = None, True
         else:

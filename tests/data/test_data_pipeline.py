@@ -1,43 +1,39 @@
-"""Data package: embedded Shakespeare dataset, grain pipelines, tfds:NAME, errors (the tokenizer:
-test_tokenizer.py)."""
+"""Data package: the embedded Shakespeare dataset and its builder, the shakespeare source end to end,
+tfds:NAME sources (text and token ids) from a dataset built here, and their errors.
+
+The batch contract on tiny files: test_batch_contract.py; other sources: test_sources.py; mixtures,
+state, processes, pretokenizing, bits/byte, bad input: the other files here."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 import textwrap
 
-import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from umv2_jax.config import Config, DataConfig, TrainConfig
-from umv2_jax.data import pipeline, shakespeare, tokenizer
-from umv2_jax.errors import ConfigError, DataError
+from umv2_jax.data import pipeline, shakespeare
+from umv2_jax.data import tokenizer as byte_tokenizer
+from umv2_jax.errors import DataError
+
+from .conftest import (
+    BOS,
+    EOS,
+    PAD,
+    assert_batches_equal,
+    make_config,
+    reference_windows,
+    replace_data,
+    row_stream,
+    split_documents,
+    take,
+)
 
 SEQ_LEN = 32
 BATCH = 4
-
-
-def make_config(**data_fields) -> Config:
-    batch_size = data_fields.pop("batch_size", BATCH)
-    data_fields.setdefault("seq_len", SEQ_LEN)
-    return Config(data=DataConfig(**data_fields), train=TrainConfig(batch_size=batch_size))
-
-
-def take(iterator, count: int) -> list[dict[str, np.ndarray]]:
-    return [next(iterator) for _ in range(count)]
-
-
-def assert_batches_equal(first: list[dict], second: list[dict]) -> None:
-    assert len(first) == len(second)
-    for a, b in zip(first, second):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def records_of(split: str, data_dir: str | None = None, name: str | None = None) -> list[dict]:
@@ -47,15 +43,6 @@ def records_of(split: str, data_dir: str | None = None, name: str | None = None)
         builder = tfds.builder(name, data_dir=data_dir)
     source = builder.as_data_source(split=split)
     return [source[i] for i in range(len(source))]
-
-
-def reference_stream(texts: list[bytes]) -> np.ndarray:
-    """The packed stream written out by hand: BOS before every document, bytes as ids."""
-    stream = []
-    for text in texts:
-        stream.append(tokenizer.BOS)
-        stream.extend(text)
-    return np.array(stream, np.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,7 +117,10 @@ def test_embedded_dataset_reads_without_tensorflow_or_network():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("shakespeare (embedded): 4.57 MB train (1178 records) / 0.55 MB")
+    assert lines[0].startswith(
+        "shakespeare (embedded): 1,178 documents train / 141 documents validation; "
+        "tokenizer bytes (vocab 259); documents masked"
+    ), lines[0]
     assert lines[1] == "(2, 64) 2"
     assert lines[2] == "[]"
     assert lines[3] == "None"  # the blocker worked
@@ -167,197 +157,46 @@ def test_pipeline_and_builder_agree_on_the_embedded_location():
 
 
 # --------------------------------------------------------------------------------------------------
-# Training batches
+# The shakespeare source end to end
 # --------------------------------------------------------------------------------------------------
 
 
-def test_train_batches_have_the_contract_shapes_and_shifted_targets():
-    batch = next(pipeline.make_train_iterator(make_config()))
-    assert set(batch) == {"inputs", "targets", "loss_mask"}
-    for key, dtype in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32)):
-        assert batch[key].shape == (BATCH, SEQ_LEN) and batch[key].dtype == dtype, key
-    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
-    assert batch["inputs"].max() < tokenizer.VOCAB_SIZE and batch["inputs"].min() >= 0
-    np.testing.assert_array_equal(batch["loss_mask"], 1.0)  # training never pads
+def test_shakespeare_train_batches_follow_the_contract():
+    config = make_config(BATCH, seq_len=SEQ_LEN)
+    batches = take(pipeline.make_train_iterator(config), 3)
+    texts = {r["text"] for r in records_of("train")}
+    for batch in batches:
+        assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+        for key in batch:
+            assert batch[key].shape == (BATCH, SEQ_LEN), key
+        np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+        assert 0 <= batch["inputs"].min() and batch["inputs"].max() < byte_tokenizer.VOCAB_SIZE
+        assert (batch["inputs"] != PAD).all()  # training never pads
+    for row in range(BATCH):
+        documents, _ = split_documents(row_stream(batches, row), BOS, EOS)
+        # Each row starts a document of the train split (records are chunks of whole works).
+        first = bytes(documents[0])
+        assert any(text.startswith(first) for text in texts)
 
 
-def test_one_training_epoch_reads_every_train_record_once_in_shuffled_order():
-    texts = [r["text"] for r in records_of("train")]
-    stream_length = sum(len(t) + 1 for t in texts)
-    config = make_config(seq_len=512, batch_size=32, shuffle_seed=3)
-    windows = iter(pipeline.make_train_windows(config))
-    rows = []
-    while len(rows) * 512 < stream_length + 20_000:  # one epoch and part of the next
-        window = next(windows)
-        if rows:  # consecutive windows overlap by one token: the stride is seq_len
-            assert window[0] == rows[-1][-1]
-        rows.append(window)
-    stream = np.concatenate([row[:-1] for row in rows])
-    starts = np.flatnonzero(stream == tokenizer.BOS)
-    documents = [
-        stream[begin + 1 : end].astype(np.uint8).tobytes()
-        for begin, end in zip(starts[: len(texts)], starts[1 : len(texts) + 1])
-    ]
-    assert starts[0] == 0
-    assert sorted(documents) == sorted(texts)  # each record exactly once in the first epoch
-    assert documents != texts  # ... and not in stored order
-    # The second epoch is shuffled differently from the first.
-    second = stream[starts[len(texts)] + 1 : starts[len(texts) + 1]].astype(np.uint8).tobytes()
-    assert second in texts and second != documents[0]
-
-
-def test_batches_are_the_packed_windows_shuffled_within_a_buffer():
-    config = make_config(batch_size=8)
-    buffer = pipeline.TRAIN_WINDOW_SHUFFLE
-    windows = iter(pipeline.make_train_windows(config))
-    stream_windows = [next(windows) for _ in range(buffer)]
-    batches = take(pipeline.make_train_iterator(config), buffer // 8)
-    rows = [
-        np.concatenate([inputs, targets[-1:]])
-        for batch in batches
-        for inputs, targets in zip(batch["inputs"], batch["targets"])
-    ]
-    as_set = lambda arrays: sorted(array.tobytes() for array in arrays)
-    assert as_set(rows) == as_set(stream_windows)  # the same windows ...
-    in_order = sum(np.array_equal(a, b) for a, b in zip(rows, stream_windows))
-    assert in_order < buffer // 10  # ... in another order
-    # Rows of one batch are rarely neighbours in the stream.
-    neighbours = sum(
-        (batch["targets"][:-1, -1] == batch["inputs"][1:, 0]).sum() for batch in batches
-    )
-    assert neighbours < 0.2 * len(rows)
-
-
-def test_shuffle_is_seeded():
-    first = take(pipeline.make_train_iterator(make_config(shuffle_seed=7)), 3)
-    again = take(pipeline.make_train_iterator(make_config(shuffle_seed=7)), 3)
-    other = take(pipeline.make_train_iterator(make_config(shuffle_seed=8)), 3)
+def test_shakespeare_shuffle_is_seeded():
+    first = take(pipeline.make_train_iterator(make_config(BATCH, shuffle_seed=7)), 2)
+    again = take(pipeline.make_train_iterator(make_config(BATCH, shuffle_seed=7)), 2)
+    other = take(pipeline.make_train_iterator(make_config(BATCH, shuffle_seed=8)), 2)
     assert_batches_equal(first, again)
     assert not np.array_equal(first[0]["inputs"], other[0]["inputs"])
 
 
-@pytest.mark.parametrize("consumed", [0, 1, 9, 64, 70])  # 64 × 8 = one shuffle buffer
-def test_iterator_state_round_trip_resumes_exactly(consumed):
-    config = make_config(seq_len=200, batch_size=8)
-    iterator = pipeline.make_train_iterator(config)
-    take(iterator, consumed)
-    state = json.loads(json.dumps(iterator.get_state()))
-    expected = take(iterator, 6)
-    restored = pipeline.make_train_iterator(config)
-    take(restored, 3)  # a different position, overwritten by set_state
-    restored.set_state(state)
-    assert_batches_equal(take(restored, 6), expected)
-
-
-def test_state_from_another_seq_len_is_refused():
-    state = pipeline.make_train_iterator(make_config(seq_len=16)).get_state()
-    with pytest.raises(DataError, match="seq_len=16 but data.seq_len=32"):
-        pipeline.make_train_iterator(make_config(seq_len=32)).set_state(state)
-
-
-def test_per_host_batches_split_the_same_global_batch():
-    config = make_config(batch_size=6)
-    whole = take(pipeline.make_train_iterator(config), 3)
-    hosts = [take(pipeline.make_train_iterator(config, p, 3), 3) for p in range(3)]
-    for step in range(3):
-        for key in ("inputs", "targets", "loss_mask"):
-            assert hosts[0][step][key].shape[0] == 2
-            joined = np.concatenate([host[step][key] for host in hosts])
-            np.testing.assert_array_equal(joined, whole[step][key])
-    evals = [pipeline.make_eval_batches(config, 2, p, 2) for p in range(2)]
-    whole_eval = pipeline.make_eval_batches(config, 2)
-    for step in range(2):
-        joined = np.concatenate([evals[0][step]["inputs"], evals[1][step]["inputs"]])
-        np.testing.assert_array_equal(joined, whole_eval[step]["inputs"])
-
-
-def test_batch_size_must_divide_among_processes():
-    with pytest.raises(ConfigError, match="train.batch_size"):
-        pipeline.make_train_iterator(make_config(batch_size=5), 0, 2)
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation batches
-# --------------------------------------------------------------------------------------------------
-
-
-def test_eval_batches_are_the_validation_stream_in_order_and_repeatable():
-    config = make_config()
+def test_shakespeare_eval_batches_are_the_validation_split_in_order():
+    config = make_config(BATCH, seq_len=SEQ_LEN)
     batches = pipeline.make_eval_batches(config, 3)
-    assert_batches_equal(batches, pipeline.make_eval_batches(config, 3))
-    stream = reference_stream([r["text"] for r in records_of("validation")])
+    documents = [list(r["text"]) for r in records_of("validation")[:3]]
+    expected = reference_windows(documents, SEQ_LEN, BOS, EOS, PAD, pad_final=False)
     for index, batch in enumerate(batches):
         for row in range(BATCH):
-            start = (index * BATCH + row) * SEQ_LEN
-            np.testing.assert_array_equal(batch["inputs"][row], stream[start : start + SEQ_LEN])
-            np.testing.assert_array_equal(
-                batch["targets"][row], stream[start + 1 : start + SEQ_LEN + 1]
-            )
-    assert tokenizer.decode(batches[0]["inputs"][0]).startswith("HAMLET, PRINCE OF DENMARK")
-
-
-# --------------------------------------------------------------------------------------------------
-# The packer on its own
-# --------------------------------------------------------------------------------------------------
-
-
-def packed(documents: list[list[int]], window_length: int, pad_final: bool):
-    source = grain.MapDataset.source([np.array(d, np.int32) for d in documents])
-    return pipeline.PackedWindowsIterDataset(
-        source.to_iter_dataset(), window_length, pad_final=pad_final
-    )
-
-
-def test_packer_cuts_overlapping_windows_and_pads_the_end():
-    documents = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]  # stream 1..11
-    assert [w.tolist() for w in packed(documents, 4, pad_final=False)] == [
-        [1, 2, 3, 4],
-        [4, 5, 6, 7],
-        [7, 8, 9, 10],
-    ]
-    padded = [w.tolist() for w in packed(documents, 4, pad_final=True)]
-    assert padded[-1] == [10, 11, tokenizer.PAD, tokenizer.PAD]
-    assert len(padded) == 4
-
-
-def test_packer_state_restores_at_every_position():
-    rng = np.random.default_rng(0)
-    documents = [list(rng.integers(0, 256, size=n)) for n in (1, 7, 2, 13, 1, 5, 9, 3)]
-    dataset = packed(documents, 5, pad_final=True)
-    expected = [w.tolist() for w in dataset]
-    for position in range(len(expected) + 1):
-        iterator = iter(dataset)
-        take(iterator, position)
-        state = json.loads(json.dumps(iterator.get_state()))
-        fresh = iter(dataset)
-        fresh.set_state(state)
-        assert [w.tolist() for w in fresh] == expected[position:], position
-
-
-def shuffled(count: int, buffer_size: int, seed: int = 0):
-    source = grain.MapDataset.range(count)
-    return pipeline.ShuffleBufferIterDataset(source.to_iter_dataset(), buffer_size, seed)
-
-
-def test_shuffle_buffer_permutes_within_each_buffer():
-    values = list(shuffled(23, 5))
-    assert len(values) == 23
-    for start in range(0, 23, 5):  # buffer k holds exactly the elements 5k..5k+4
-        assert sorted(values[start : start + 5]) == list(range(start, min(start + 5, 23)))
-    assert values != list(range(23))
-    assert values == list(shuffled(23, 5)) and values != list(shuffled(23, 5, seed=1))
-
-
-def test_shuffle_buffer_state_restores_at_every_position():
-    dataset = shuffled(23, 5)
-    expected = list(dataset)
-    for position in range(len(expected) + 1):
-        iterator = iter(dataset)
-        take(iterator, position)
-        state = json.loads(json.dumps(iterator.get_state()))
-        fresh = iter(dataset)
-        fresh.set_state(state)
-        assert list(fresh) == expected[position:], position
+            for key, value in expected[index * BATCH + row].items():
+                np.testing.assert_array_equal(batch[key][row], value, err_msg=key)
+    assert byte_tokenizer.decode(batches[0]["inputs"][0]).startswith("HAMLET, PRINCE OF DENMARK")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,8 +206,13 @@ def test_shuffle_buffer_state_restores_at_every_position():
 TINY_NAME = "umv2_test_tiny_text"
 
 
+def tiny_ids(number: int) -> list[int]:
+    return [(number * 7 + k) % 256 for k in range(number % 5 + 1)]
+
+
 class Umv2TestTinyText(tfds.core.GeneratorBasedBuilder):
-    """A tiny text dataset; the text lives in feature `body` (not `text`)."""
+    """A tiny dataset: text in feature `body` (not `text`), token ids in `ids` (a Tensor) and `seq`
+    (a Sequence)."""
 
     VERSION = tfds.core.Version("1.0.0")
 
@@ -376,7 +220,12 @@ class Umv2TestTinyText(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(
-                {"body": tfds.features.Text(), "number": tfds.features.Scalar(np.int32)}
+                {
+                    "body": tfds.features.Text(),
+                    "number": tfds.features.Scalar(np.int32),
+                    "ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "seq": tfds.features.Sequence(np.int32),
+                }
             ),
             disable_shuffling=True,
         )
@@ -391,7 +240,11 @@ class Umv2TestTinyText(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, numbers):
         for number in numbers:
             body = f"Record {number}: " + " ".join(f"w{(number * 7 + k) % 97}" for k in range(12))
-            yield f"{number:05d}", {"body": body, "number": number}
+            ids = tiny_ids(number)
+            yield (
+                f"{number:05d}",
+                {"body": body, "number": number, "ids": np.asarray(ids, np.int32), "seq": ids},
+            )
 
 
 @pytest.fixture(scope="module")
@@ -401,54 +254,84 @@ def tiny_data_dir(tmp_path_factory):
     return str(data_dir)
 
 
-def tiny_config(data_dir: str, **fields) -> Config:
+def tiny_config(data_dir: str, **fields):
     fields.setdefault("seq_len", 16)
-    return make_config(source=f"tfds:{TINY_NAME}", data_dir=data_dir, text_key="body", **fields)
+    fields.setdefault("text_key", "body")
+    return make_config(BATCH, source=f"tfds:{TINY_NAME}", data_dir=data_dir, **fields)
 
 
 def test_tfds_source_trains_and_evaluates_from_a_local_build(tiny_data_dir):
     config = tiny_config(tiny_data_dir)
-    assert pipeline.describe_source(config).startswith(f"tfds:{TINY_NAME}: ")
+    assert pipeline.describe_source(config).startswith(
+        f"tfds:{TINY_NAME}: 60 documents train / 6 documents validation"
+    )
     texts = [r["body"] for r in records_of("train", tiny_data_dir, TINY_NAME)]
-    batch = next(pipeline.make_train_iterator(config))
-    assert batch["inputs"].shape == (BATCH, 16)
-    for row in batch["inputs"]:
-        # Between BOS tokens a row is a contiguous piece of one record.
-        pieces = np.split(row, np.flatnonzero(row == tokenizer.BOS))
-        for piece in pieces:
-            piece = piece[piece != tokenizer.BOS].astype(np.uint8).tobytes()
-            assert any(piece in text for text in texts), piece
+    batches = take(pipeline.make_train_iterator(config), 8)
+    for row in range(BATCH):
+        documents, complete = split_documents(row_stream(batches, row), BOS, EOS)
+        for document in documents if complete else documents[:-1]:
+            assert bytes(document) in texts
 
-    validation = [r["body"] for r in records_of("validation", tiny_data_dir, TINY_NAME)]
-    stream = reference_stream(validation)
-    windows = -(-(len(stream) - 1) // 16)  # the last one padded
+    validation = [list(r["body"]) for r in records_of("validation", tiny_data_dir, TINY_NAME)]
+    expected = reference_windows(validation, 16, BOS, EOS, PAD, pad_final=True)
     evals = pipeline.make_eval_batches(config, 100)
-    assert len(evals) == -(-windows // BATCH)  # ran out before 100 batches
-    inputs = np.concatenate([b["inputs"] for b in evals]).reshape(-1)
-    mask = np.concatenate([b["loss_mask"] for b in evals]).reshape(-1)
-    np.testing.assert_array_equal(inputs[: len(stream) - 1], stream[:-1])
-    assert (inputs[len(stream) :] == tokenizer.PAD).all()
-    assert mask.sum() == len(stream) - 1  # every real target counted once, padding never
+    assert len(evals) == -(-len(expected) // BATCH)  # ran out before 100 batches
+    rows = [{key: batch[key][row] for key in batch} for batch in evals for row in range(BATCH)]
+    for row, window in zip(rows, expected):
+        for key, value in window.items():
+            np.testing.assert_array_equal(row[key], value, err_msg=key)
+    for row in rows[len(expected) :]:
+        assert (row["inputs"] == PAD).all() and (row["loss_mask"] == 0).all()
 
 
 def test_tfds_source_is_named_by_data_config_only(tiny_data_dir):
     # Same dataset through the `name:version` form.
     config = tiny_config(tiny_data_dir)
-    versioned = dataclasses.replace(
-        config, data=dataclasses.replace(config.data, source=f"tfds:{TINY_NAME}:1.0.0")
-    )
+    versioned = replace_data(config, source=f"tfds:{TINY_NAME}:1.0.0")
     assert_batches_equal(
         take(pipeline.make_train_iterator(config), 2),
         take(pipeline.make_train_iterator(versioned), 2),
     )
 
 
+@pytest.mark.parametrize("feature", ["ids", "seq"])
+def test_tfds_token_ids_arrive_unchanged_between_bos_and_eos(tiny_data_dir, feature):
+    config = tiny_config(tiny_data_dir, text_key=feature, seq_len=8)
+    evals = pipeline.make_eval_batches(config, 100)
+    # Eval rows follow each other in the stream: window k's targets are stream[kS + 1 : kS + S + 1].
+    targets = np.concatenate([b["targets"][r] for b in evals for r in range(BATCH)])
+    stream = np.concatenate([evals[0]["inputs"][0][:1], targets[targets != PAD]])
+    documents, complete = split_documents(stream, BOS, EOS)
+    assert complete
+    assert documents == [tiny_ids(n) for n in range(1000, 1006)]
+    train = {tuple(tiny_ids(n)) for n in range(60)}
+    batches = take(pipeline.make_train_iterator(config), 6)
+    for row in range(BATCH):
+        found, complete = split_documents(row_stream(batches, row), BOS, EOS)
+        for document in found if complete else found[:-1]:
+            assert tuple(document) in train
+
+
+def test_tfds_token_ids_outside_the_vocabulary_are_refused(tiny_data_dir):
+    config = tiny_config(tiny_data_dir, text_key="number")  # numbers up to 1005 as one id each
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=259))
+    with pytest.raises(DataError) as caught:
+        pipeline.make_eval_batches(config, 10)
+    assert "outside [0, 259)" in str(caught.value) and "data.tokenizer" in str(caught.value)
+
+
+def test_a_one_record_split_still_trains(tiny_data_dir):
+    config = tiny_config(tiny_data_dir, train_split="tiny")
+    batches = take(pipeline.make_train_iterator(config), 3)
+    assert all(b["inputs"].shape == (BATCH, 16) for b in batches)
+
+
 # --------------------------------------------------------------------------------------------------
-# User errors
+# tfds errors
 # --------------------------------------------------------------------------------------------------
 
 
-def assert_data_error(config: Config, *fragments: str) -> None:
+def assert_data_error(config, *fragments: str) -> None:
     with pytest.raises(DataError) as caught:
         pipeline.make_train_iterator(config)
     message = str(caught.value)
@@ -462,10 +345,7 @@ def test_error_wrong_data_dir(tmp_path):
 
 
 def test_error_unknown_dataset(tiny_data_dir):
-    config = tiny_config(tiny_data_dir)
-    config = dataclasses.replace(
-        config, data=dataclasses.replace(config.data, source="tfds:no_such_dataset_umv2")
-    )
+    config = replace_data(tiny_config(tiny_data_dir), source="tfds:no_such_dataset_umv2")
     assert_data_error(config, "'no_such_dataset_umv2' is not found", "data.source")
 
 
@@ -478,24 +358,9 @@ def test_error_missing_split(tiny_data_dir):
         tiny_config(tiny_data_dir, train_split="test"), "no split 'test'", "data.train_split"
     )
     with pytest.raises(DataError, match="data.eval_split"):
-        pipeline.make_eval_batches(make_config(eval_split="test"), 1)
+        pipeline.make_eval_batches(make_config(BATCH, eval_split="test"), 1)
 
 
 def test_error_missing_text_key(tiny_data_dir):
-    config = tiny_config(tiny_data_dir)
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, text_key="text"))
+    config = tiny_config(tiny_data_dir, text_key="text")
     assert_data_error(config, "no feature 'text'", "body, number", "data.text_key")
-
-
-def test_error_text_key_that_is_not_text(tiny_data_dir):
-    config = tiny_config(tiny_data_dir)
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, text_key="number"))
-    assert_data_error(config, "not text", "data.text_key")
-
-
-def test_error_split_too_small_for_one_batch(tiny_data_dir):
-    assert_data_error(
-        tiny_config(tiny_data_dir, train_split="tiny"),
-        "fewer than one batch needs (4×16+1 = 65)",
-        "train.batch_size",
-    )
