@@ -200,8 +200,8 @@ def test_table_gradient_is_bitwise_identical_across_runs_and_atomic_matches():
 
 
 def test_out_of_range_ids_read_nan_and_drop_their_gradient():
-    """A bad id never touches memory: its token reads NaN (as the XLA path does for ids ≥ N), the
-    other tokens are exact, and the table gradient ignores the slot."""
+    """A bad id never touches memory: its token reads NaN (as the XLA path does, negative ids
+    included), the other tokens are exact, and the table gradient ignores the slot."""
     inputs = _inputs(3, **SMALL, with_pre=True, dtype=jnp.float32, repeat=False)
     values, pre_values, rows, core_scores, x_p = inputs
     n_rows = values.shape[0]
@@ -214,11 +214,11 @@ def test_out_of_range_ids_read_nan_and_drop_their_gradient():
     assert np.isnan(np.asarray(out)[[2, 7]]).all()
     good = np.setdiff1d(np.arange(rows.shape[0]), [2, 7])
     np.testing.assert_allclose(np.asarray(out)[good], np.asarray(want)[good], rtol=1e-5, atol=1e-5)
-    # Exactly the bad slots' raw pre-scores are NaN (jnp.take wraps the negative id -3 to row
-    # N - 3; the kernel treats it as out of range).
+    # Exactly the bad slots' raw pre-scores are NaN, in the kernel and on the XLA path.
     expected_nan = np.zeros(rows.shape, bool)
     expected_nan[2, 1] = expected_nan[7, 0] = True
     np.testing.assert_array_equal(np.isnan(raw), expected_nan)
+    np.testing.assert_array_equal(np.isnan(want_raw), expected_nan)
     np.testing.assert_allclose(np.asarray(raw)[~expected_nan], np.asarray(want_raw)[~expected_nan],
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     # Table gradients with the bad slots present: finite, and equal to the gradient without them.
