@@ -189,9 +189,11 @@ def _compile(case_fn):
 
 
 def test_compiles_for_tpu_v5e():
-    """Mosaic and XLA:TPU accept both kernels (one subprocess: S forward + gradients)."""
+    """Mosaic and XLA:TPU accept both kernels (one subprocess: S forward + gradients), compiled
+    from this CPU host with the CPU as the default device (no `jax.default_device(tpu)` needed)."""
     results = _compile("default_compile_cases")
     assert {r["device_kind"] for r in results.values()} == {"TPU v5 lite"}
+    assert {r["default_platform"] for r in results.values()} == {"cpu"}
 
 
 @pytest.mark.slow
