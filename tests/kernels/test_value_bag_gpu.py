@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
@@ -72,7 +72,21 @@ def _passes(inputs, act, seed, poison=True):
     return got, want
 
 
-@settings(max_examples=6, deadline=None, phases=(Phase.explicit, Phase.generate))
+# Derandomized (tests/conftest.py). Explicit cases: every dimension 1; a one-row table (every slot
+# the same row: one run of all T·m sorted slots, the table passes' tie case) at the largest other
+# bounds in bf16; repeated rows within and across tokens at odd sizes.
+_EXAMPLE_FIELDS = ("tokens", "slots", "n_rows", "n_cores", "chunk_dim", "pre_dim", "with_pre", "act",
+                   "dtype", "repeat", "seed")  # fmt: skip
+
+
+def _example(*values):
+    return example(**dict(zip(_EXAMPLE_FIELDS, values, strict=True)))
+
+
+@settings(max_examples=4, deadline=None, phases=(Phase.explicit, Phase.generate))
+@_example(1, 1, 1, 1, 1, 1, True, "identity", jnp.float32, False, 0)
+@_example(20, 5, 1, 3, 24, 48, True, "gelu", jnp.bfloat16, True, 1)
+@_example(17, 4, 3, 2, 3, 6, False, "identity", jnp.float32, True, 2)
 @given(
     tokens=st.integers(1, 20),
     slots=st.integers(1, 5),
