@@ -184,16 +184,22 @@ def _compile_cases(cases: str) -> None:
 
     for name, fn, args, *extra in build():
         row_major = set(extra[0].get("row_major", ())) if extra else set()
-        result: dict[str, Any] = {"name": name, "device_kind": device.device_kind, "ok": False}
+        result: dict[str, Any] = {
+            "name": name,
+            "device_kind": device.device_kind,
+            # The default device stays this host's CPU, as in a user's own AOT script: the kernels
+            # must not need `jax.default_device(tpu_device)` (Mosaic asks the default device for the
+            # chip when lowering some ops, e.g. `sign`, hence integer `//`).
+            "default_platform": jax.devices()[0].platform,
+            "ok": False,
+        }
         start = time.perf_counter()
         try:
-            # Mosaic reads the chip's properties (sublanes, VMEM) from the default device.
-            with jax.default_device(device):
-                placed = tuple(
-                    jax.tree.map(functools.partial(place, row_major=i in row_major), a)
-                    for i, a in enumerate(args)
-                )
-                lowered = jax.jit(fn).trace(*placed).lower()
+            placed = tuple(
+                jax.tree.map(functools.partial(place, row_major=i in row_major), a)
+                for i, a in enumerate(args)
+            )
+            lowered = jax.jit(fn).trace(*placed).lower()
             result["tpu_custom_calls"] = lowered.as_text().count("tpu_custom_call")
             memory = lowered.compile().memory_analysis()
             result.update(

@@ -180,7 +180,8 @@ def compile_step(config, mesh, *, batch: int) -> dict[str, Any]:
             donate_argnums=(0,),
         )
         start = time.perf_counter()
-        # Pallas TPU kernels read the chip's properties from the default device while lowering.
+        # The project's kernels do not need it (DEVELOPERS.md), but Mosaic lowers some ops by asking
+        # the default device for the chip: a TPU default device keeps other kernels compiling.
         with jax.default_device(device) if device.platform == "tpu" else contextlib.nullcontext():
             lowered = step.trace(layout.state, layout.rest, abstract_batch).lower()
         lower_s = time.perf_counter() - start

@@ -300,6 +300,18 @@ class MemoryConfig:
             f"window {window} is larger than the number of layers holding a memory "
             f"({memory_layers}); lower the window or add memory layers (model.sparse_layers)",
         )
+        # SPEC §9.7: with key_expand > 1 the release splits virtual groups by n_eff² rows, this
+        # project by the window's g·n² rows; they agree only when g·n² is a square (g is). The
+        # release-compatible layer (per_rank_query false) refuses the rest rather than silently
+        # giving ported release weights other outputs; per-rank queries keep this project's split.
+        _require(
+            self.per_rank_query or self.key_expand == 1 or math.isqrt(window) ** 2 == window,
+            f"{prefix}.key_expand",
+            f"key_expand {self.key_expand} with value_share {self.value_share} and per_rank_query "
+            f"false: the release splits virtual groups by floor(sqrt({window})·n)² rows, this "
+            f"project by {window}·n² (SPEC §9.7), so release weights would give other outputs; "
+            "use key_expand 1, a square window (1, 4, 9, …) or per_rank_query true",
+        )
         side = self.key_expand * self.effective_keys()
         _require(
             self.rc_topk <= side,

@@ -202,12 +202,12 @@ def _gather(rows_smem, table_hbm, buf, sem, n_rows, n_slots, tb, packed):
 
     def copy(j, row):
         return pltpu.make_async_copy(
-            table_hbm.at[pl.ds(row, 1)], buf.at[j // tb, pl.ds(j % tb, 1)], sem
+            table_hbm.at[pl.ds(row, 1)], buf.at[_div(j, tb), pl.ds(j % tb, 1)], sem
         )
 
     def start(j, carry):
         row = jnp.clip(rows_smem[j], 0, n_rows - 1)
-        copy(j, row // 2 if packed else row).start()
+        copy(j, _div(row, 2) if packed else row).start()
         return carry
 
     def wait(j, carry):
@@ -216,6 +216,17 @@ def _gather(rows_smem, table_hbm, buf, sem, n_rows, n_slots, tb, packed):
 
     lax.fori_loop(0, n_slots * tb, start, 0)
     lax.fori_loop(0, n_slots * tb, wait, 0)
+
+
+def _div(x, k: int):
+    """x // k for traced int32 x ≥ 0 inside a kernel, as a truncating division.
+
+    `//` on signed integers is a floor division, which JAX builds with `sign`; Mosaic lowers `sign`
+    by asking the chip generation of the *default device*, so a kernel using it fails to
+    cross-compile from a CPU host for a TPU target ("Unsupported TPU device kind: cpu") unless the
+    caller sets `jax.default_device(tpu_device)`. Truncation equals floor for x ≥ 0.
+    """
+    return lax.div(x, jnp.asarray(k, x.dtype))
 
 
 def _word(table):
@@ -230,7 +241,7 @@ def _slot_nan(rows_vmem, slot, n_rows):
 
 
 def _core_of_lane(tb, value_dim, n_cores):
-    return lax.broadcasted_iota(jnp.int32, (tb, value_dim), 1) // (value_dim // n_cores)
+    return _div(lax.broadcasted_iota(jnp.int32, (tb, value_dim), 1), value_dim // n_cores)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -517,7 +528,7 @@ def _tables_kernel(*refs, n_rows, n_slots_total, sb, n_cores, value_dim, has_pre
                 out_p.wait()
             out.wait()
 
-    lane_core = lax.broadcasted_iota(jnp.int32, (1, value_dim), 1) // (value_dim // n_cores)
+    lane_core = _div(lax.broadcasted_iota(jnp.int32, (1, value_dim), 1), value_dim // n_cores)
 
     def slot(j, carry):
         row = rows[j]

@@ -252,3 +252,28 @@ def test_timing_extrapolates_every_run_linearly_in_tokens():
     # steps + 2 finetuning steps per mode (umv2: 2 modes, the others none), also 4 × 24 tokens.
     total = extrapolate(MICRO, "mqar", {"dense": 1.0, "umv2": 2.0})
     assert total == pytest.approx({"dense": 3 * 3 * 2 + 3, "umv2": 2.0 * (3 * 3 * 2 + 3 + 2 * 2)})
+
+
+def test_sparse_layer_bytes_in_the_report_count_the_layers_dense_parts():
+    """The report's sparse-layer bytes are the selected units plus the sparse layers' dense parts
+    (keys, projections, router): from the decode record's `sparse_layers`, or for records measured
+    before it, `sparse` plus the accounting's sparse-dense parameters."""
+    from umv2_jax.compare import report
+
+    counts = {
+        "activated_params": 1,
+        "total_params": 1,
+        "flops_per_token": 1.0,
+        "decode_bytes": dict.fromkeys(("1", "8", "64", "512"), 1.0),
+        "sparse_dense_params": 21_072,
+        "bytes_per_number": 4,
+    }
+    results = {
+        "models": {"old": {"accounting": {"t": counts}, "wall_s": [1.0]}},
+        "decode": {"old": {"measured": {"8": 1.0}, "sparse": {"8": 14_240.0}, "note": "n"}},
+    }
+    results["models"]["new"] = results["models"]["old"]
+    results["decode"]["new"] = {**results["decode"]["old"], "sparse_layers": {"8": 98_528.0}}
+    lines = report._accounting_table(results, ["old", "new"])
+    assert "| old | 0.099 MB |" in lines and "| new | 0.099 MB |" in lines  # 14,240 + 84,288
+    assert any("everything the sparse layers read" in line for line in lines)

@@ -68,6 +68,22 @@ def test_summary_bytes_of_a_hand_made_moe_selection():
     )  # k,v · L · H · D · B · slots · 4
     assert summary["distinct_by_layer"] == {"0": 3.5, "1": 4.5}
     assert summary["measured"] == weights + 2 * 64 * 4 + 8 * expert
+    # What the sparse layers read in all: the selected experts and the router, read every step.
+    assert summary["sparse_dense"] == counts["sparse_dense"] * 4 == 2 * 64 * 32 * 4  # 2 routers
+    assert summary["sparse_layers"] == 8 * expert + summary["sparse_dense"]
+
+
+def test_sparse_layer_bytes_of_a_memory_model_count_its_keys_and_projections():
+    """T-umv2 at B = 8 reads about 14 KB of value rows, but its keys, query, pre-value and output
+    projections (21,072 numbers, 84 KB in fp32) are read in full every step: they are part of what
+    its sparse layers read (`sparse_layers`), as the router is for MoE."""
+    config = load_config("configs/eval/t_umv2.yaml").model
+    counts = accounting.parameter_counts(config)
+    assert counts["sparse_dense"] == 21_072
+    row = unit_numbers(config)[1] * 4
+    summary = summarize(config, _records(config, [[200, 245]], tokens=8, batch=8))[8]
+    assert summary["sparse"] == 445 * row
+    assert summary["sparse_layers"] == 445 * row + 21_072 * 4
 
 
 def test_at_batch_one_the_measurement_meets_the_uniform_curve():

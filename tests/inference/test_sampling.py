@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from umv2_jax.inference.sampling import sample, top_k_mask, top_p_mask
+from umv2_jax.inference.sampling import sample, sampling_logits, top_k_mask, top_p_mask
 
 LOGITS = jnp.asarray(
     [
@@ -63,6 +63,37 @@ def test_sampling_draws_only_kept_tokens_with_the_right_frequencies():
     # Temperature 0.5 doubles the logits: e^6 : e^4 → 0.881.
     draws = np.asarray(sample(logits, jax.random.key(0), temperature=0.5, top_k=2))
     assert np.mean(draws == 1) == pytest.approx(np.e**2 / (np.e**2 + 1), abs=0.03)
+
+
+# Probabilities 0.4, 0.3, 0.2, 0.1. Temperature 2 takes their square roots (renormalized):
+# 0.632456, 0.547723, 0.447214, 0.316228 (sum 1.943621) → 0.325406, 0.281807, 0.230094, 0.162700.
+# Top-p 0.65 after the temperature: the mass ranked above the third token is 0.607213 < 0.65, so it
+# stays: {0, 1, 2}, drawn at 0.632456 : 0.547723 : 0.447214 (sum 1.627393) →
+# 0.388631, 0.336564, 0.274805. Top-p before it would keep {0, 1} only (0.4 + 0.3 ≥ 0.65).
+ORDER_LOGITS = jnp.log(jnp.asarray([0.4, 0.3, 0.2, 0.1]))
+AFTER_TEMPERATURE = [0.388631, 0.336564, 0.274805, 0.0]
+# Top-k 2 then top-p 0.5 at temperature 1: top-p sees top-k's renormalized 4/7, 3/7, so the top
+# token alone reaches 0.5: {0}. Top-p first would keep {0, 1} (0.4 < 0.5), and top-k 2 both.
+TOP_K_THEN_TOP_P = [1.0, 0.0, 0.0, 0.0]
+
+
+def test_temperature_comes_before_top_p_and_top_k_before_top_p_exact_probabilities():
+    probabilities = jax.nn.softmax(sampling_logits(ORDER_LOGITS, 2.0, top_p=0.65))
+    np.testing.assert_allclose(probabilities, AFTER_TEMPERATURE, atol=2e-6)
+    probabilities = jax.nn.softmax(sampling_logits(ORDER_LOGITS, 1.0, top_k=2, top_p=0.5))
+    np.testing.assert_allclose(probabilities, TOP_K_THEN_TOP_P, atol=1e-7)
+
+
+def test_sampling_frequencies_follow_the_temperature_then_top_p_order():
+    """20,000 draws, fixed key: each frequency within 0.015 of the exact probability (about 4.5
+    standard deviations, sqrt(p(1-p)/20000) ≤ 0.0035); dropped tokens never drawn."""
+    logits = jnp.broadcast_to(ORDER_LOGITS, (20_000, 4))
+    draws = np.asarray(sample(logits, jax.random.key(0), temperature=2.0, top_p=0.65))
+    frequencies = np.bincount(draws, minlength=4) / draws.size
+    np.testing.assert_allclose(frequencies, AFTER_TEMPERATURE, atol=0.015)
+    assert frequencies[3] == 0
+    draws = np.asarray(sample(logits, jax.random.key(1), temperature=1.0, top_k=2, top_p=0.5))
+    np.testing.assert_array_equal(np.unique(draws), [0])
 
 
 def test_sampling_is_deterministic_per_key():

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
@@ -67,28 +67,53 @@ def _shapes(draw):
     )
 
 
-@settings(max_examples=4, deadline=None, derandomize=True, phases=_NO_SHRINK)
-@given(shape=_shapes(), seed=st.integers(0, 2**16))
-def test_retrieval_kernels_match_xla_and_reference(shape, seed):
+def _shape(n_tokens, rank, key_dim, n_keys, n_cores, rc_topk, topk):
+    return dict(n_tokens=n_tokens, rank=rank, key_dim=key_dim, n_keys=n_keys, n_cores=n_cores,
+                rc_topk=rc_topk, topk=topk)  # fmt: skip
+
+
+def _tied_keys(keys):
+    """Key j + ceil(n/2) an exact copy of key j: planted ties between far-apart ids."""
+    half = -(-keys.shape[0] // 2)
+    return jnp.concatenate([keys[:half], keys[:half]])[: keys.shape[0]]
+
+
+# Explicit cases: the smallest shape; every shape bound at its largest; k = n with m = k² (every key
+# and every cell selected); each with planted ties.
+@settings(max_examples=3, deadline=None, derandomize=True, phases=_NO_SHRINK)
+@given(shape=_shapes(), ties=st.booleans(), seed=st.integers(0, 2**16))
+@example(shape=_shape(1, 1, 4, 1, 1, 1, 1), ties=True, seed=0)
+@example(shape=_shape(40, 3, 48, 80, 3, 20, 40), ties=True, seed=1)
+@example(shape=_shape(7, 2, 8, 6, 2, 6, 36), ties=True, seed=2)
+def test_retrieval_kernels_match_xla_and_reference(shape, ties, seed):
     rng = np.random.default_rng(seed)
     k, m = shape["rc_topk"], shape["topk"]
     args = _retrieval_inputs(
         rng, shape["n_tokens"], shape["rank"], shape["key_dim"], shape["n_keys"], shape["n_cores"]
     )
+    if ties:
+        args = (*args[:2], _tied_keys(args[2]), _tied_keys(args[3]), *args[4:])
     indices, scores = retrieval_kernels(*args, rc_topk=k, topk=m, interpret=True)
     for oracle in (_retrieval_topk_xla, retrieval_topk_reference):
         want_indices, want_scores = oracle(*args, rc_topk=k, topk=m)
         np.testing.assert_array_equal(indices, want_indices)
-        np.testing.assert_allclose(scores, want_scores, rtol=RTOL, atol=ATOL * 10)
+        # Absolute error relative to the largest score: cores summed in another order cancel
+        # differently (at the largest shape, 1e-4 on a -0.3 score beside scores of 225).
+        scale = max(10.0, float(np.abs(np.asarray(want_scores)).max()))
+        np.testing.assert_allclose(scores, want_scores, rtol=RTOL, atol=ATOL * scale)
 
 
-@settings(max_examples=3, deadline=None, derandomize=True, phases=_NO_SHRINK)
+# Explicit cases (k = min(n, 1 + seed % 16), m = 1 + seed % k²): one token, n = k = 2, m = k² = 4;
+# the largest shape with k = m = 16.
+@settings(max_examples=2, deadline=None, derandomize=True, phases=_NO_SHRINK)
 @given(
     n_tokens=st.integers(1, 33),
     n_keys=st.integers(2, 70),
     key_dim=st.sampled_from([8, 48]),
     seed=st.integers(0, 2**16),
 )
+@example(n_tokens=1, n_keys=2, key_dim=8, seed=3)
+@example(n_tokens=33, n_keys=70, key_dim=48, seed=15 + 16 * 256)
 def test_product_key_kernels_match_xla_and_reference(n_tokens, n_keys, key_dim, seed):
     rng = np.random.default_rng(seed)
     k = min(n_keys, 1 + seed % 16)

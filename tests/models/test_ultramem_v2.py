@@ -264,16 +264,18 @@ def reference_forward(p, x, selection, memory: MemoryConfig, keys_per_side, bala
 # (per_rank_query, key_expand, heads, pre_value_dim, extra memory fields, num_layers, block)
 CASES = {
     "rank_queries-E1-H1-pre": (True, 1, 1, 4, {}, 2, 0),
+    # The release-compatible layer with key_expand 2 needs a square window (SPEC §9.7): ring:4.
     "shared_query-E2-H2-pre-ring-losses": (
         False,
         2,
         2,
         4,
-        {"value_share": "ring:2", "tucker_penalty": 0.3, "tucker_tau": 0.05, "key_balance": 0.5},
-        2,
+        {"value_share": "ring:4", "tucker_penalty": 0.3, "tucker_tau": 0.05, "key_balance": 0.5},
+        4,
         1,
     ),
-    "rank_queries-E2-H2-no_pre": (True, 2, 2, 0, {}, 2, 1),
+    # Per-rank queries keep this project's split by g·n² rows at a non-square window (ring:2).
+    "rank_queries-E2-H2-no_pre": (True, 2, 2, 0, {"value_share": "ring:2"}, 2, 1),
     "shared_query-E1-H1-pre-gelu": (False, 1, 1, 4, {"pre_score_act": "gelu"}, 2, 1),
     # The other two sharing topologies, at windows that slide back inside the network (SPEC §3):
     # noring:3 at memory layer 2 of 4 reads tables [1, 2, 3] (ring would wrap to [2, 3, 0]);
@@ -577,6 +579,12 @@ def test_transformer_holds_the_tables_once_and_every_block_its_layer():
         ({"pre_score_act": "relu"}, 4, "pre_score_act"),
         ({"key_expand": 0}, 4, "key_expand"),
         ({"n_keys": 30000, "key_expand": 2}, 4, "does not fit int32"),
+        (
+            {"key_expand": 2, "value_share": "ring:2", "per_rank_query": False},
+            4,
+            r"config 'model.memory.key_expand': key_expand 2 with value_share ring:2 and "
+            r"per_rank_query false: .*SPEC §9.7.*use key_expand 1, a square window",
+        ),
         ({"n_keys": 8000}, 40, "int32"),
         ({"heads": 0}, 4, "heads"),
         ({"init": "xavier"}, 4, "init"),
@@ -594,3 +602,35 @@ def test_invalid_memory_configs_fail_with_a_config_error(fields, num_layers, mes
             sparse="ultramem_v2",
             memory=MemoryConfig(**base),
         ).validate()
+
+
+def _release_rows(virtual, n_keys, g):
+    """The authors' release: virtual groups of n_eff² rows, n_eff = floor(sqrt(g)·n) (SPEC §9.7)."""
+    split = math.floor(math.sqrt(g) * n_keys + 1e-9) ** 2
+    return virtual % split, virtual // split
+
+
+def test_release_compatible_key_expand_accepts_only_windows_where_the_release_split_agrees():
+    """per_rank_query false with key_expand 2: the configurations accepted map every virtual slot to
+    the release's row and group (computed from its formula); the issue's case (16 keys, 2 layers,
+    ring:2), where 1,452 of 1,936 rows and 168 groups differ, is refused at validation."""
+    n_keys, expand = 16, 2
+    for g, accepted in [(1, True), (2, False), (3, False), (4, True)]:
+        share = "none" if g == 1 else f"ring:{g}"
+        n_eff = math.floor(math.sqrt(g) * n_keys + 1e-9)
+        virtual = np.arange((expand * n_eff) ** 2, dtype=np.int32)
+        _, ours, group = map(
+            np.asarray, map_virtual_rows(jnp.asarray(virtual), n_keys**2, range(g))
+        )
+        release, release_group = _release_rows(virtual, n_keys, g)
+        agree = np.array_equal(ours, release) and np.array_equal(group, release_group)
+        assert agree == accepted, g
+        if g == 2:
+            assert (ours != release).sum() == 1452 and (group != release_group).sum() == 168
+        fields = dict(n_keys=n_keys, key_expand=expand, value_share=share, per_rank_query=False)
+        if accepted:
+            model_config(max(g, 2), **fields)
+        else:
+            with pytest.raises(ConfigError, match="SPEC §9.7"):
+                model_config(max(g, 3), **fields)
+        model_config(max(g, 2), **{**fields, "per_rank_query": True})  # our split: accepted

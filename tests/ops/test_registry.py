@@ -203,3 +203,68 @@ def test_renamed_moe_implementations_name_the_new_value(old, new):
     assert str(error.value) == (
         f"config 'model.moe.implementation': '{old}' was renamed; use '{new}'"
     )
+
+
+def test_explicit_pallas_declined_on_one_platform_only_fails_there_only(toy):
+    """The TPU kernel declines odd lengths, the GPU one does not: "pallas" lowers for CUDA, runs in
+    the CPU interpreter, and fails only when lowered for TPU, with one line naming the shape."""
+    tpu_kernel, _ = toy  # declines odd lengths
+
+    def gpu_kernel(x, *, interpret=False):
+        del interpret
+        return _fake_kernel(x)
+
+    registry.register_implementation(TOY, "pallas", gpu_kernel, platforms=("cuda", "rocm"))
+    registry.register_implementation(TOY, "pallas", tpu_kernel, platforms=("tpu",))
+    pallas = lambda x: registry.call(TOY, x, implementation="pallas")
+    odd = jnp.linspace(0.0, 1.0, 5)
+    assert "cosine" in _lowered(pallas, "cuda", odd)
+    np.testing.assert_allclose(jax.jit(pallas)(odd), jnp.cos(odd), rtol=1e-6)  # CPU interpreter
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(pallas(x)))(odd), jnp.tanh(odd))
+    assert jax.vmap(pallas)(jnp.ones((2, 5))).shape == (2, 5)
+    with pytest.raises(NotImplementedError) as error:
+        _lowered(pallas, "tpu", odd)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "toy_op: every implementation declined the arguments float32[5]: pallas (odd lengths) "
+        "(lowering for tpu)"
+    )
+    # The even length takes the TPU kernel; lowering for several platforms at once needs them all.
+    assert "cosine" in _lowered(pallas, "tpu", jnp.ones(6))
+    with pytest.raises(NotImplementedError, match="lowering for tpu"):
+        jax.jit(pallas).trace(odd).lower(lowering_platforms=("cuda", "tpu"))
+
+
+def test_explicit_pallas_value_bag_with_bf16_odd_rows_runs_where_a_kernel_serves_them():
+    """bf16 tables with an odd row count: the GPU kernel serves them, the TPU kernel declines."""
+    from umv2_jax.ops.value_bag import value_bag as value_bag_fn
+
+    rng = np.random.default_rng(0)
+    values = jnp.asarray(rng.normal(size=(7, 8)), jnp.bfloat16)
+    rows = jnp.asarray(rng.integers(0, 7, size=(4, 2)), jnp.int32)
+    scores = jnp.asarray(rng.normal(size=(4, 2, 1)), jnp.float32)
+    pallas = lambda v, s: value_bag_fn(v, None, rows, s, None, implementation="pallas")
+    text = _lowered(pallas, "cuda", values, scores)
+    assert "value_bag" in text  # the Triton kernel's custom call
+    out = jax.jit(pallas)(values, scores)  # the GPU kernel in the CPU interpreter
+    want = value_bag_fn(values, None, rows, scores, None, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=1e-2)
+    with pytest.raises(NotImplementedError, match=r"bfloat16\[7,8\].*odd number of rows"):
+        _lowered(pallas, "tpu", values, scores)
+
+
+def test_interpret_falls_through_to_the_next_kernel_when_one_declines(toy):
+    tpu_kernel, calls = toy  # declines odd lengths
+
+    def gpu_kernel(x, *, interpret=False):
+        calls.append(("gpu", interpret))
+        return _fake_kernel(x) + 1.0
+
+    registry.register_implementation(TOY, "pallas", gpu_kernel, platforms=("cuda",))
+    registry.register_implementation(TOY, "pallas", tpu_kernel, platforms=("tpu",))
+    x = jnp.linspace(0.0, 1.0, 5)
+    out = registry.call(TOY, x, implementation="pallas", interpret=True)
+    np.testing.assert_allclose(out, jnp.cos(x) + 1.0, rtol=1e-6)
+    assert calls == [True, ("gpu", True)]  # the TPU kernel declined, then the GPU one ran
+    assert registry.resolve(TOY, "pallas", interpret=True)["cpu"] == ("pallas",)

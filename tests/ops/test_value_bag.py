@@ -339,3 +339,83 @@ def test_checked_mode_reports_the_first_out_of_range_id_and_its_position():
         f"value_bag: row id {values.shape[0]} at token 2, slot 1 is outside the table of "
         f"{values.shape[0]} rows"
     )
+
+
+def _kernel_module(name):
+    import importlib
+
+    return importlib.import_module(f"pallas_kernels.value_bag.{name}")
+
+
+# Each implementation on its own: xla, and each Pallas kernel in the interpreter (called directly,
+# since `implementation="pallas", interpret=True` picks one of them only).
+OUT_OF_RANGE_IMPLEMENTATIONS = {
+    "xla": lambda *a, **o: value_bag(*a, implementation="xla", return_pre_scores=True, **o),
+    "gpu": lambda *a, **o: _kernel_module("gpu").value_bag_gpu(
+        *a, interpret=True, table_reduction="auto", **o
+    ),
+    "tpu": lambda *a, **o: _kernel_module("tpu").value_bag_tpu(
+        *a, interpret=True, table_reduction="auto", **o
+    ),
+}
+
+
+@pytest.mark.parametrize("with_pre", [True, False], ids=["pre", "no_pre"])
+@pytest.mark.parametrize("name", OUT_OF_RANGE_IMPLEMENTATIONS)
+def test_out_of_range_ids_read_nan_and_drop_their_table_gradient_in_every_implementation(
+    name, with_pre
+):
+    """Ids -3, -1 (not wrapped NumPy-style to rows N-3, N-1), N and N+3 on a 6-row table: their
+    tokens' outputs are NaN (and their slots' pre-scores), every other token is exact, and the table
+    gradients equal those of the same inputs with the bad slots' scores zeroed (rows moved to 0):
+    finite, with nothing sent to row N-3 or N-1."""
+    fn = OUT_OF_RANGE_IMPLEMENTATIONS[name]
+    n_rows, tokens, slots = 6, 9, 3
+    rng = np.random.default_rng(21)
+    values = jnp.asarray(rng.normal(size=(n_rows, VALUE_DIM)), jnp.float32)
+    pre_values = jnp.asarray(rng.normal(size=(n_rows, PRE_DIM)), jnp.float32) if with_pre else None
+    x_p = jnp.asarray(rng.normal(size=(tokens, PRE_DIM)), jnp.float32) if with_pre else None
+    rows = jnp.asarray(rng.integers(0, n_rows, size=(tokens, slots)), jnp.int32)
+    core_scores = jnp.asarray(rng.normal(size=(tokens, slots, N_CORES)), jnp.float32)
+    bad_slots = [(1, 0, -3), (4, 2, n_rows), (6, 1, -1), (8, 0, n_rows + 3)]
+    bad = rows
+    bad_mask = np.zeros((tokens, slots), bool)
+    for t, slot, row in bad_slots:
+        bad = bad.at[t, slot].set(row)
+        bad_mask[t, slot] = True
+    bad_tokens = bad_mask.any(axis=1)
+    # The reference: bad slots moved to row 0 with zero scores (they add nothing anywhere).
+    clean = jnp.where(bad_mask, 0, bad)
+    clean_scores = jnp.where(bad_mask[..., None], 0.0, core_scores)
+    options = dict(pre_score_act="identity", token_chunk=4)
+
+    def run(fn, rows, scores, tables):
+        return fn(tables[0], tables[1], rows, scores, x_p, **options)
+
+    (out, p), pullback = jax.vjp(lambda *t: run(fn, bad, core_scores, t), values, pre_values)
+    reference = lambda *a, **o: value_bag_reference(
+        *a, return_pre_scores=True, pre_score_act="identity"
+    )
+    (want, want_p), want_pullback = jax.vjp(
+        lambda *t: run(reference, clean, clean_scores, t), values, pre_values
+    )
+    out, p = np.asarray(out), np.asarray(p)
+    assert np.isnan(out[bad_tokens]).all(), "a bad id's token must read NaN"
+    np.testing.assert_allclose(
+        out[~bad_tokens], np.asarray(want)[~bad_tokens], rtol=1e-5, atol=1e-5
+    )
+    if with_pre:
+        np.testing.assert_array_equal(np.isnan(p), bad_mask)
+        np.testing.assert_allclose(
+            p[~bad_mask], np.asarray(want_p)[~bad_mask], rtol=1e-5, atol=1e-5
+        )
+    # A cotangent on every token, bad ones included: a wrapped id would send its slot's share to a row.
+    d_out = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+    d_p = jnp.asarray(np.where(bad_mask, 0.0, rng.normal(size=bad_mask.shape)), jnp.float32)
+    got = pullback((d_out, d_p))
+    expected = want_pullback((d_out, d_p))
+    for table, g, w in zip(("values", "pre_values"), got, expected):
+        if w is None:
+            continue
+        assert np.isfinite(np.asarray(g)).all(), table
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=table)

@@ -192,7 +192,7 @@ def _accounting_table(results, models) -> list[str]:
         "the uniform-routing expectation.",
     ]
     sparse_rows = [
-        (name, results["decode"][name]["sparse"])
+        (name, _sparse_layer_bytes(results, name))
         for name in models
         if results["decode"].get(name, {}).get("sparse")
     ]
@@ -200,8 +200,10 @@ def _accounting_table(results, models) -> list[str]:
         batches = sorted({b for _, s in sparse_rows for b in s}, key=int)
         lines += [
             "",
-            "Sparse-layer bytes per decode step alone (the expert or value rows actually selected, "
-            "measured as above):",
+            "Sparse-layer bytes per decode step: everything the sparse layers read, i.e. the "
+            "expert or value rows actually selected (measured as above) plus the layers' dense "
+            "parts read in full every step (the MoE router; the memory layer's keys, projections "
+            "and cores):",
             "",
             "| model | " + " | ".join(f"B={b}" for b in batches) + " |",
             "|---|" + "---:|" * len(batches),
@@ -210,6 +212,18 @@ def _accounting_table(results, models) -> list[str]:
             cells = [f"{sparse[b] / 1e6:.3f} MB" if b in sparse else "–" for b in batches]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _sparse_layer_bytes(results: dict[str, Any], name: str) -> dict[str, float]:
+    """{batch: bytes the sparse layers read per decode step}: the decode record's `sparse_layers`,
+    or, for records measured before it existed, its selected units (`sparse`) plus the sparse-dense
+    parameters from the model's accounting."""
+    decode = results["decode"][name]
+    if "sparse_layers" in decode:
+        return decode["sparse_layers"]
+    counts = next(iter(results["models"][name]["accounting"].values()))
+    dense = counts["sparse_dense_params"] * counts["bytes_per_number"]
+    return {batch: value + dense for batch, value in decode["sparse"].items()}
 
 
 def _slice_order(name: str):

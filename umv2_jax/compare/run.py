@@ -372,6 +372,7 @@ def _decode_bytes(
         "model": model.name,
         "measured": {str(b): v["measured"] for b, v in summary.items()},
         "sparse": {str(b): v["sparse"] for b, v in summary.items()},
+        "sparse_layers": {str(b): v["sparse_layers"] for b, v in summary.items()},
         "uniform": {str(b): v for b, v in uniform.items()},
         "task": spec.name,
         "seed": 0,

@@ -28,6 +28,13 @@ Bytes per step (`summarize`), with N bytes per number (2 for bf16 compute, 4 for
     sparse    = Σ_layers distinct · unit width · N   (MoE expert: 3·h·d_e; memory row: D_v + D_p, …)
     kv_cache  = B · filled slots · 2 · L · heads · head_dim · N           (same for every family)
 
+`sparse` is the selected units only. What the sparse layers read in all, `sparse_layers`, adds their
+dense parts, read in full every step (`sparse_dense`: the MoE router; the memory layer's keys, query,
+pre-value and output projections, cores and gains), which `weights` already counts:
+
+    sparse_dense  = sparse-dense parameters · N
+    sparse_layers = sparse + sparse_dense
+
 `weights + embedding + sparse` is what the accounting module's uniform-routing curve models (it leaves
 the KV cache out, and counts min(B, V) embedding rows); `total` adds the KV cache. The parameter
 counts and unit widths come from `umv2_jax.eval.accounting`, so the two curves differ only in the
@@ -145,15 +152,17 @@ def measure_decode_access(
 
 
 def summarize(config: ModelConfig, records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """{batch: mean bytes per decode step over the measured steps}: weights, embedding, sparse,
-    kv_cache, measured (= weights + embedding + sparse, comparable to the uniform curve), total, and
-    per-layer mean distinct units ("distinct_by_layer")."""
+    """{batch: mean bytes per decode step over the measured steps}: weights, embedding, sparse (the
+    selected units), sparse_dense and sparse_layers (everything the sparse layers read: sparse +
+    sparse_dense), kv_cache, measured (= weights + embedding + sparse, comparable to the uniform
+    curve), total, and per-layer mean distinct units ("distinct_by_layer")."""
     from umv2_jax.inference.cache import cache_bytes
 
     counts = accounting.parameter_counts(config)
     size = bytes_per_number(config)
     head = config.padded_vocab_size * config.d_model
     weights = float((counts["dense"] + counts["sparse_dense"] + head) * size)
+    sparse_dense = float(counts["sparse_dense"] * size)  # part of `weights`
     summary: dict[int, dict[str, Any]] = {}
     for batch in sorted({r["batch"] for r in records}):
         mine = [r for r in records if r["batch"] == batch]
@@ -174,6 +183,8 @@ def summarize(config: ModelConfig, records: list[dict[str, Any]]) -> dict[int, d
             "weights": weights,
             "embedding": float(np.mean(embedding)),
             "sparse": float(np.mean(sparse)),
+            "sparse_dense": sparse_dense,
+            "sparse_layers": float(np.mean(sparse)) + sparse_dense,
             "kv_cache": float(np.mean(kv)),
             "measured": measured,
             "total": measured + float(np.mean(kv)),

@@ -8,7 +8,7 @@ filters return logits with the dropped entries set to -inf, so they compose. Equ
     top_k:  cutoff = lax.top_k(logits, k)[0][..., -1:];  where(logits < cutoff, -inf, logits)
     top_p:  keep the most likely tokens while the mass ranked above each is < p (the top one always)
     sample: argmax(logits) if temperature == 0 else
-            random.categorical(key, top_p(top_k(logits / temperature)))
+            random.categorical(key, top_p(top_k(logits / temperature)))   (`sampling_logits`)
 
 Sampling is deterministic for a given key; every row draws independently.
 """
@@ -67,5 +67,13 @@ def sample(
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if key is None:
         raise ValueError("sampling with temperature > 0 needs a PRNG key")
-    filtered = top_p_mask(top_k_mask(logits / temperature, top_k), top_p)
+    filtered = sampling_logits(logits, temperature, top_k, top_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def sampling_logits(
+    logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
+    """The logits `sample` draws from (temperature > 0): the temperature first, then top-k, then
+    top-p on the distribution top-k left, so top-p's set depends on the temperature."""
+    return top_p_mask(top_k_mask(logits / temperature, top_k), top_p)

@@ -11,7 +11,10 @@ One head, two cores, in the SPEC's notation:
 Selection (`TuckerRetrieval` → `umv2_jax.ops.retrieval_topk`) gives grid cells I_row·N + I_col of a
 virtual N × N grid (N = key_expand·n_eff). A fixed random permutation π of the grid decorrelates grid
 position from value row: v = π(cell); the virtual group is v div R and the row inside the layer's window
-of tables is v mod R, with R = g·n² the window's rows (R = n² without sharing, as in SPEC step 6). The
+of tables is v mod R, with R = g·n² the window's rows (R = n² without sharing, as in SPEC step 6).
+The authors' release splits by n_eff² instead (SPEC §9.7): the two agree unless key_expand > 1 and
+g·n² is not a square, a combination the release-compatible config (`per_rank_query: false`) refuses
+at validation; with per-rank queries this project's split by g·n² is used. The
 weighted gather-sum over V and P is `umv2_jax.ops.value_bag`. Heads add their contributions: their
 selections are concatenated along the slot axis and read by one value_bag call.
 

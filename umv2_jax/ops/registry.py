@@ -24,15 +24,20 @@ Resolution happens per lowering platform, not from the host's `jax.default_backe
 choice differs between platforms the op is traced once per distinct choice under
 `jax.lax.platform_dependent`, and lowering keeps only the branch of the platform lowered for, so
 `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a CPU machine reaches the GPU kernel.
-When every platform resolves to the same implementation (today: no kernel exists) the op is called
-directly, with no conditional in the program.
+When every platform resolves to the same implementation (e.g. "xla", or an op without kernels
+under "auto") the op is called directly, with no conditional in the program.
 
 Within a preference list, an implementation that raises `NotImplementedError` while being traced
 (a kernel declining a shape or dtype, before it builds any custom_vjp) falls through to the next
-name. Names not available on a platform are skipped there, so a missing kernel is never an error
-under "auto" or a list ending in "xla". An explicit choice with nothing registered anywhere is a
-one-line ValueError naming the op and its choices; one registered for some platforms only fails
-when lowered for another.
+name, on the platform whose kernel declined only (every platform's branch is traced, but a decline
+on one does not touch the others). Names not available on a platform are skipped there, so a
+missing kernel is never an error under "auto" or a list ending in "xla". An explicit choice with
+nothing registered anywhere is a one-line ValueError naming the op and its choices; one that no
+implementation of a lowering platform serves (none registered there, or all declined: e.g.
+"pallas" with bf16 tables of an odd row count, which the TPU value_bag kernel declines and the GPU
+one serves) fails only when lowered for that platform, a decline with a one-line
+NotImplementedError naming the arguments' shapes and the platform. Under `interpret`, every
+registered kernel is tried in the interpreter in turn.
 
 Implementations are called as `fn(*args, interpret=interpret, **options)` and must all return the
 same shapes and dtypes; `interpret` is for the Pallas ones (XLA paths ignore it).
@@ -46,6 +51,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.extend
+from jax.interpreters import mlir
 
 # The vocabulary shared by every op and every config `implementation` field.
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "ragged_dot")
@@ -158,9 +165,28 @@ def call(
     distinct = set(chains.values())
     if len(distinct) == 1 and len(chains) == len(PLATFORMS):
         return branch(distinct.pop())(*args)
+
     # One branch per platform (identical chains trace once each: platform_dependent groups equal
-    # callables); platforms without a chain cannot lower this call.
-    by_chain = {chain: branch(chain) for chain in distinct}
+    # callables); platforms without a chain cannot lower this call. Every branch is traced, so a
+    # chain whose every implementation declines must not fail the others: it becomes a branch that
+    # fails when (and only when) the call is lowered for its platforms.
+    def deferred(chain):
+        platforms = tuple(p for p, c in chains.items() if c == chain)
+
+        def run(*arrays):
+            try:
+                return _first_that_traces(op.name, chain, arrays, interpret, options)
+            except NotImplementedError as error:
+                xla = op.implementations["xla"]["cpu"]
+                shapes = jax.eval_shape(lambda *a: xla(*a, interpret=interpret, **options), *arrays)
+                message = f"{error} (lowering for {', '.join(platforms)})"
+                flat, tree = jax.tree.flatten(shapes)
+                avals = tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in flat)
+                return jax.tree.unflatten(tree, _declined_p.bind(avals=avals, message=message))
+
+        return run
+
+    by_chain = {chain: deferred(chain) for chain in distinct}
     return jax.lax.platform_dependent(
         *args, **{platform: by_chain[chain] for platform, chain in chains.items()}
     )
@@ -175,7 +201,10 @@ def resolve(
     op's choices, and for an explicit choice registered on no platform.
     """
     plan = _plan(_op(op_name), implementation, interpret)
-    return {platform: tuple(name for name, _ in chain) for platform, chain in plan.items()}
+    return {
+        platform: tuple(dict.fromkeys(name for name, _ in chain))
+        for platform, chain in plan.items()
+    }
 
 
 def registered(op_name: str) -> dict[str, tuple[str, ...]]:
@@ -221,8 +250,7 @@ def _plan(op: Op, implementation: Implementation, interpret: bool):
                 wanted.append(name)
         chain = []
         for name in dict.fromkeys(wanted):
-            fn = _lookup(op, name, platform, interpret, sole=names == ("pallas",))
-            if fn is not None:
+            for fn in _lookup(op, name, platform, interpret, sole=names == ("pallas",)):
                 chain.append((name, fn))
         plan[platform] = tuple(chain)
     if "auto" not in names and not any(plan.values()):
@@ -236,11 +264,13 @@ def _plan(op: Op, implementation: Implementation, interpret: bool):
 
 def _lookup(
     op: Op, name: str, platform: str, interpret: bool, *, sole: bool = False
-) -> Callable[..., Any] | None:
-    """The function of implementation `name` on `platform`; under `interpret` a Pallas kernel
-    registered for any platform runs in the interpreter (the TPU one first: it interprets best).
-    `implementation="pallas"` alone (`sole`) lowered for CPU, where no kernel compiles, runs in the
-    interpreter too (the GPU kernel first); in a preference list CPU skips it."""
+) -> list[Callable[..., Any]]:
+    """The functions of implementation `name` on `platform` (none, or one, except below).
+
+    Under `interpret` the Pallas kernels registered for any platform run in the interpreter (the
+    TPU one first: it interprets best), each falling through to the next when it declines.
+    `implementation="pallas"` alone (`sole`) lowered for CPU, where no kernel compiles, runs them in
+    the interpreter too (the GPU kernel first); in a preference list CPU skips them."""
     per_platform = op.implementations.get(name, {})
     cpu_interpreted = sole and platform == "cpu" and platform not in per_platform
     if name == "pallas" and (interpret or cpu_interpreted):
@@ -248,15 +278,9 @@ def _lookup(
         # discharge interpreter, plain XLA ops), where the TPU interpreter's callbacks carry IO
         # effects that `vmap` of the per-platform conditional cannot batch.
         order = ("tpu", "cuda", "rocm") if interpret else ("cuda", "rocm", "tpu")
-        for candidate in order:
-            if candidate in per_platform:
-                return (
-                    _interpreted(per_platform[candidate])
-                    if not interpret
-                    else per_platform[candidate]
-                )
-        return None
-    return per_platform.get(platform)
+        kernels = dict.fromkeys(per_platform[p] for p in order if p in per_platform)
+        return [fn if interpret else _interpreted(fn) for fn in kernels]
+    return [per_platform[platform]] if platform in per_platform else []
 
 
 def _interpreted(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -277,7 +301,33 @@ def _first_that_traces(op_name: str, chain, arrays, interpret: bool, options) ->
             return fn(*arrays, interpret=interpret, **options)
         except NotImplementedError as error:
             declined.append(f"{name} ({error})")
-    raise NotImplementedError(f"{op_name}: every implementation declined: {'; '.join(declined)}")
+    raise NotImplementedError(
+        f"{op_name}: every implementation declined the arguments {_describe(arrays)}: "
+        f"{'; '.join(declined)}"
+    )
+
+
+def _describe(arrays) -> str:
+    """The arguments' shapes and dtypes, e.g. `bfloat16[7,8], None, int32[4,2]`."""
+    return ", ".join(
+        "None" if x is None else f"{jax.numpy.dtype(x.dtype).name}{list(x.shape)}".replace(" ", "")
+        for x in arrays
+    )
+
+
+# The branch of a platform whose every implementation declined the arguments (see `call`): it has
+# the op's output shapes, so the other platforms' branches trace, and lowering it raises the decline.
+_declined_p = jax.extend.core.Primitive("registry_declined")
+_declined_p.multiple_results = True
+_declined_p.def_abstract_eval(lambda *, avals, message: avals)
+
+
+def _declined_lowering(ctx, *, avals, message):
+    del ctx, avals
+    raise NotImplementedError(message)
+
+
+mlir.register_lowering(_declined_p, _declined_lowering)
 
 
 def _import_kernels(op: Op) -> None:

@@ -75,8 +75,9 @@ def value_bag(
     table_reduction: see TABLE_REDUCTIONS.
     check_rows: add a `checkify.check` that every row id is in [0, N_rows); run the caller under
         `jax.experimental.checkify.checkify` to get the first bad id with its token and slot.
-        Unchecked, out-of-range ids never read or write outside the tables (every implementation):
-        their slots give NaN outputs and their table gradients are dropped.
+        Unchecked, an id outside [0, N_rows), negative or not, never reads or writes the tables
+        (every implementation: xla and the GPU and TPU kernels): its slot gives NaN outputs and its
+        table gradients are dropped (negative ids are not wrapped NumPy-style).
     implementation / interpret: see `umv2_jax.ops.registry` (the plain-JAX path is "xla").
 
     Returns o [T, D_v] in values.dtype (accumulated in float32), and p when asked.
@@ -125,11 +126,11 @@ def value_bag_reference(
         pre_scores = jnp.ones((n_tokens, n_slots), f32)
     else:
         raw = jnp.einsum(
-            "tmd,td->tm", pre_values[rows].astype(f32), x_p.astype(f32), precision=_PRECISION
+            "tmd,td->tm", _gather(pre_values, rows), x_p.astype(f32), precision=_PRECISION
         )
         pre_scores = _activation(pre_score_act)(raw)
     weights = pre_scores[..., None] * core_scores.astype(f32)
-    gathered = values[rows].astype(f32).reshape(n_tokens, n_slots, n_cores, -1)
+    gathered = _gather(values, rows).reshape(n_tokens, n_slots, n_cores, -1)
     out = jnp.einsum("tmc,tmcd->tcd", weights, gathered, precision=_PRECISION)
     out = out.reshape(n_tokens, values.shape[1]).astype(values.dtype)
     return (out, pre_scores) if return_pre_scores else out
@@ -213,7 +214,8 @@ def _value_bag_bwd(kernels, options, residuals, cotangents):
     slot_weights = slot_weights * _pre_scores(raw, pre_values, options["pre_score_act"]).reshape(
         -1, 1
     )
-    flat_rows = rows.reshape(-1)
+    # Ids outside [0, N) sort last as N, which every implementation's table pass drops.
+    flat_rows = _past_table(rows.reshape(-1), values.shape[0])
     order = jnp.argsort(flat_rows, stable=True).astype(jnp.int32)
     d_values, d_pre_values = kernels.backward_tables(
         order,
@@ -494,8 +496,20 @@ def _check_row_ids(rows: jax.Array, n_rows: int) -> None:
     )
 
 
+def _past_table(rows: jax.Array, n_rows: int) -> jax.Array:
+    """rows with every id outside [0, n_rows) (negative ones included) replaced by n_rows.
+
+    jnp indexing follows NumPy and wraps negative ids (-3 would read and write row n_rows - 3), so
+    bad ids are sent past the end of the table, where gathers fill NaN and scatters drop, the same
+    as the Pallas kernels, which never dereference an id outside [0, n_rows).
+    """
+    return jnp.where((rows >= 0) & (rows < n_rows), rows, n_rows)
+
+
 def _gather(table: jax.Array, rows: jax.Array) -> jax.Array:
-    """table[rows] in float32. Out-of-range rows read NaN, so an indexing bug cannot pass silently."""
+    """table[rows] in float32. Rows outside [0, N) (negative too) read NaN, so an indexing bug
+    cannot pass silently."""
+    rows = _past_table(rows, table.shape[0])
     return jnp.take(table, rows, axis=0, mode="fill", fill_value=jnp.nan).astype(jnp.float32)
 
 
