@@ -65,6 +65,13 @@ def pretokenize(
         )
     if shard_documents < 1:
         raise ConfigError(f"--shard-documents {shard_documents} must be >= 1")
+    from umv2_jax import paths
+
+    if paths.scheme(out) is not None:  # abspath would make a local folder named "gs:"
+        raise ConfigError(
+            f"--out {out}: pretokenize writes a local folder; pass a local path and copy the "
+            "folder to the bucket afterwards (training reads arrayrecord: shards from a local path)"
+        )
     out = os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ConfigError(
