@@ -233,6 +233,17 @@ def test_an_existing_output_folder_is_kept_unless_overwrite(jsonl_corpus, tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial folder left
 
 
+@pytest.mark.parametrize("out", ["gs://bucket/tok", "foo://x/tok"])
+def test_a_cloud_output_is_refused_without_a_local_folder_named_after_it(
+    jsonl_corpus, tmp_path, monkeypatch, out
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        pretokenize(jsonl_corpus[0], "bytes", out, **QUIET)
+    assert "--out" in str(caught.value) and "\n" not in str(caught.value)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_failed_pretokenize_leaves_no_output(tmp_path):
     write_jsonl(tmp_path / "src" / "a.jsonl", [{"text": "fine"}, "{not json", {"text": "x"}])
     with pytest.raises(DataError, match=r"a.jsonl, line 2"):
