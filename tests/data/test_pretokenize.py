@@ -65,16 +65,19 @@ def bytes_shards(jsonl_corpus, tmp_path_factory):
     return out, manifest
 
 
+@pytest.fixture(scope="module")
+def spm_shards(jsonl_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("spm") / "tok"
+    manifest = pretokenize(jsonl_corpus[0], SPM, str(out), shard_documents=15, **QUIET)
+    return out, manifest
+
+
 @pytest.mark.parametrize("tokenizer", ["bytes", SPM])
 def test_pretokenized_files_give_the_same_batches_as_on_the_fly(
-    jsonl_corpus, bytes_shards, tmp_path, tokenizer
+    jsonl_corpus, bytes_shards, spm_shards, tokenizer
 ):
     source, texts = jsonl_corpus
-    if tokenizer == "bytes":
-        out, manifest = bytes_shards
-    else:
-        out = tmp_path / "tok"
-        manifest = pretokenize(source, tokenizer, str(out), shard_documents=15, **QUIET)
+    out, manifest = bytes_shards if tokenizer == "bytes" else spm_shards
     # Manifest counts, counted here another way.
     info = manifest["splits"]["all"]
     assert list(manifest["splits"]) == ["all"]
@@ -213,6 +216,16 @@ def test_shards_from_another_tokenizer_are_refused(bytes_shards, tmp_path):
     assert_one_line_error(
         DataError, shard_config(folder, tokenizer=SPM), "bytes", "data.tokenizer", "pretokenize"
     )
+
+
+def test_shards_rewritten_in_the_same_process_are_read_anew(bytes_shards, spm_shards, tmp_path):
+    folder = copy_of(bytes_shards, tmp_path)
+    next(pipeline.make_train_iterator(shard_config(folder)))
+    shutil.rmtree(folder)
+    shutil.copytree(spm_shards[0], folder, copy_function=shutil.copy)  # as pretokenize --overwrite
+    batch = next(pipeline.make_train_iterator(shard_config(folder, tokenizer=SPM)))
+    assert batch["inputs"].max() >= 259  # subword ids, not bytes
+    assert_one_line_error(DataError, shard_config(folder), "data.tokenizer")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -244,3 +244,28 @@ def test_training_never_reads_a_held_out_document(tmp_path, read_log):
     for index in held_out(10, 0.3):
         assert f"doc {index}" not in joined
     assert {role for _, role, _ in read_log} == {"train"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Files that change between two runs in one process (a notebook)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.txt"])
+def test_a_file_rewritten_between_two_opens_is_read_anew(tmp_path, name):
+    folder = tmp_path / "n"
+    gz = name.endswith(".gz")
+
+    def write(texts):
+        if name.endswith(".txt"):
+            folder.mkdir(exist_ok=True)
+            (folder / name).write_text(texts[0])
+            (folder / "b.txt").write_text(texts[1])
+        else:
+            write_jsonl(folder / name, [{"text": t} for t in texts], gz=gz)
+
+    pattern = f"files:{folder}/*"
+    write(["first version, long enough", "second document"])
+    assert all_documents(pattern) == ["first version, long enough", "second document"]
+    write(["v2", "now the second document is longer"])
+    assert all_documents(pattern) == ["v2", "now the second document is longer"]

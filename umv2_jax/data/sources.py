@@ -263,15 +263,42 @@ class _Documents:
 
 
 def _files_documents(data: DataConfig, source: str) -> _Documents:
+    pattern = source.removeprefix("files:")
+    files = paths.glob(pattern, "data.source")
     return _index_files(
-        source.removeprefix("files:"), data.text_key, data.max_document_chars, data.skip_bad_records
+        pattern,
+        _stamps(files),
+        data.text_key,
+        data.max_document_chars,
+        data.skip_bad_records,
     )
 
 
+def _stamps(files) -> tuple:
+    """(path, size, mtime) of each local file (just the path for URIs): the caches of indexed
+    files and of pretokenized shards are keyed by it, so a file rewritten in the same process (a
+    notebook) is indexed again instead of read at stale offsets."""
+    stamps = []
+    for path in files:
+        text = os.fspath(path)
+        if paths.scheme(text) is None:
+            try:
+                info = os.stat(text)
+            except OSError:
+                stamps.append((text, -1, -1))
+                continue
+            stamps.append((text, info.st_size, info.st_mtime_ns))
+        else:
+            stamps.append((text, None, None))
+    return tuple(stamps)
+
+
 @functools.lru_cache(maxsize=16)
-def _index_files(pattern: str, text_key: str, max_chars: int, skip_bad: bool) -> _Documents:
+def _index_files(
+    pattern: str, stamps: tuple, text_key: str, max_chars: int, skip_bad: bool
+) -> _Documents:
     label = f"files:{pattern}"
-    files = paths.glob(pattern, "data.source")
+    files = [paths.to_path(stamp[0], "data.source") for stamp in stamps]
     if not files:
         raise DataError(
             f"{label} matches no file; fix the pattern (e.g. files:corpus/*.txt, "
@@ -510,14 +537,20 @@ def _arrayrecord_split(data: DataConfig, source: str, split: str, key: str, role
     )
 
 
-@functools.lru_cache(maxsize=8)
 def open_pretokenized(pattern: str) -> dict:
     """{"manifest": dict, "splits": {name: [path, ...]}, "identity": dict} of pretokenized shards.
 
     Checks the manifest beside the shards and every shard's record count against it (a truncated
-    or corrupt shard is a DataError naming the file)."""
-    label = f"arrayrecord:{pattern}"
+    or corrupt shard is a DataError naming the file). Cached until a matched file changes."""
     matched = paths.glob(pattern, "data.source")
+    manifests = {os.path.join(os.fspath(p.parent), MANIFEST) for p in matched}
+    return _open_pretokenized(pattern, _stamps(matched) + _stamps(sorted(manifests)))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_pretokenized(pattern: str, stamps: tuple) -> dict:
+    label = f"arrayrecord:{pattern}"
+    matched = [paths.to_path(stamp[0], "data.source") for stamp in stamps]
     files = [p for p in matched if SHARD_PATTERN.match(p.name)]
     if not files:
         raise DataError(
