@@ -269,3 +269,12 @@ def test_a_file_rewritten_between_two_opens_is_read_anew(tmp_path, name):
     assert all_documents(pattern) == ["first version, long enough", "second document"]
     write(["v2", "now the second document is longer"])
     assert all_documents(pattern) == ["v2", "now the second document is longer"]
+
+
+def test_a_dataset_saved_again_at_the_same_path_is_read_anew(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    source = f"hf_disk:{tmp_path}/ds"
+    datasets.Dataset.from_dict({"text": ["one", "two", "three"]}).save_to_disk(tmp_path / "ds")
+    assert all_documents(source) == ["one", "two", "three"]
+    datasets.Dataset.from_dict({"text": ["uno", "dos"]}).save_to_disk(tmp_path / "ds")
+    assert all_documents(source) == ["uno", "dos"]

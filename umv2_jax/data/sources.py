@@ -454,8 +454,23 @@ def _hf_disk_split(data: DataConfig, source: str, split: str, key: str, role: st
     return _holdout(documents, data.eval_holdout, role)
 
 
-@functools.lru_cache(maxsize=8)
 def _load_from_disk(path: str) -> Any:
+    location = paths.to_path(path, "data.source")
+    if not location.exists():
+        raise DataError(
+            f"hf_disk:{path} does not exist; save the dataset there with save_to_disk or fix data.source"
+        )
+    # Keyed by the saved files too: a dataset saved again at the same path in this process is
+    # loaded again (the cached one memory-maps arrow files that were overwritten).
+    files = []
+    if paths.scheme(path) is None:
+        for folder, _, names in os.walk(os.fspath(location)):
+            files += [os.path.join(folder, name) for name in sorted(names)]
+    return _load_from_disk_cached(path, _stamps(sorted(files)))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_from_disk_cached(path: str, stamps: tuple) -> Any:
     try:
         import datasets
     except ImportError:
@@ -464,10 +479,6 @@ def _load_from_disk(path: str) -> Any:
             "pip install 'umv2-jax[hf]' (or pip install datasets)"
         ) from None
     location = paths.to_path(path, "data.source")
-    if not location.exists():
-        raise DataError(
-            f"hf_disk:{path} does not exist; save the dataset there with save_to_disk or fix data.source"
-        )
     try:
         return datasets.load_from_disk(os.fspath(location))
     except Exception as error:
