@@ -134,6 +134,14 @@ def test_a_glob_mixing_txt_and_jsonl_reads_both(tmp_path):
     assert all_documents(f"files:{folder}/*") == ["from txt", "from jsonl 1", "from jsonl 2"]
 
 
+def test_a_recursive_glob_reads_nested_folders_in_path_order(tmp_path):
+    (tmp_path / "r" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "r" / "z.txt").write_text("top")
+    (tmp_path / "r" / "b" / "x.txt").write_text("middle")
+    (tmp_path / "r" / "b" / "c" / "y.txt").write_text("deep")
+    assert all_documents(f"files:{tmp_path}/r/**/*.txt") == ["deep", "middle", "top"]
+
+
 # --------------------------------------------------------------------------------------------------
 # hf_disk:PATH
 # --------------------------------------------------------------------------------------------------

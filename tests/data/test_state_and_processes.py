@@ -120,9 +120,14 @@ def merged_state(states: list[dict]) -> dict:
     return checkpoint._own_data_state(saved, "step_dir")
 
 
-@pytest.mark.parametrize("consumed", [1, 3])
-def test_a_state_saved_by_two_processes_restores_on_one_and_on_three(corpus, consumed):
+@pytest.mark.parametrize(("consumed", "mixed"), [(1, False), (3, False), (2, True)])
+def test_a_state_saved_by_two_processes_restores_on_one_and_on_three(
+    corpus, tmp_path, consumed, mixed
+):
     config = config_of(corpus)
+    if mixed:
+        other = write_txt(tmp_path / "other", [f"other {i}" for i in range(9)])
+        config = config_of("mixture", mixture=((corpus, 2.0), (other, 1.0)))
     whole = pipeline.make_train_iterator(config)
     take(whole, consumed)
     expected = take(whole, 3)
