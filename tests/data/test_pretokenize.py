@@ -203,6 +203,14 @@ def test_a_manifest_whose_counts_disagree_is_refused(bytes_shards, tmp_path):
     )
 
 
+def test_a_manifest_without_its_tokenizer_is_refused(bytes_shards, tmp_path):
+    folder = copy_of(bytes_shards, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["tokenizer"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(DataError, shard_config(folder), "manifest.json", "not a pretokenize")
+
+
 def test_a_missing_shard_or_manifest_is_refused(bytes_shards, tmp_path):
     folder = copy_of(bytes_shards, tmp_path)
     (folder / "all-00001-of-00003.arrayrecord").unlink()

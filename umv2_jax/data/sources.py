@@ -577,6 +577,8 @@ def _open_pretokenized(pattern: str, stamps: tuple) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
         declared = manifest["splits"]
+        if not isinstance(manifest["tokenizer"], dict):  # the ids cannot be checked without it
+            raise TypeError("tokenizer")
     except FileNotFoundError:
         raise DataError(
             f"{label}: no {MANIFEST} beside the shards in {files[0].parent}; rewrite them with python -m umv2_jax.data.pretokenize"
