@@ -215,7 +215,15 @@ def test_no_resume_prints_each_path_it_deletes(run, capsys):
     old_id = json.loads((run / "run.json").read_text())["run_id"]
     present = sorted(p.name for p in run.iterdir())
     assert present == sorted(
-        ["checkpoints", "config.json", "loss.png", "metrics.jsonl", "run.json", "tensorboard"]
+        [
+            "checkpoints",
+            "config.json",
+            "loss.png",
+            "metrics.jsonl",
+            "run.json",
+            "tensorboard",
+            "tokenizer",
+        ]
     )
     code, out, _ = _train(capsys, run, "--no-resume", "--steps", "2")
     assert code == 0
@@ -229,6 +237,7 @@ def test_no_resume_prints_each_path_it_deletes(run, capsys):
             "loss.png",
             "run.json",
             "config.json",
+            "tokenizer",
         )
     ]
     assert "(checkpoints at steps 2, 4)" in deleted[0]
