@@ -1,6 +1,8 @@
-"""Data: the embedded Shakespeare corpus (tfds + ArrayRecord), grain pipelines, byte tokenizer.
+"""Data: sources (embedded Shakespeare, tfds, files, hf_disk, pretokenized ArrayRecord, synthetic
+tasks), tokenizers (bytes, sentencepiece, Hugging Face tokenizer.json), packing with document
+boundaries, and the input pipelines.
 
-The pipeline API is importable from here; grain and tfds load only when it is first used:
+The pipeline API is importable from here; its dependencies load only when it is first used:
 
     from umv2_jax.data import make_train_iterator, make_eval_batches, describe_source
 """
