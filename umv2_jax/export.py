@@ -246,6 +246,8 @@ def export_run(
 
     Returns a summary: {"step", "files", "tensors", "total_size", "seconds"}.
     """
+    _require_safetensors()
+    import jax
     from safetensors.numpy import save_file
 
     from umv2_jax.models.transformer import convert_block_tree, segment_layout
@@ -266,8 +268,7 @@ def export_run(
     exported = dataclasses.replace(config, model=exported_model)
     target_layout = segment_layout(exported_model)
 
-    lazy = lambda tree: __import__("jax").tree.map(_Lazy, tree)  # noqa: E731
-    params, rest = lazy(params), lazy(rest)
+    params, rest = jax.tree.map(_Lazy, params), jax.tree.map(_Lazy, rest)
     if target_layout != layout:
         params = dict(params, blocks=convert_block_tree(params["blocks"], layout, target_layout))
         if "blocks" in rest:
@@ -350,6 +351,16 @@ def export_run(
         "total_size": sum(sizes.values()),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _require_safetensors() -> None:
+    """ConfigError (one line) with the fix when the optional `safetensors` package is missing."""
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "exporting and importing need the safetensors package; pip install 'umv2-jax[export]'"
+        ) from None
 
 
 def _numpy_dtype(name: str):
@@ -450,6 +461,7 @@ class ExportIndex:
 def read_index(directory: str) -> ExportIndex:
     """The index and every shard's header; CheckpointError (one line) for a missing or damaged
     file or a weight_map that does not match the shards."""
+    _require_safetensors()
     from safetensors import safe_open
 
     if not os.path.isdir(directory):
