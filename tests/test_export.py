@@ -216,17 +216,28 @@ def our_logits(directory, tokens):
     return np.asarray(logits, np.float64)
 
 
-def compare_with_reference(directory, seeds=(0, 1), batch=2, seq=24):
+def compare_with_reference(directory, seeds=(0, 1), batch=2, seq=24, near_tie=None):
+    """Our logits vs the reference's on random tokens, to 1e-4 of the largest |logit|.
+
+    near_tie None: every seed's selections must be clear (min gap > 1e-4). Otherwise seeds whose
+    smallest selection gap is below `near_tie` (float32 rounding may order those candidates
+    either way) are skipped; at least one seed must be compared."""
     tensors, model = ref.load(directory)
+    compared = 0
     for seed in seeds:
         tokens = np.random.default_rng(seed).integers(0, model["vocab_size"], (batch, seq))
         reference, info = ref.forward(model, tensors, tokens, return_info=True)
-        if info["min_gap"] is not None:  # no selection is decided by float32 rounding
-            assert info["min_gap"] > 1e-4, info["min_gap"]
+        if info["min_gap"] is not None:
+            if near_tie is None:
+                assert info["min_gap"] > 1e-4, info["min_gap"]
+            elif info["min_gap"] < near_tie:
+                continue
         ours = our_logits(directory, tokens)
         assert ours.shape == reference.shape == (batch, seq, -(-model["vocab_size"] // 128) * 128)
         scale = np.abs(reference).max()
         np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * scale)
+        compared += 1
+    assert compared >= 1
 
 
 @pytest.mark.parametrize("kind", ["loop", "scan", "dense"])
@@ -295,7 +306,7 @@ def test_numpy_reference_on_a_trained_run(tmp_path):
     )
     loop.train(config, str(tmp_path / "run"), progress=False, echo=lambda line: None)
     export.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
-    compare_with_reference(str(tmp_path / "out"), seeds=(0, 1, 2), seq=32)
+    compare_with_reference(str(tmp_path / "out"), seeds=(0, 1, 2, 3), seq=32, near_tie=2e-5)
 
 
 # ---- bad input: one line, exit status 2, nothing written ----------------------------------------

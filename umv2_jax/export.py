@@ -338,6 +338,7 @@ def export_run(
                     tokenizer_note,
                 )
             )
+        _default_permissions(staging)
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -351,6 +352,17 @@ def export_run(
         "total_size": sum(sizes.values()),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _default_permissions(directory: str) -> None:
+    """Folders 0777 and files 0666 less the umask (mkdtemp made the staging folder 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, folders, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        del folders
 
 
 def _require_safetensors() -> None:
@@ -777,6 +789,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _gap(gap) -> str:
+    return "" if gap is None else f" (smallest top-k selection gap {gap:.3g})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
         prog="python -m umv2_jax.export",
@@ -865,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(
                 f"NumPy reference forward: max |Δlogit| {report['max_abs_diff']:.3g}, relative "
-                f"{report['max_rel_diff']:.3g} (min selection gap {report['min_selection_gap']})"
+                f"{report['max_rel_diff']:.3g}{_gap(report['min_selection_gap'])}"
             )
         print(f"({report['seconds']:.1f} s)")
     return 0 if report["bitwise"] else 1
