@@ -126,7 +126,7 @@ def sources_for(target_names: list[str], source_layout, target_layout) -> dict[s
         parts = []
         for block in blocks:
             if block not in source_where:  # a layout that does not cover the block: missing
-                parts.append((f"{prefix}blocks.?{block}.{tail}", None))
+                parts.append((f"{prefix}blocks.<block {block}>.{tail}", None))
                 continue
             source_segment, position = source_where[block]
             layers = "layers." if position is not None else ""
@@ -323,7 +323,7 @@ def export_run(
         _write_json(
             os.path.join(staging, INDEX_FILE), {"metadata": metadata, "weight_map": weight_map}
         )
-        _write_json(os.path.join(staging, CONFIG_FILE), exported.to_dict())
+        _write_json(os.path.join(staging, CONFIG_FILE), _exported_config(workdir, exported))
         tokenizer_note = _copy_tokenizer(workdir, os.path.join(staging, TOKENIZER_DIR))
         shapes = {name: (tuple(leaf.shape), dtypes[name]) for name, leaf in tensors.items()}
         with open(os.path.join(staging, README_FILE), "w") as handle:
@@ -383,6 +383,18 @@ def _numpy_dtype(name: str):
     return np.float32
 
 
+def _exported_config(workdir: str, exported) -> dict:
+    """The exported Config as a dict, with the run's own `mesh` section (the loaded config's mesh
+    was reset to this machine's devices)."""
+    data = exported.to_dict()
+    try:
+        with open(os.path.join(workdir, CONFIG_FILE)) as handle:
+            data["mesh"] = json.load(handle).get("mesh", data["mesh"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return data
+
+
 def _write_json(path: str, data: Any) -> None:
     with open(path, "w") as handle:
         json.dump(data, handle, indent=2)
@@ -429,7 +441,18 @@ def _readme(config, workdir, step, shapes, weight_map, layout, tokenizer_note) -
         "`tie_embeddings` (else `lm_head` [d_model, padded_vocab]).",
         f"- The vocabulary is padded to {model.padded_vocab_size} rows (a multiple of 128); ids "
         f">= {model.vocab_size} are never produced by the tokenizer.",
+        "- Numbers the tensors do not carry come from config.json's `model`: `norm_eps` (every "
+        "RMSNorm), `rope_theta` (rotate-half RoPE over each head's dims), `qk_norm`, and for "
+        "memory layers `memory.rc_topk` (k), `memory.topk` (m), `memory.norm_eps`, "
+        "`memory.pre_score_act`. `umv2_jax/reference_numpy.py` is the whole forward pass over "
+        "these files in NumPy.",
     ]
+    if model.sparse == "moe":
+        lines.append(
+            "- MoE (replaces the FFN): `sparse.router` [d_model, experts], `sparse.gate/up` "
+            "[experts, d_model, d_e], `sparse.down` [experts, d_e, d_model]; softmax router, top "
+            "`moe.top_k` experts."
+        )
     if model.sparse == "ultramem_v2":
         memory = model.memory
         lines += [
@@ -566,14 +589,7 @@ def load_pretrained(directory: str, mesh=None, *, overrides=()) -> tuple[Any, An
     if mesh is None:
         mesh = parallel.make_mesh(config.mesh)
     layout = plan(config, mesh)
-    source_layout = tuple(tuple(s) for s in index.metadata.get("layout", ())) or segment_layout(
-        source_config.model
-    )
-    if source_layout != segment_layout(source_config.model):
-        raise CheckpointError(
-            f"{INDEX_FILE} says layout {[list(s) for s in source_layout]} but config.json builds "
-            f"{[list(s) for s in segment_layout(source_config.model)]}; export the run again"
-        )
+    source_layout = _source_layout(index, source_config)
     targets = {**flatten(layout.state["params"]), **flatten(layout.rest, REST_PREFIX)}
     sources = sources_for(list(targets), source_layout, segment_layout(config.model))
     _check_fits(index, targets, sources)
@@ -586,6 +602,20 @@ def load_pretrained(directory: str, mesh=None, *, overrides=()) -> tuple[Any, An
     rest = _unflatten_like(layout.rest, arrays, REST_PREFIX)
     del jax
     return config, layout.parts, params, rest
+
+
+def _source_layout(index: ExportIndex, source_config) -> tuple[tuple[int, ...], ...]:
+    """The segment layout the export was written in: its config's, checked against the index."""
+    from umv2_jax.models.transformer import segment_layout
+
+    layout = segment_layout(source_config.model)
+    saved = index.metadata.get("layout")
+    if saved is not None and tuple(tuple(s) for s in saved) != layout:
+        raise CheckpointError(
+            f"{INDEX_FILE} says layout {saved} but config.json builds "
+            f"{[list(s) for s in layout]}; export the run again"
+        )
+    return layout
 
 
 def _check_fits(index: ExportIndex, targets: dict, sources: dict[str, Source]) -> None:
@@ -703,23 +733,20 @@ def check_export(directory: str, overrides=(), *, batch: int = 2, seq: int = 0, 
 
     from umv2_jax import parallel
     from umv2_jax import reference_numpy as ref
-
-    start = time.perf_counter()
-    config, parts, params, rest = load_pretrained(directory, overrides=overrides)
-    mesh = parallel.make_mesh(config.mesh)
-    index = read_index(directory)
-    source_config = read_config(directory)
     from umv2_jax.models.transformer import segment_layout
 
-    sources = sources_for(
-        list({**flatten(params), **flatten(rest, REST_PREFIX)}),
-        tuple(tuple(s) for s in index.metadata["layout"]),
-        segment_layout(config.model),
-    )
+    start = time.perf_counter()
+    config = read_config(directory, overrides)
+    mesh = parallel.make_mesh(config.mesh)
+    config, parts, params, rest = load_pretrained(directory, mesh, overrides=overrides)
+    index = read_index(directory)
+    source_layout = _source_layout(index, read_config(directory))
+    placed = {**flatten(params), **flatten(rest, REST_PREFIX)}
+    sources = sources_for(list(placed), source_layout, segment_layout(config.model))
     readers = _Readers(directory, index)
     bitwise = True
     try:
-        for name, array in {**flatten(params), **flatten(rest, REST_PREFIX)}.items():
+        for name, array in placed.items():
             source = sources[name]
             if source.stacked:
                 expected = np.stack([_read_part(readers, p, ()) for p in source.parts])
@@ -757,7 +784,6 @@ def check_export(directory: str, overrides=(), *, batch: int = 2, seq: int = 0, 
             max_rel_diff=float(diff.max() / max(np.abs(reference).max(), 1e-30)),
             min_selection_gap=info.get("min_gap"),
         )
-    del source_config
     report["seconds"] = time.perf_counter() - start
     return report
 
