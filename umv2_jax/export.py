@@ -631,9 +631,10 @@ def _check_fits(index: ExportIndex, targets: dict, sources: dict[str, Source]) -
             raise CheckpointError(f"tensor {name}: {want[0]} layers but {len(source.parts)} blocks")
         for source_name, position in source.parts:
             if source_name not in index.shapes:
+                target = f" (for {name})" if source_name != name else ""
                 raise CheckpointError(
-                    f"the export has no tensor {source_name} of shape {part_shape} that the "
-                    f"config builds (for {name}); {fix}"
+                    f"the export has no tensor {source_name} of shape {list(part_shape)} that "
+                    f"the config builds{target}; {fix}"
                 )
             used.add(source_name)
             have = index.shapes[source_name]
@@ -641,10 +642,11 @@ def _check_fits(index: ExportIndex, targets: dict, sources: dict[str, Source]) -
             if position is not None and (not have or position >= have[0]):
                 got = None
             if got != part_shape:
+                per_layer = " per layer" if position is not None else ""
+                target = f" (for {name})" if source_name != name else ""
                 raise CheckpointError(
                     f"tensor {source_name} has shape {list(have)} but the config builds "
-                    f"{list(part_shape)}{' per layer' if position is not None else ''} "
-                    f"(for {name}); {fix}"
+                    f"{list(part_shape)}{per_layer}{target}; {fix}"
                 )
     unknown = [name for name in index.shapes if name not in used]
     if unknown:
