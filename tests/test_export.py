@@ -363,6 +363,14 @@ def test_a_non_empty_out_without_overwrite(runs, tmp_path, capsys):
     assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_an_out_inside_the_run(runs, capsys):
+    before = snapshot(runs["loop"])
+    code, err = run_cli(capsys, "--workdir", runs["loop"], "--out", runs["loop"] + "/export")
+    assert code == 2
+    assert_one_line(err, "inside the run directory", "outside it")
+    assert snapshot(runs["loop"]) == before
+
+
 def copy_export(source, target) -> str:
     import shutil
 

@@ -256,6 +256,17 @@ def export_run(
     if dtype not in (None, "float32", "bfloat16"):
         raise ConfigError(f"--dtype {dtype!r}: pass float32 or bfloat16")
     check_out(out, overwrite)
+    run, target = os.path.realpath(workdir), os.path.realpath(out)
+    if target == run or target.startswith(run + os.sep):
+        raise ConfigError(
+            f"--out {out} is inside the run directory {workdir}, which export never writes to; "
+            "choose a folder outside it"
+        )
+    if jax.process_count() > 1:
+        raise ConfigError(
+            "export runs in a single process (it gathers each tensor to one host); run it on one "
+            "host without --distributed (the checkpoint restores onto any device count)"
+        )
     config, _, params, rest, restored_step = restore_run(workdir, step)
     model = config.model
     layout = segment_layout(model)
