@@ -588,20 +588,17 @@ def load_pretrained(directory: str, mesh=None, *, overrides=()) -> tuple[Any, An
     the exported config, e.g. "model.scan_layers=true" regroups an unscanned export into stacks.
     CheckpointError (one line) for a missing shard, a missing, unknown or misshapen tensor.
     """
-    import jax
-
     from umv2_jax import parallel
     from umv2_jax.models.transformer import segment_layout
-    from umv2_jax.training.state import plan
 
     index = read_index(directory)
     source_config = read_config(directory)
     config = read_config(directory, overrides)
     if mesh is None:
         mesh = parallel.make_mesh(config.mesh)
-    layout = plan(config, mesh)
+    parts, abstract_params, abstract_rest = abstract_model(config, mesh)
     source_layout = _source_layout(index, source_config)
-    targets = {**flatten(layout.state["params"]), **flatten(layout.rest, REST_PREFIX)}
+    targets = {**flatten(abstract_params), **flatten(abstract_rest, REST_PREFIX)}
     sources = sources_for(list(targets), source_layout, segment_layout(config.model))
     _check_fits(index, targets, sources)
     readers = _Readers(directory, index)
@@ -609,10 +606,28 @@ def load_pretrained(directory: str, mesh=None, *, overrides=()) -> tuple[Any, An
         arrays = {name: _place(readers, sources[name], target) for name, target in targets.items()}
     finally:
         readers.close()
-    params = _unflatten_like(layout.state["params"], arrays, "")
-    rest = _unflatten_like(layout.rest, arrays, REST_PREFIX)
-    del jax
-    return config, layout.parts, params, rest
+    params = _unflatten_like(abstract_params, arrays, "")
+    rest = _unflatten_like(abstract_rest, arrays, REST_PREFIX)
+    return config, parts, params, rest
+
+
+def abstract_model(config, mesh) -> tuple[Any, dict, dict]:
+    """(parts, params, rest) with `jax.ShapeDtypeStruct` leaves carrying each variable's
+    NamedSharding on `mesh` (its logical axes through `mesh.rules`), nothing allocated: the
+    parameter half of `training.state.plan`, without the optimizer (so `train.trainable` and the
+    optimizer's settings never matter to an import)."""
+    from flax import nnx
+
+    from umv2_jax import parallel
+    from umv2_jax.models.transformer import Transformer
+    from umv2_jax.training.state import ModelParts, abstract_like
+
+    rules = parallel.resolve_rules(config.mesh.rules)
+    abstract = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(config.train.seed)))
+    param_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+    rest_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Not(nnx.Param)), mesh, rules)
+    parts, params, rest = ModelParts.split(abstract)
+    return parts, abstract_like(params, param_shardings), abstract_like(rest, rest_shardings)
 
 
 def _source_layout(index: ExportIndex, source_config) -> tuple[tuple[int, ...], ...]:
