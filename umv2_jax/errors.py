@@ -25,3 +25,15 @@ class CheckpointError(UserError):
 
 class ResourceError(UserError):
     """A work directory, disk or memory that cannot hold the run (checked before it starts)."""
+
+
+SHOW_LIMIT = 80  # characters of a user's value echoed in a message
+
+
+def show(value: object, limit: int = SHOW_LIMIT) -> str:
+    """`repr(value)` for a message, cut to `limit` characters with the full length named (a
+    100,000-character `--set` value or a 5,000-digit number is not echoed whole)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}… ({len(text):,} characters)"
