@@ -270,3 +270,33 @@ def test_bad_names_empty_files_and_non_finite_values_write_nothing(
     assert message in _one_error_line(capsys.readouterr().err.strip().splitlines())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
     assert not (tmp_path.parent / "x").exists()  # runs/../../x
+
+
+def test_a_non_finite_evaluation_loss_stops_the_run_like_a_divergence(
+    tmp_path, capsys, monkeypatch
+):
+    """The review's `--set model.vocab_size=100` run trained to the end and printed `eval loss
+    nan`; here the evaluation at step 4 is made to return NaN."""
+    from umv2_jax.training import loop
+
+    real = loop.summarize_eval
+
+    def nan_at_step_4(sums):
+        result = real(sums)
+        if len(read_metrics(str(workdir))) >= 4:
+            result["eval_loss"] = result["eval_bpb"] = float("nan")
+        return result
+
+    monkeypatch.setattr(loop, "summarize_eval", nan_at_step_4)
+    workdir = tmp_path / "run"
+    code, out, err = _train(capsys, workdir, "--steps", "6")
+    assert code == 1
+    line = _one_error_line(err)
+    assert line.startswith("error: evaluation loss became nan at step 4"), line
+    assert "the last good checkpoint is step 2" in line.lower()
+    assert "final validation" not in out and "sample with" not in out
+    manifest = json.loads((workdir / "run.json").read_text())
+    assert manifest["status"] == "diverged" and manifest["diverged_at"] == 4
+    assert manifest["diverged_during"] == "evaluation"
+    assert 2 in rundir.checkpoint_steps(str(workdir))
+    assert [r["eval_loss"] for r in read_metrics(str(workdir)) if "eval_loss" in r] == ["nan"]

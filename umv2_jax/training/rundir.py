@@ -447,10 +447,15 @@ class RunDir:
         self._manifest["step"] = step
         self._write_manifest()
 
-    def diverged(self, step: int) -> None:
+    def diverged(self, step: int, during: str = "training") -> None:
+        """The loss became non-finite at `step`: in its training step (the run reached the step
+        before it) or in the evaluation after it (`during="evaluation"`)."""
         if self._manifest is None:
             return
-        self._manifest.update(status="diverged", diverged_at=step, step=max(step - 1, 0))
+        reached = step if during == "evaluation" else max(step - 1, 0)
+        self._manifest.update(
+            status="diverged", diverged_at=step, diverged_during=during, step=reached
+        )
         self._write_manifest()
 
     def ended(self, step: int, preempted: bool, total_steps: int) -> None:
