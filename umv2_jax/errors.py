@@ -4,6 +4,8 @@ The CLI prints the message (no traceback) and exits with status 2. Internal erro
 exceptions and keep their traceback.
 """
 
+import errno
+
 
 class UserError(Exception):
     """Base class of the errors a user can fix by changing an input."""
@@ -25,6 +27,23 @@ class CheckpointError(UserError):
 
 class ResourceError(UserError):
     """A work directory, disk or memory that cannot hold the run (checked before it starts)."""
+
+
+class WriteError(UserError):
+    """A file of the run could not be written (a full disk, a directory made unwritable): raised by
+    every writer of a run (metrics, TensorBoard, plot, manifest), in the training thread."""
+
+    def __init__(self, path: str, error: OSError, message: str | None = None):
+        self.path, self.error = path, error
+        super().__init__(message or f"could not write {path} ({describe_os_error(error)})")
+
+    @property
+    def disk_full(self) -> bool:
+        return self.error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def describe_os_error(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
 
 
 SHOW_LIMIT = 80  # characters of a user's value echoed in a message

@@ -300,3 +300,114 @@ def test_a_non_finite_evaluation_loss_stops_the_run_like_a_divergence(
     assert manifest["diverged_during"] == "evaluation"
     assert 2 in rundir.checkpoint_steps(str(workdir))
     assert [r["eval_loss"] for r in read_metrics(str(workdir)) if "eval_loss" in r] == ["nan"]
+
+
+# ---- a full disk between checkpoint saves: every writer fails into the same one line ------------
+
+
+def _enospc(path="?"):
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def _fail_metrics(monkeypatch, workdir):
+    """metrics.jsonl's writes fail once the run has written 3 records."""
+    from umv2_jax.training import metrics
+
+    class Handle:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, text):
+            if len(read_metrics(str(workdir))) >= 3:
+                raise _enospc()
+            return self.real.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    def fake_open(path, *args, **kwargs):
+        handle = open(path, *args, **kwargs)
+        appending = str(path).endswith("metrics.jsonl") and args[:1] == ("a",)
+        return Handle(handle) if appending else handle
+
+    monkeypatch.setattr(metrics, "open", fake_open, raising=False)
+
+
+def _fail_tensorboard(monkeypatch, workdir):
+    pytest.importorskip("tensorboardX")
+    from tensorboardX import record_writer
+
+    real = record_writer.RecordWriter.write
+
+    def write(self, data):
+        if len(read_metrics(str(workdir))) >= 3:
+            raise _enospc()
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+
+
+def _fail_plot(monkeypatch, workdir):
+    from matplotlib.figure import Figure
+
+    def savefig(self, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"\x89PNG partial")
+        raise _enospc(path)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+
+
+def _fail_manifest(monkeypatch, workdir):
+    """run.json's writes fail after the first save, also over the old file's bytes."""
+    real = rundir.write_json_atomically
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        handle = real_open(path, *args, **kwargs)
+        if ".tmp." in str(path) and rundir.checkpoint_steps(str(workdir)):
+            handle.close()
+            raise _enospc(path)  # after creating the temporary file, as a full disk does
+        return handle
+
+    monkeypatch.setattr(rundir, "open", fake_open, raising=False)
+    monkeypatch.setattr(rundir, "_write_in_place", lambda path, text: False)
+    assert real is rundir.write_json_atomically
+
+
+@pytest.mark.parametrize(
+    "fail", [_fail_metrics, _fail_tensorboard, _fail_plot, _fail_manifest], ids=lambda f: f.__name__
+)
+def test_a_full_disk_between_saves_is_one_line_for_every_writer(
+    tmp_path, capsys, monkeypatch, fail
+):
+    import faulthandler
+
+    workdir = tmp_path / "run"
+    fail(monkeypatch, workdir)
+    # tensorboardX's writer thread died on the error and the run blocked for ever, deaf to SIGTERM
+    faulthandler.dump_traceback_later(300, exit=True)
+    try:
+        code, out, err = _train(capsys, workdir, "--steps", "6")
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert code == 2, err
+    line = _one_error_line(err)
+    assert re.match(
+        r"error: the run stopped: could not write \S+: no space left on the device", line
+    )
+    assert "kept the checkpoint of step" in line and "free disk space" in line, line
+    assert "sample with" not in out
+    kept = rundir.checkpoint_steps(str(workdir))
+    assert kept and f"kept the checkpoint of step {kept[-1]} " in line
+    status = json.loads((workdir / "run.json").read_text()).get("status")
+    assert status != "running" or fail is _fail_manifest  # recorded, unless run.json is the fault
+    assert not list(workdir.glob("*.tmp*")), list(workdir.iterdir())
+    monkeypatch.undo()  # the disk has room again: the resume finishes and leaves no stray file
+    code, out, err = _train(capsys, workdir, "--steps", "6")
+    assert code == 0, err
+    assert "final validation (step 6)" in out
+    assert json.loads((workdir / "run.json").read_text())["status"] == "finished"
+    assert not list(workdir.glob("*.tmp*"))

@@ -43,7 +43,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from umv2_jax.config import SCAN_MIN_LAYERS, CheckpointConfig, Config, to_dict
-from umv2_jax.errors import CheckpointError
+from umv2_jax.errors import CheckpointError, WriteError
 
 log = logging.getLogger("umv2_jax")
 CONFIG_FILE = "config.json"
@@ -101,11 +101,18 @@ def _first_difference(saved: Any, current: Any, prefix: str) -> str:
 
 
 def write_config(workdir: str, config: Config) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(to_dict(config), handle, indent=2)
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    """Writes WORKDIR/config.json atomically; WriteError (the temporary file removed) if it fails."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(tmp, "w") as handle:
+            json.dump(to_dict(config), handle, indent=2)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise WriteError(path, error) from None
 
 
 class Checkpointer:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from umv2_jax import parallel
 from umv2_jax.config import Config
 from umv2_jax.data import pipeline
+from umv2_jax.errors import WriteError
 from umv2_jax.parallel import distributed
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
@@ -88,16 +89,19 @@ def train(
     """
     primary = jax.process_index() == 0
     mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
-    with (
-        # Everything traced in the run sees the mesh (token-local ops run under shard_map on it).
-        parallel.use_mesh(mesh),
-        signals.handling(),  # SIGTERM / SIGINT: stop at the next safe point (signals.py)
-        rundir.RunDir(os.path.abspath(workdir), primary=primary, echo=echo) as run,
-    ):
-        result = _train(
-            config, run, resume, overwrite_other_model, stop_after, progress, echo, account
-        )
-        run.ended(result.step, result.preempted, config.train.steps)
+    try:
+        with (
+            # Everything traced in the run sees the mesh (token-local ops run under shard_map).
+            parallel.use_mesh(mesh),
+            signals.handling(),  # SIGTERM / SIGINT: stop at the next safe point (signals.py)
+            rundir.RunDir(os.path.abspath(workdir), primary=primary, echo=echo) as run,
+        ):
+            result = _train(
+                config, run, resume, overwrite_other_model, stop_after, progress, echo, account
+            )
+            run.ended(result.step, result.preempted, config.train.steps)
+    except WriteError as error:  # metrics, TensorBoard, plot, manifest: the same one line
+        raise rundir.write_failed(error, os.path.abspath(workdir)) from None
     return result
 
 
