@@ -785,6 +785,9 @@ class CheckpointConfig:
     every: int = 100  # save every N steps (and at the end)
     keep: int = 3  # keep the last K checkpoints
     async_save: bool = True
+    # A checkpoint without checksums.json (an older layout, or the file deleted) cannot be verified:
+    # false restores it with a one-line warning, true refuses it (exit 2).
+    require_checksums: bool = False
 
     def validate(self, prefix: str = "checkpoint") -> None:
         _require(self.every >= 1, f"{prefix}.every", "must be >= 1")

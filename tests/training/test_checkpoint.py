@@ -281,3 +281,33 @@ def test_a_disk_that_fills_between_saves_stops_the_run_in_one_line(tmp_path):
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 
+
+def test_a_checkpoint_without_checksums_is_named_in_a_warning_or_refused(saved_run, tmp_path):
+    """64 bytes flipped in the largest state file of a step whose checksums.json is gone used to
+    resume silently ("Resumed from step 6"): now one warning line names it, and under
+    checkpoint.require_checksums it is refused (exit 2, one line, nothing moved)."""
+    run, config_path = saved_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    newest = workdir / "checkpoints" / "6"
+    (newest / CHECKSUM_FILE).unlink()
+    target = _largest_file(newest / "state")
+    data = bytearray(target.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x01 for b in data[middle : middle + 64])
+    target.write_bytes(bytes(data))
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+    status, output = _cli(config_path, workdir, "--set", "checkpoint.require_checksums=true")
+    assert status == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: checkpoint at step 6"), errors
+    assert "has no checksums.json" in errors[0] and "require_checksums" in errors[0]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+    status, output = _cli(config_path, workdir)
+    assert status == 0, output[-3000:]
+    warnings = [line for line in output.splitlines() if "has no checksums.json" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoint at step 6"), output
+    assert "cannot be verified" in warnings[0] and "require_checksums=true" in warnings[0]
+    assert "Resumed from step 6" in output
