@@ -252,3 +252,25 @@ def test_timing_extrapolates_every_run_linearly_in_tokens():
     # steps + 2 finetuning steps per mode (umv2: 2 modes, the others none), also 4 × 24 tokens.
     total = extrapolate(MICRO, "mqar", {"dense": 1.0, "umv2": 2.0})
     assert total == pytest.approx({"dense": 3 * 3 * 2 + 3, "umv2": 2.0 * (3 * 3 * 2 + 3 + 2 * 2)})
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C used to print a 20-line KeyboardInterrupt traceback; the finished runs are kept (a
+    rerun skips them), so it says so in one line and exits 130."""
+    out = tmp_path / "quick"
+
+    def interrupted(suite, out_dir, **kwargs):
+        os.makedirs(os.path.join(out_dir, "runs"))
+        for name in ("mqar-dense-0.json", "mqar-moe-0.json"):
+            with open(os.path.join(out_dir, "runs", name), "w") as handle:
+                handle.write("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_run, "run_suite", interrupted)
+    assert main(["--suite", "quick", "--out", str(out), "--no-progress"]) == 130
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "Traceback" not in error
+    assert error == (
+        f"interrupted: 2 finished run(s) are kept in {out}; run the same command to continue "
+        "(finished runs are skipped)"
+    )
