@@ -135,7 +135,7 @@ def _train(
     # This process feeds the rows its own devices hold: block `share` of `shares` of each batch
     # (processes whose devices hold the same rows, e.g. `tensor` across hosts, read the same data).
     share, shares = distributed.batch_share(mesh)
-    preflight.check(config, workdir, mesh)  # workdir, memory, disk: before anything is built
+    preflight.check(config, workdir, mesh, resume)  # workdir, memory, disk: before building
     has_run = run.open(config, resume=resume, overwrite_other_model=overwrite_other_model)
     train_iterator = pipeline.make_train_iterator(config, share, shares)
     eval_batches = pipeline.make_eval_batches(config, config.train.eval_batches, share, shares)
