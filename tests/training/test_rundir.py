@@ -411,3 +411,74 @@ def test_a_full_disk_between_saves_is_one_line_for_every_writer(
     assert "final validation (step 6)" in out
     assert json.loads((workdir / "run.json").read_text())["status"] == "finished"
     assert not list(workdir.glob("*.tmp*"))
+
+
+# ---- messages that named the wrong thing ---------------------------------------------------------
+
+
+def _signal_in(monkeypatch, module, name, signum=signal.SIGINT):
+    """`module.name` sends this process `signum` (caught by the run's handler) before running."""
+    real = getattr(module, name)
+
+    def sending(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, sending)
+
+
+def test_ctrl_c_while_building_the_model_of_a_resume_names_the_step_it_stays_at(
+    run, capsys, monkeypatch
+):
+    from umv2_jax.training import loop
+
+    loop.signals.set_phase("start-up")
+    _signal_in(monkeypatch, loop, "build")
+    code, _, err = _train(capsys, run)
+    assert code == 130
+    assert err == [
+        f"SIGINT (Ctrl-C) during start-up (building the model): stopped before training a step; "
+        f"the run in {run} stays at step 4. Run the same command to continue"
+    ]
+
+
+def test_a_stop_before_the_model_build_does_not_name_start_up_twice(run, capsys, monkeypatch):
+    from umv2_jax.training import loop
+
+    _signal_in(monkeypatch, loop.pipeline, "make_eval_batches", signal.SIGTERM)
+    code, _, err = _train(capsys, run)
+    assert code == 0
+    assert err == [
+        f"SIGTERM during start-up: stopped before training a step; the run in {run} stays at "
+        "step 4. Run the same command to continue"
+    ]
+
+
+def test_no_resume_also_deletes_the_checkpoints_set_aside_as_unreadable(run, capsys):
+    aside = run / "checkpoints_unreadable" / "4-1700000000"
+    aside.mkdir(parents=True)
+    (aside / "checksums.json").write_text("{}")
+    code, out, _ = _train(capsys, run, "--no-resume", "--steps", "2")
+    assert code == 0
+    assert f"--no-resume: deleting {run / 'checkpoints_unreadable'}" in out
+    assert not (run / "checkpoints_unreadable").exists()
+
+
+def test_the_changed_model_error_names_both_flags_and_following_it_works(run, capsys):
+    other = ["--set", "model.d_model=64", "--steps", "2"]
+    code, _, err = _train(capsys, run, *other)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "different config (model.d_model: saved 32, now 64)" in line
+    assert "pass --no-resume --overwrite-other-model to delete that run" in line
+    code, _, _ = _train(capsys, run, *other, "--no-resume", "--overwrite-other-model")
+    assert code == 0
+
+
+def test_the_printed_sample_command_is_shell_quoted(trained, tmp_path, capsys):
+    workdir = tmp_path / "my run's dir"
+    shutil.copytree(trained, workdir)
+    code, out, _ = _train(capsys, workdir)
+    assert code == 0
+    quoted = "'" + str(workdir).replace("'", "'\"'\"'") + "'"
+    assert f"sample with  python -m umv2_jax.generate --workdir {quoted} --prompt" in out

@@ -75,8 +75,9 @@ def check_compatible(workdir: str, config: Config) -> bool:
         if saved.get(section) != current[section]:
             differing = _first_difference(saved.get(section, {}), current[section], section)
             raise CheckpointError(
-                f"{workdir} holds a run with a different config ({differing}); "
-                "use a new --workdir or pass --no-resume to start over there"
+                f"{workdir} holds a run with a different config ({differing}); use a new "
+                "--workdir, or pass --no-resume --overwrite-other-model to delete that run and "
+                "start over there"
             )
     return True
 

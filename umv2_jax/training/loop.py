@@ -139,13 +139,13 @@ def _train(
     has_run = run.open(config, resume=resume, overwrite_other_model=overwrite_other_model)
     train_iterator = pipeline.make_train_iterator(config, share, shares)
     eval_batches = pipeline.make_eval_batches(config, config.train.eval_batches, share, shares)
-    signals.raise_if_requested(workdir)  # start-up stops: StopRequested, nothing deleted
+    signals.raise_if_requested(workdir, _latest(workdir))  # start-up: StopRequested, no deletes
     if not resume:
         run.clear()  # prints each path it deletes
 
     signals.set_phase("start-up: building the model")
     setup = build(config, mesh)
-    signals.raise_if_requested(workdir)
+    signals.raise_if_requested(workdir, _latest(workdir))  # a resume stays at its latest step
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     state, rest, start_step = setup.state, setup.rest, 0
     if has_run and checkpointer.steps():
@@ -345,6 +345,12 @@ def _train(
         eval_step=evaluated_at,
         stop_signal=stop_signal,
     )
+
+
+def _latest(workdir: str) -> int:
+    """The step of the latest checkpoint in `workdir` (0: none), for a stop line at start-up."""
+    steps = rundir.checkpoint_steps(workdir)
+    return steps[-1] if steps else 0
 
 
 def _has_eval_record(workdir: str, step: int) -> bool:

@@ -473,6 +473,10 @@ class RunDir:
                 join(self.workdir, CHECKPOINT_DIR),
                 f"checkpoints at steps {_join(state.steps)}" if state.steps else "no checkpoint",
             ),
+            (
+                join(self.workdir, CHECKPOINT_DIR + "_unreadable"),
+                "checkpoints set aside as unreadable",
+            ),
             (join(self.workdir, TENSORBOARD_DIR), "TensorBoard events"),
             (join(self.workdir, metrics_lib.METRICS_FILE), state.record_summary()),
             (join(self.workdir, metrics_lib.PLOT_FILE), "loss plot"),
