@@ -292,7 +292,8 @@ def test_a_checkpoint_without_checksums_is_named_in_a_warning_or_refused(saved_r
     newest = workdir / "checkpoints" / "6"
     (newest / CHECKSUM_FILE).unlink()
     target = _largest_file(newest / "state")
-    data = bytearray(target.read_bytes())
+    saved = target.read_bytes()
+    data = bytearray(saved)
     middle = len(data) // 2
     data[middle : middle + 64] = bytes(b ^ 0x01 for b in data[middle : middle + 64])
     target.write_bytes(bytes(data))
@@ -304,7 +305,10 @@ def test_a_checkpoint_without_checksums_is_named_in_a_warning_or_refused(saved_r
     assert len(errors) == 1 and errors[0].startswith("error: checkpoint at step 6"), errors
     assert "has no checksums.json" in errors[0] and "require_checksums" in errors[0]
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert target.read_bytes() == bytes(data)  # refused, not read
 
+    # Without the flag it is restored, and said so (undamaged here: damaged weights may diverge).
+    target.write_bytes(saved)
     status, output = _cli(config_path, workdir)
     assert status == 0, output[-3000:]
     warnings = [line for line in output.splitlines() if "has no checksums.json" in line]

@@ -388,7 +388,7 @@ def test_a_full_disk_between_saves_is_one_line_for_every_writer(
     workdir = tmp_path / "run"
     fail(monkeypatch, workdir)
     # tensorboardX's writer thread died on the error and the run blocked for ever, deaf to SIGTERM
-    faulthandler.dump_traceback_later(300, exit=True)
+    faulthandler.dump_traceback_later(300, exit=True, file=sys.__stderr__)
     try:
         code, out, err = _train(capsys, workdir, "--steps", "6")
     finally:
