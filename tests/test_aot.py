@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 TINY_MODEL = [
+    "model.sparse=none",  # aot's default config is configs/default.yaml (UltraMemV2): a dense one
     "model.d_model=32",
     "model.num_layers=2",
     "model.num_heads=2",
@@ -33,6 +34,7 @@ PROGRAM = textwrap.dedent(
     from umv2_jax import aot, parallel
     from umv2_jax.config import load_config
     from umv2_jax.training import state
+    from umv2_jax.training.cli import default_config_path
 
     argv = json.loads(sys.argv[1])
 
@@ -45,7 +47,7 @@ PROGRAM = textwrap.dedent(
     report = {"json": call(["--json"]), "text": call([])}
     # What the step's arguments hold on one device: its shard of every state and rest leaf, and
     # its rows of the three [batch, seq] arrays (2 per batch shard here: data 2 · fsdp 2).
-    config = load_config(None, json.loads(sys.argv[2]))
+    config = load_config(default_config_path(), json.loads(sys.argv[2]))  # aot's default, too
     mesh = parallel.make_mesh(config.mesh)
     layout = state.plan(config, mesh)
     shard_bytes = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
@@ -115,11 +117,11 @@ def test_text_report_ends_with_the_total_line(cpu_report):
     lines = run["out"].strip().splitlines()
     assert lines[0].startswith("XLA:CPU plan on 8 fake devices")
     sizes = json.loads(cpu_report["json"]["out"].strip().splitlines()[-1])["per_device_bytes"]
-    gb = lambda key: f"{sizes[key] / 1e9:.1f} GB"
     assert lines[-1] == (
-        f"per-device total: {gb('total')} (arguments {gb('arguments')}, "
-        f"temporaries {gb('temporaries')}, outputs {gb('outputs')})"
+        f"per-device total: {_size(sizes['total'])} (arguments {_size(sizes['arguments'])}, "
+        f"temporaries {_size(sizes['temporaries'])}, outputs {_size(sizes['outputs'])})"
     )
+    assert " 0.0 " not in lines[-1]  # each number in a unit that shows it (a tiny model: KB, MB)
     assert any(line.startswith("compile   trace + lower ") for line in lines)
 
 
@@ -225,6 +227,52 @@ def test_without_libtpu_a_topology_falls_back_to_the_cpu_plan_and_says_so():
         "devices for v5p:2x2x2, not the TPU compiler's"
     )
     assert re.fullmatch(
-        r"per-device total: \d+\.\d GB \(arguments \S+ GB, temporaries \S+ GB, outputs \S+ GB\)",
+        rf"per-device total: {SIZE} \(arguments {SIZE}, temporaries {SIZE}, outputs {SIZE}\)",
         lines[-1],
     ), lines[-1]
+
+
+SIZE = r"(\d+\.\d [KMG]B|\d+ B)"
+
+
+def _size(count: float) -> str:
+    """The unit rule the report follows: the largest decimal unit the number reaches."""
+    if count >= 1e9:
+        return f"{count / 1e9:.1f} GB"
+    if count >= 1e6:
+        return f"{count / 1e6:.1f} MB"
+    if count >= 1e3:
+        return f"{count / 1e3:.1f} KB"
+    return f"{int(count)} B"
+
+
+def test_sizes_are_printed_in_the_unit_that_shows_them():
+    from umv2_jax.aot import size_text, total_line
+
+    assert [size_text(n) for n in (512, 3_500, 412_000_000, 12_345_000_000)] == [
+        "512 B",
+        "3.5 KB",
+        "412.0 MB",
+        "12.3 GB",
+    ]
+    sizes = {"total": 95_000_000, "arguments": 40_000, "temporaries": 94_000_000, "outputs": 960}
+    assert total_line(sizes) == (
+        "per-device total: 95.0 MB (arguments 40.0 KB, temporaries 94.0 MB, outputs 960 B)"
+    )
+
+
+def test_without_config_it_plans_the_default_config_like_train_py(monkeypatch):
+    """It planned the dataclass defaults (a 32-key memory), not configs/default.yaml (146 keys)."""
+    from umv2_jax import aot
+
+    seen = []
+
+    def compile_step(config, mesh, *, batch):
+        seen.append(config)
+        raise KeyboardInterrupt  # stop before compiling
+
+    monkeypatch.setattr(aot, "compile_step", compile_step)
+    with pytest.raises(KeyboardInterrupt):
+        aot.run(aot.parse_args(["--devices", "1", "--json"]), echo=lambda line: None)
+    (config,) = seen
+    assert config.name == "default" and config.model.memory.n_keys == 146

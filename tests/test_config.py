@@ -448,3 +448,69 @@ def test_mesh_rules_override_and_reject_unknown_names():
         load_config(None, ["mesh.rules={mem_row: fsdp}"])
     with pytest.raises(ConfigError, match=r"'mesh.rules.embed'.*not a mesh axis"):
         load_config(None, ["mesh.rules={embed: model}"])
+
+
+# ---- review: user-side faults of a config file or an override are one line, never a traceback ----
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(it holds the byte 0xe9\)"):
+        load_config(path)
+
+
+def test_a_directory_passed_as_the_config_is_named_as_one(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; pass --config PATH to a .yaml file"):
+        load_config(tmp_path)
+
+
+def test_an_unreadable_config_file_is_a_config_error_as_an_unprivileged_user():
+    """Root reads any file, so the load runs as `nobody` on a root-owned 0600 file under /tmp."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="config-unreadable-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        path = base / "c.yaml"
+        path.write_text("name: x\n")
+        path.chmod(0o600)
+        code = (
+            "from umv2_jax.config import load_config\n"
+            "from umv2_jax.errors import ConfigError\n"
+            f"try:\n    load_config({str(path)!r})\n"
+            "except ConfigError as error:\n    print(error)\n"
+        )
+        env = {**os.environ, "HOME": "/tmp", "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run(
+            NOBODY + [sys.executable, "-c", code], capture_output=True, text=True, env=env
+        )
+        assert done.stdout.startswith(f"cannot read config file '{path}' (Permission denied)"), (
+            done.stdout + done.stderr
+        )
+        assert "Traceback" not in done.stderr
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.steps=3000000000", "train.seed=-3000000000", "checkpoint.every=" + "7" * 5000],
+)
+def test_integers_are_bounded_to_int32_at_load_time(override):
+    with pytest.raises(ConfigError, match="is out of range; integers must be between") as error:
+        load_config(None, [override])
+    assert len(str(error.value)) < 300  # a 5,000-digit value is not echoed whole
+
+
+def test_a_huge_override_value_is_not_echoed_whole():
+    with pytest.raises(ConfigError, match="expected an integer") as error:
+        load_config(None, ["model.num_layers=" + "x" * 100_000])
+    assert "100,002 characters" in str(error.value) and len(str(error.value)) < 300

@@ -11,10 +11,11 @@ shardings and donation as `training.loop`) under `parallel.use_mesh(mesh)` for a
 (`parallel.warnings`), trace + lower and compile seconds, and XLA's per-device memory plan
 (`compiled.memory_analysis()`); the last line reads
 
-    per-device total: X.X GB (arguments A GB, temporaries T GB, outputs O GB)
+    per-device total: X.X GB (arguments A GB, temporaries T MB, outputs O KB)
 
 total = arguments + temporaries + outputs − aliased (outputs written into donated arguments) +
-generated code, in GB = 10⁹ bytes. `--json` prints instead one line
+generated code; each number in the decimal unit that shows it (GB = 10⁹, MB = 10⁶, KB = 10³ bytes).
+Without `--config` it plans configs/default.yaml, the config `train.py` trains by default. `--json` prints instead one line
 `{"per_device_bytes": {"arguments", "temporaries", "outputs", "aliased", "generated_code",
 "total"}, "compile_s", "lower_s", "mesh", "platform", "devices", "batch", "seq_len", "warnings"}`.
 
@@ -212,12 +213,20 @@ def memory_bytes(compiled) -> dict[str, int]:
     return sizes
 
 
+def size_text(count: float) -> str:
+    """Bytes in the decimal unit that shows the number: `12.3 GB`, `412.0 MB`, `3.5 KB`, `512 B`
+    (a small model's plan read `0.1 GB (arguments 0.0 GB, …)` in GB alone)."""
+    for unit, size in (("GB", GB), ("MB", 1e6), ("KB", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
+
+
 def total_line(sizes: dict[str, int]) -> str:
-    """`per-device total: X.X GB (arguments A GB, temporaries T GB, outputs O GB)`."""
-    gb = lambda key: f"{sizes[key] / GB:.1f} GB"
+    """`per-device total: X (arguments A, temporaries T, outputs O)`, each in its `size_text`."""
     return (
-        f"per-device total: {sizes['total'] / GB:.1f} GB (arguments {gb('arguments')}, "
-        f"temporaries {gb('temporaries')}, outputs {gb('outputs')})"
+        f"per-device total: {size_text(sizes['total'])} (arguments {size_text(sizes['arguments'])}"
+        f", temporaries {size_text(sizes['temporaries'])}, outputs {size_text(sizes['outputs'])})"
     )
 
 
@@ -227,7 +236,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Compile the training step for a mesh without the hardware; print per-device "
         "memory and compile time.",
     )
-    parser.add_argument("--config", default=None, help="YAML config (default: the defaults)")
+    parser.add_argument(
+        "--config", default=None, help="YAML config (default: configs/default.yaml, as train.py)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -268,7 +279,10 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
     if args.mesh is not None:
         sizes = parse_mesh(args.mesh)
         overrides += [f"mesh.{axis}={size}" for axis, size in sizes.items()]
-    base = load_config(args.config, overrides)  # ConfigError for a bad key, value or mesh
+    from umv2_jax.training.cli import default_config_path
+
+    config_path = args.config or default_config_path()  # the config train.py would train
+    base = load_config(config_path, overrides)  # ConfigError for a bad key, value or mesh
     fixed = math.prod(getattr(base.mesh, axis) for axis in MeshConfig.AXES if axis != "data")
 
     devices = tpu_devices(args.topology) if args.topology is not None else None
@@ -302,7 +316,7 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
     mesh = parallel.make_mesh(base.mesh, devices)
     batch = args.batch_per_device * parallel.batch_shards(mesh)
     config = load_config(
-        args.config,
+        config_path,
         overrides
         + [f"mesh.{axis}={mesh.shape[axis]}" for axis in MeshConfig.AXES]
         + [f"train.batch_size={batch}"],
@@ -356,7 +370,7 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
             f"compile   trace + lower {result['lower_s']:.1f} s, compile {result['compile_s']:.1f} s"
         )
         for key in ("arguments", "temporaries", "outputs", "aliased", "generated_code"):
-            echo(f"  {key.replace('_', ' '):<15}{sizes[key] / GB:10.3f} GB")
+            echo(f"  {key.replace('_', ' '):<15}{size_text(sizes[key]):>10}")
         echo(total_line(sizes))
     return report
 

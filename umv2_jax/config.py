@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from umv2_jax.errors import ConfigError
+from umv2_jax.errors import ConfigError, show
 from umv2_jax.ops import registry
 
 SparseKind = Literal["none", "ultramem_v2", "moe", "ultramem", "memory_plus", "pkm", "peer"]
@@ -33,6 +33,9 @@ DType = Literal["float32", "bfloat16"]
 # `model.scan_layers: auto` scans over the blocks from this depth on (shallower models compile fast
 # as a loop, and their checkpoints keep one entry per block).
 SCAN_MIN_LAYERS = 8
+# Every integer field lies in int32's range: steps, sizes and seeds reach JAX as int32 (a larger
+# `--steps` would overflow at the first step, after the run directory was written).
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -53,7 +56,7 @@ def _check_choices(section: Any, prefix: str) -> None:
         elif typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
             allowed = ", ".join(str(choice) for choice in typing.get_args(hint))
             _require(
-                False, f"{prefix}.{item.name}", f"{value!r} is not allowed; allowed: {allowed}"
+                False, f"{prefix}.{item.name}", f"{show(value)} is not allowed; allowed: {allowed}"
             )
 
 
@@ -213,7 +216,7 @@ def _typed(cls: type) -> _Language:
             return value
         if isinstance(value, str):
             return cls.parse(value, key)
-        raise ConfigError(f"config '{key}': expected a string like '{cls()}', got {value!r}")
+        raise ConfigError(f"config '{key}': expected a string like '{cls()}', got {show(value)}")
 
     return _Language(coerce=coerce, format=str)
 
@@ -229,7 +232,7 @@ def _coerce_skip_layers(value: Any, key: str) -> SkipPairs:
     ):
         return tuple((int(source), int(target)) for source, target in value)
     hint = " (quote it in YAML: unquoted 2:5 is the number 125)" if isinstance(value, int) else ""
-    raise ConfigError(f"config '{key}': expected a string like '2:5/6:9', got {value!r}{hint}")
+    raise ConfigError(f"config '{key}': expected a string like '2:5/6:9', got {show(value)}{hint}")
 
 
 def _language(default: Any, language: _Language) -> Any:
@@ -672,7 +675,9 @@ def _coerce_task_params(value: Any, key: str) -> tuple:
     if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
         return value
     if not isinstance(value, dict):
-        raise ConfigError(f"config '{key}': expected a mapping of task parameters, got {value!r}")
+        raise ConfigError(
+            f"config '{key}': expected a mapping of task parameters, got {show(value)}"
+        )
 
     def frozen(item: Any) -> Any:
         return tuple(frozen(v) for v in item) if isinstance(item, list | tuple) else item
@@ -924,6 +929,9 @@ class CheckpointConfig:
     every: int = 100  # save every N steps (and at the end)
     keep: int = 3  # keep the last K checkpoints
     async_save: bool = True
+    # A checkpoint without checksums.json (an older layout, or the file deleted) cannot be verified:
+    # false restores it with a one-line warning, true refuses it (exit 2).
+    require_checksums: bool = False
 
     def validate(self, prefix: str = "checkpoint") -> None:
         _require(self.every >= 1, f"{prefix}.every", "must be >= 1")
@@ -936,7 +944,7 @@ def _coerce_rules(value: Any, key: str) -> tuple:
         return value
     if not isinstance(value, dict):
         raise ConfigError(
-            f"config '{key}': expected a mapping of logical axis → mesh axis, got {value!r}"
+            f"config '{key}': expected a mapping of logical axis → mesh axis, got {show(value)}"
         )
     pairs = []
     for name, target in value.items():
@@ -944,7 +952,7 @@ def _coerce_rules(value: Any, key: str) -> tuple:
             target = tuple(str(axis) for axis in target) or None
         elif target is not None and not isinstance(target, str):
             raise ConfigError(
-                f"config '{key}.{name}': expected a mesh axis, a list of them or null, got {target!r}"
+                f"config '{key}.{name}': expected a mesh axis, a list of them or null, got {show(target)}"
             )
         pairs.append((str(name), target))
     return tuple(sorted(pairs))
@@ -1012,7 +1020,7 @@ class Config:
         _require(
             _NAME_PATTERN.fullmatch(self.name) is not None,
             "name",
-            f"{self.name!r} is not a plain name (letters, digits and . _ + -, no '/'): it names the "
+            f"{show(self.name)} is not a plain name (letters, digits and . _ + -, no '/'): it names the "
             "run directory runs/<name>; pass --workdir to train elsewhere",
         )
         _check_finite(self, "")
@@ -1106,7 +1114,7 @@ _MOVED = {
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Builds dataclass `cls` from a nested dict, checking keys and types (no validation)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config '{prefix or '<root>'}': expected a mapping, got {data!r}")
+        raise ConfigError(f"config '{prefix or '<root>'}': expected a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -1149,24 +1157,29 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         if args == registry.IMPLEMENTATIONS and value in registry.RENAMED:
             raise ConfigError(
-                f"config '{key}': {value!r} was renamed; use {registry.RENAMED[value]!r}"
+                f"config '{key}': {show(value)} was renamed; use {registry.RENAMED[value]!r}"
             )
         if value not in args:
             allowed = ", ".join(str(a) for a in args)
-            raise ConfigError(f"config '{key}': {value!r} is not allowed; allowed: {allowed}")
+            raise ConfigError(f"config '{key}': {show(value)} is not allowed; allowed: {allowed}")
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config '{key}': expected a list, got {value!r}")
+            raise ConfigError(f"config '{key}': expected a list, got {show(value)}")
         item_type = args[0]
         return tuple(_coerce(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config '{key}': expected true or false, got {value!r}")
+            raise ConfigError(f"config '{key}': expected true or false, got {show(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config '{key}': expected an integer, got {value!r}")
+            raise ConfigError(f"config '{key}': expected an integer, got {show(value)}")
+        if not INT_MIN <= value <= INT_MAX:  # steps, sizes and seeds reach JAX as int32
+            raise ConfigError(
+                f"config '{key}': {show(value)} is out of range; integers must be between "
+                f"{INT_MIN} and {INT_MAX}"
+            )
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
@@ -1175,11 +1188,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"config '{key}': expected a number, got {value!r}")
+            raise ConfigError(f"config '{key}': expected a number, got {show(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config '{key}': expected a string, got {value!r}")
+            raise ConfigError(f"config '{key}': expected a string, got {show(value)}")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")
 
@@ -1215,6 +1228,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except ValueError:  # an integer of more digits than Python converts (4300)
+            raise ConfigError(
+                f"config '{key}': {show(raw)} is out of range; integers must be between "
+                f"{INT_MIN} and {INT_MAX}"
+            ) from None
         if isinstance(value, int) and ":" in raw:  # YAML 1.1 reads 2:5 as base 60; keep the text
             value = raw
         node = data
@@ -1236,15 +1254,34 @@ def load_config(
     """Reads a YAML config (or the defaults when `path` is None), applies overrides, validates."""
     data: dict[str, Any] = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(
+                f"config file '{path}' is a directory; pass --config PATH to a .yaml file"
+            )
         if not os.path.isfile(path):
             raise ConfigError(f"config file '{path}' does not exist; pass --config PATH to a .yaml")
         try:
-            with open(path) as handle:
+            with open(path, encoding="utf-8") as handle:
                 data = yaml.safe_load(handle)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"config file '{path}' is not UTF-8 text (it holds the byte "
+                f"0x{error.object[error.start]:02x}); save it as UTF-8"
+            ) from None
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read config file '{path}' ({error.strerror}); fix its permissions or "
+                "pass another --config"
+            ) from None
+        except ValueError:  # an integer of more digits than Python converts (4300)
+            raise ConfigError(
+                f"config file '{path}' holds an integer out of range; integers must be between "
+                f"{INT_MIN} and {INT_MAX}"
+            ) from None
         if data is None:
             raise ConfigError(
                 f"config file '{path}' is empty; put the settings in it (see configs/default.yaml) "

@@ -277,3 +277,25 @@ def test_sparse_layer_bytes_in_the_report_count_the_layers_dense_parts():
     lines = report._accounting_table(results, ["old", "new"])
     assert "| old | 0.099 MB |" in lines and "| new | 0.099 MB |" in lines  # 14,240 + 84,288
     assert any("everything the sparse layers read" in line for line in lines)
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C used to print a 20-line KeyboardInterrupt traceback; the finished runs are kept (a
+    rerun skips them), so it says so in one line and exits 130."""
+    out = tmp_path / "quick"
+
+    def interrupted(suite, out_dir, **kwargs):
+        os.makedirs(os.path.join(out_dir, "runs"))
+        for name in ("mqar-dense-0.json", "mqar-moe-0.json"):
+            with open(os.path.join(out_dir, "runs", name), "w") as handle:
+                handle.write("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_run, "run_suite", interrupted)
+    assert main(["--suite", "quick", "--out", str(out), "--no-progress"]) == 130
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "Traceback" not in error
+    assert error == (
+        f"interrupted: 2 finished run(s) are kept in {out}; run the same command to continue "
+        "(finished runs are skipped)"
+    )

@@ -278,3 +278,105 @@ def test_asyncio_reports_of_abandoned_orbax_tasks_are_dropped_and_others_kept():
     assert result.returncode == 0, result.stderr
     assert "RESOURCE_EXHAUSTED" not in result.stderr
     assert "not orbax" in result.stderr and "never retrieved" in result.stderr
+
+
+_FILL_AFTER_FIRST_SAVE = """
+import os, sys
+from umv2_jax.training import rundir
+from umv2_jax.training.cli import main
+
+filler = sys.argv[1]
+real = rundir.RunDir.saved
+
+
+def saved(self, step):
+    real(self, step)
+    if not os.path.exists(filler):  # the disk fills up between two checkpoint saves
+        with open(filler, "wb", buffering=0) as handle:
+            for size in (2**20, 2**12, 1):
+                try:
+                    while True:
+                        handle.write(b"x" * size)
+                except OSError:
+                    pass
+
+
+rundir.RunDir.saved = saved
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_disk_that_fills_between_saves_stops_the_run_in_one_line(tmp_path):
+    """A real 30 MB tmpfs filled after the first checkpoint (with tensorboardX installed, its writer
+    thread used to die and leave the trainer blocked for ever): exit 2 in one line, the checkpoint
+    kept, run.json not left `running`; with room again the resume finishes, no stray files."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mount)], check=True)
+    try:
+        config_path = tmp_path / "tiny.json"
+        config_path.write_text(json.dumps(to_dict(load_config(None, TINY))))
+        workdir, filler = mount / "run", mount / "filler"
+        sets = ["checkpoint.every=10", "checkpoint.async_save=false", "train.log_every=1"]
+        argv = ["--config", str(config_path), "--workdir", str(workdir), "--quiet"]
+        argv += ["--steps", "20"] + [arg for item in sets for arg in ("--set", item)]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+        done = subprocess.run(
+            [sys.executable, "-c", _FILL_AFTER_FIRST_SAVE, str(filler), *argv],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,  # it used to hang
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        errors = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("error: "), errors
+        assert "no space left on the device" in errors[0] and "step 10" in errors[0], errors
+        assert os.listdir(workdir / "checkpoints") == ["10"]
+        assert verify_checksums(str(workdir / "checkpoints" / "10")) is None
+        assert json.loads((workdir / "run.json").read_text())["status"] != "running"
+        filler.unlink()
+        status, output = _cli(config_path, workdir, "--steps", "20", *argv[5:])
+        assert status == 0, output[-3000:]
+        assert "Resumed from step 10" in output and "final validation (step 20)" in output
+        assert not [name for name in os.listdir(workdir) if ".tmp" in name], os.listdir(workdir)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_checkpoint_without_checksums_is_named_in_a_warning_or_refused(saved_run, tmp_path):
+    """64 bytes flipped in the largest state file of a step whose checksums.json is gone used to
+    resume silently ("Resumed from step 6"): now one warning line names it, and under
+    checkpoint.require_checksums it is refused (exit 2, one line, nothing moved)."""
+    run, config_path = saved_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    newest = workdir / "checkpoints" / "6"
+    (newest / CHECKSUM_FILE).unlink()
+    target = _largest_file(newest / "state")
+    saved = target.read_bytes()
+    data = bytearray(saved)
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x01 for b in data[middle : middle + 64])
+    target.write_bytes(bytes(data))
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+    status, output = _cli(config_path, workdir, "--set", "checkpoint.require_checksums=true")
+    assert status == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: checkpoint at step 6"), errors
+    assert "has no checksums.json" in errors[0] and "require_checksums" in errors[0]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert target.read_bytes() == bytes(data)  # refused, not read
+
+    # Without the flag it is restored, and said so (undamaged here: damaged weights may diverge).
+    target.write_bytes(saved)
+    status, output = _cli(config_path, workdir)
+    assert status == 0, output[-3000:]
+    warnings = [line for line in output.splitlines() if "has no checksums.json" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoint at step 6"), output
+    assert "cannot be verified" in warnings[0] and "require_checksums=true" in warnings[0]
+    assert "Resumed from step 6" in output

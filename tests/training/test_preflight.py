@@ -131,3 +131,38 @@ def test_memory_limit_on_cpu_is_the_machines_available_ram():
         params=limit // 10, optimizer=limit // 5, rest=0, arrays=1, activations=0
     )
     preflight.check_memory(small, mesh)
+
+
+def test_a_metrics_file_the_user_cannot_write_is_refused_before_the_model_is_built(tiny_config):
+    """It used to be a PermissionError traceback after building the model. As `nobody`, in a work
+    directory of nobody's holding root's read-only metrics.jsonl; --no-resume deletes it."""
+    base = Path(tempfile.mkdtemp(prefix="preflight-metrics-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        config_path = base / "tiny.json"
+        config_path.write_text(json.dumps(to_dict(tiny_config())))
+        config_path.chmod(0o644)
+        workdir = base / "run"
+        workdir.mkdir()
+        os.chown(workdir, 65534, 65534)
+        metrics = workdir / "metrics.jsonl"
+        metrics.write_text('{"step": 1, "loss": 5.0}\n')
+        metrics.chmod(0o644)
+        status, output = _cli(config_path, workdir, prefix=NOBODY)
+        assert status == 2, output[-2000:]
+        assert output.strip().count("\n") == 0 and "Traceback" not in output
+        assert output.startswith(f"error: {metrics} is not writable; fix its permissions")
+        assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
+        status, output = _cli(config_path, workdir, "--no-resume", "--steps", "2", prefix=NOBODY)
+        assert status == 0, output[-2000:]
+        assert f"--no-resume: deleting {metrics}" in output
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_workdir_name_that_is_not_utf8_is_refused_up_front(tmp_path, tiny_config):
+    """orbax (tensorstore) cannot take such a path: the run trained, then failed to save."""
+    workdir = os.fsdecode(bytes(tmp_path) + b"/run-\xff")
+    with pytest.raises(ResourceError, match=r"is not UTF-8 \(it holds the byte 0xff\)"):
+        loop.train(tiny_config(), workdir, **QUIET)
+    assert os.listdir(tmp_path) == []

@@ -279,3 +279,215 @@ def test_bad_names_empty_files_and_non_finite_values_write_nothing(
     assert message in _one_error_line(capsys.readouterr().err.strip().splitlines())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
     assert not (tmp_path.parent / "x").exists()  # runs/../../x
+
+
+def test_a_non_finite_evaluation_loss_stops_the_run_like_a_divergence(
+    tmp_path, capsys, monkeypatch
+):
+    """The review's `--set model.vocab_size=100` run trained to the end and printed `eval loss
+    nan`; here the evaluation at step 4 is made to return NaN."""
+    from umv2_jax.training import loop
+
+    real = loop.summarize_eval
+
+    def nan_at_step_4(sums):
+        result = real(sums)
+        if len(read_metrics(str(workdir))) >= 4:
+            result["eval_loss"] = result["eval_bpb"] = float("nan")
+        return result
+
+    monkeypatch.setattr(loop, "summarize_eval", nan_at_step_4)
+    workdir = tmp_path / "run"
+    code, out, err = _train(capsys, workdir, "--steps", "6")
+    assert code == 1
+    line = _one_error_line(err)
+    assert line.startswith("error: evaluation loss became nan at step 4"), line
+    assert "the last good checkpoint is step 2" in line.lower()
+    assert "final validation" not in out and "sample with" not in out
+    manifest = json.loads((workdir / "run.json").read_text())
+    assert manifest["status"] == "diverged" and manifest["diverged_at"] == 4
+    assert manifest["diverged_during"] == "evaluation"
+    assert 2 in rundir.checkpoint_steps(str(workdir))
+    assert [r["eval_loss"] for r in read_metrics(str(workdir)) if "eval_loss" in r] == ["nan"]
+
+
+# ---- a full disk between checkpoint saves: every writer fails into the same one line ------------
+
+
+def _enospc(path="?"):
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def _fail_metrics(monkeypatch, workdir):
+    """metrics.jsonl's writes fail once the run has written 3 records."""
+    from umv2_jax.training import metrics
+
+    class Handle:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, text):
+            if len(read_metrics(str(workdir))) >= 3:
+                raise _enospc()
+            return self.real.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    def fake_open(path, *args, **kwargs):
+        handle = open(path, *args, **kwargs)
+        appending = str(path).endswith("metrics.jsonl") and args[:1] == ("a",)
+        return Handle(handle) if appending else handle
+
+    monkeypatch.setattr(metrics, "open", fake_open, raising=False)
+
+
+def _fail_tensorboard(monkeypatch, workdir):
+    pytest.importorskip("tensorboardX")
+    from tensorboardX import record_writer
+
+    real = record_writer.RecordWriter.write
+
+    def write(self, data):
+        if len(read_metrics(str(workdir))) >= 3:
+            raise _enospc()
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+
+
+def _fail_plot(monkeypatch, workdir):
+    from matplotlib.figure import Figure
+
+    def savefig(self, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"\x89PNG partial")
+        raise _enospc(path)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+
+
+def _fail_manifest(monkeypatch, workdir):
+    """run.json's writes fail after the first save, also over the old file's bytes."""
+    real = rundir.write_json_atomically
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        handle = real_open(path, *args, **kwargs)
+        if ".tmp." in str(path) and rundir.checkpoint_steps(str(workdir)):
+            handle.close()
+            raise _enospc(path)  # after creating the temporary file, as a full disk does
+        return handle
+
+    monkeypatch.setattr(rundir, "open", fake_open, raising=False)
+    monkeypatch.setattr(rundir, "_write_in_place", lambda path, text: False)
+    assert real is rundir.write_json_atomically
+
+
+@pytest.mark.parametrize(
+    "fail", [_fail_metrics, _fail_tensorboard, _fail_plot, _fail_manifest], ids=lambda f: f.__name__
+)
+def test_a_full_disk_between_saves_is_one_line_for_every_writer(
+    tmp_path, capsys, monkeypatch, fail
+):
+    import faulthandler
+
+    workdir = tmp_path / "run"
+    fail(monkeypatch, workdir)
+    # tensorboardX's writer thread died on the error and the run blocked for ever, deaf to SIGTERM
+    faulthandler.dump_traceback_later(300, exit=True, file=sys.__stderr__)
+    try:
+        code, out, err = _train(capsys, workdir, "--steps", "6")
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert code == 2, err
+    line = _one_error_line(err)
+    assert re.match(
+        r"error: the run stopped: could not write \S+: no space left on the device", line
+    )
+    assert "kept the checkpoint of step" in line and "free disk space" in line, line
+    assert "sample with" not in out
+    kept = rundir.checkpoint_steps(str(workdir))
+    assert kept and f"kept the checkpoint of step {kept[-1]} " in line
+    status = json.loads((workdir / "run.json").read_text()).get("status")
+    assert status != "running" or fail is _fail_manifest  # recorded, unless run.json is the fault
+    assert not list(workdir.glob("*.tmp*")), list(workdir.iterdir())
+    monkeypatch.undo()  # the disk has room again: the resume finishes and leaves no stray file
+    code, out, err = _train(capsys, workdir, "--steps", "6")
+    assert code == 0, err
+    assert "final validation (step 6)" in out
+    assert json.loads((workdir / "run.json").read_text())["status"] == "finished"
+    assert not list(workdir.glob("*.tmp*"))
+
+
+# ---- messages that named the wrong thing ---------------------------------------------------------
+
+
+def _signal_in(monkeypatch, module, name, signum=signal.SIGINT):
+    """`module.name` sends this process `signum` (caught by the run's handler) before running."""
+    real = getattr(module, name)
+
+    def sending(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, sending)
+
+
+def test_ctrl_c_while_building_the_model_of_a_resume_names_the_step_it_stays_at(
+    run, capsys, monkeypatch
+):
+    from umv2_jax.training import loop
+
+    loop.signals.set_phase("start-up")
+    _signal_in(monkeypatch, loop, "build")
+    code, _, err = _train(capsys, run)
+    assert code == 130
+    assert err == [
+        f"SIGINT (Ctrl-C) during start-up (building the model): stopped before training a step; "
+        f"the run in {run} stays at step 4. Run the same command to continue"
+    ]
+
+
+def test_a_stop_before_the_model_build_does_not_name_start_up_twice(run, capsys, monkeypatch):
+    from umv2_jax.training import loop
+
+    _signal_in(monkeypatch, loop.pipeline, "make_eval_batches", signal.SIGTERM)
+    code, _, err = _train(capsys, run)
+    assert code == 0
+    assert err == [
+        f"SIGTERM during start-up: stopped before training a step; the run in {run} stays at "
+        "step 4. Run the same command to continue"
+    ]
+
+
+def test_no_resume_also_deletes_the_checkpoints_set_aside_as_unreadable(run, capsys):
+    aside = run / "checkpoints_unreadable" / "4-1700000000"
+    aside.mkdir(parents=True)
+    (aside / "checksums.json").write_text("{}")
+    code, out, _ = _train(capsys, run, "--no-resume", "--steps", "2")
+    assert code == 0
+    assert f"--no-resume: deleting {run / 'checkpoints_unreadable'}" in out
+    assert not (run / "checkpoints_unreadable").exists()
+
+
+def test_the_changed_model_error_names_both_flags_and_following_it_works(run, capsys):
+    other = ["--set", "model.d_model=64", "--steps", "2"]
+    code, _, err = _train(capsys, run, *other)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "different config (model.d_model: saved 32, now 64)" in line
+    assert "pass --no-resume --overwrite-other-model to delete that run" in line
+    code, _, _ = _train(capsys, run, *other, "--no-resume", "--overwrite-other-model")
+    assert code == 0
+
+
+def test_the_printed_sample_command_is_shell_quoted(trained, tmp_path, capsys):
+    workdir = tmp_path / "my run's dir"
+    shutil.copytree(trained, workdir)
+    code, out, _ = _train(capsys, workdir)
+    assert code == 0
+    quoted = "'" + str(workdir).replace("'", "'\"'\"'") + "'"
+    assert f"sample with  python -m umv2_jax.generate --workdir {quoted} --prompt" in out

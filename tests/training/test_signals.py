@@ -156,3 +156,21 @@ def test_an_evaluation_before_the_stop_is_labelled_with_its_own_step(tmp_path):
     assert line.startswith("last validation (step 4): "), output
     stopped_at = checkpoint_steps(str(tmp_path))[-1]
     assert stopped_at >= 4 and f"stopped      by SIGTERM at step {stopped_at}" in output
+
+
+def test_the_rerun_after_a_stop_in_the_final_evaluation_records_that_evaluation(tmp_path):
+    """The rerun of a run stopped during its final evaluation prints a final validation; its record
+    lands in metrics.jsonl too (it had none)."""
+    from umv2_jax.training.metrics import read_metrics
+
+    child = Child(tmp_path)
+    child.wait_for_line("step 4: evaluating")
+    _stopped(child, signal.SIGTERM)
+    assert not [r for r in read_metrics(str(tmp_path)) if "eval_loss" in r]
+    config = load_config(default_config_path(), RUN)
+    result = loop.train(config, str(tmp_path), progress=False, echo=lambda line: None)
+    assert result.eval_step == 4 and result.eval
+    evals = [r for r in read_metrics(str(tmp_path)) if "eval_loss" in r]
+    assert [(r["step"], r["eval_loss"]) for r in evals] == [(4, result.eval["eval_loss"])]
+    loop.train(config, str(tmp_path), progress=False, echo=lambda line: None)  # once more
+    assert len([r for r in read_metrics(str(tmp_path)) if "eval_loss" in r]) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,10 +25,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from umv2_jax.compare.run import run_suite
 
+    out = args.out or f"results/{args.suite}"
     try:
         run_suite(
             SUITES[args.suite],
-            args.out or f"results/{args.suite}",
+            out,
             tasks=args.tasks,
             seeds=args.seeds,
             progress=not args.no_progress,
@@ -35,7 +37,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: every finished run is on disk, each in its own file
+        print(
+            f"\ninterrupted: {_finished_runs(out)} finished run(s) are kept in {out}; run the same "
+            "command to continue (finished runs are skipped)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
+
+
+def _finished_runs(out: str) -> int:
+    runs = os.path.join(out, "runs")
+    try:
+        return sum(name.endswith(".json") for name in os.listdir(runs))
+    except OSError:
+        return 0
 
 
 if __name__ == "__main__":

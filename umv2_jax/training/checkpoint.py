@@ -19,7 +19,9 @@ computed in orbax's background thread after the data is finalized and before the
 verifies it against its checksums; if it does not match or orbax cannot read it (a flipped block, a
 truncated or missing file) it says so in one line, moves it to `checkpoints_unreadable/` and falls
 back to the previous one, and if none can be read it raises `CheckpointError`: a run never silently
-starts afresh. A save that fails (a full disk) removes its partial directory, keeps the earlier
+starts afresh. A step without `checksums.json` (an older layout, or the file deleted) cannot be
+verified: it is restored with a one-line warning, or refused under `checkpoint.require_checksums`.
+A save that fails (a full disk) removes its partial directory, keeps the earlier
 checkpoints and raises `CheckpointError`.
 """
 
@@ -43,7 +45,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from umv2_jax.config import SCAN_MIN_LAYERS, CheckpointConfig, Config, to_dict
-from umv2_jax.errors import CheckpointError
+from umv2_jax.errors import CheckpointError, WriteError
 
 log = logging.getLogger("umv2_jax")
 CONFIG_FILE = "config.json"
@@ -73,8 +75,9 @@ def check_compatible(workdir: str, config: Config) -> bool:
         if saved.get(section) != current[section]:
             differing = _first_difference(saved.get(section, {}), current[section], section)
             raise CheckpointError(
-                f"{workdir} holds a run with a different config ({differing}); "
-                "use a new --workdir or pass --no-resume to start over there"
+                f"{workdir} holds a run with a different config ({differing}); use a new "
+                "--workdir, or pass --no-resume --overwrite-other-model to delete that run and "
+                "start over there"
             )
     return True
 
@@ -101,11 +104,18 @@ def _first_difference(saved: Any, current: Any, prefix: str) -> str:
 
 
 def write_config(workdir: str, config: Config) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(to_dict(config), handle, indent=2)
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    """Writes WORKDIR/config.json atomically; WriteError (the temporary file removed) if it fails."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(tmp, "w") as handle:
+            json.dump(to_dict(config), handle, indent=2)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise WriteError(path, error) from None
 
 
 class Checkpointer:
@@ -118,6 +128,7 @@ class Checkpointer:
     def __init__(self, workdir: str, options: CheckpointConfig, *, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.read_only = read_only
+        self.require_checksums = options.require_checksums
         self.checksum_seconds: list[float] = []  # per save, for measuring what checksums cost
         # Steps whose asynchronous save is in flight; orbax runs one at a time, in order.
         self._in_flight: collections.deque[int] = collections.deque()
@@ -177,8 +188,9 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any, abstract_rest: Any) -> tuple[int, Any, Any, dict]:
         """(step, state, rest, data_state) of the newest readable checkpoint.
 
-        A step is readable when its files match its checksums (`checksums.json`; a step saved
-        before checksums existed is not checked) and orbax can restore it into the abstract
+        A step is readable when its files match its checksums (`checksums.json`; a step without
+        one is restored with a one-line warning, or refused under `checkpoint.require_checksums`)
+        and orbax can restore it into the abstract
         targets. Unreadable steps are reported in one line each and moved to `checkpoints_unreadable/`
         (left in place when read-only); orbax's own error output is summarized into that line.
         """
@@ -188,6 +200,7 @@ class Checkpointer:
         failures = []
         for step in reversed(steps):
             step_dir = os.path.join(self.directory, str(step))
+            self._check_has_checksums(step, step_dir)
             reason = verify_checksums(step_dir)
             if reason is None:
                 try:
@@ -205,6 +218,27 @@ class Checkpointer:
         raise CheckpointError(
             f"every checkpoint in {self.directory} is unreadable (steps {steps}); "
             "delete the directory or use a new --workdir"
+        )
+
+    def _check_has_checksums(self, step: int, step_dir: str) -> None:
+        """A step without checksums.json cannot be verified: a one-line warning, or under
+        `checkpoint.require_checksums` a CheckpointError (nothing moved or written)."""
+        if os.path.isfile(os.path.join(step_dir, CHECKSUM_FILE)):
+            return
+        what = (
+            f"checkpoint at step {step} in {self.directory} has no {CHECKSUM_FILE} (saved by an "
+            "older version, or the file was deleted)"
+        )
+        if self.require_checksums:
+            raise CheckpointError(
+                f"{what} and checkpoint.require_checksums is set; restore the file, move the step "
+                "directory away to resume from an earlier one, or pass "
+                "--set checkpoint.require_checksums=false to load it unverified"
+            )
+        log.warning(
+            "warning: %s: its files cannot be verified, so damage to them may go unnoticed; "
+            "--set checkpoint.require_checksums=true refuses such checkpoints",
+            what,
         )
 
     def wait(self) -> None:

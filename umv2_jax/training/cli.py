@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -164,7 +165,8 @@ def _main(argv: list[str] | None) -> int:
     print(f"metrics      {result.metrics_path}")
     if result.plot_path:
         print(f"loss plot    {result.plot_path}")
-    print(f"sample with  python -m umv2_jax.generate --workdir {result.workdir} --prompt 'ROMEO:'")
+    workdir = shlex.quote(result.workdir)  # a command to paste into a shell
+    print(f"sample with  python -m umv2_jax.generate --workdir {workdir} --prompt 'ROMEO:'")
     if result.preempted:
         print(
             f"stopped      by {signals.name(result.stop_signal)} at step {result.step}; "

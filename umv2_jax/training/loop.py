@@ -27,7 +27,7 @@ from tqdm import tqdm
 from umv2_jax import parallel, paths
 from umv2_jax.config import Config
 from umv2_jax.data import pipeline, run_tokenizer
-from umv2_jax.errors import ConfigError
+from umv2_jax.errors import ConfigError, WriteError
 from umv2_jax.parallel import distributed
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
@@ -95,16 +95,19 @@ def train(
             "gcsfuse mount) instead"
         )
     mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
-    with (
-        # Everything traced in the run sees the mesh (token-local ops run under shard_map on it).
-        parallel.use_mesh(mesh),
-        signals.handling(),  # SIGTERM / SIGINT: stop at the next safe point (signals.py)
-        rundir.RunDir(os.path.abspath(workdir), primary=primary, echo=echo) as run,
-    ):
-        result = _train(
-            config, run, resume, overwrite_other_model, stop_after, progress, echo, account
-        )
-        run.ended(result.step, result.preempted, config.train.steps)
+    try:
+        with (
+            # Everything traced in the run sees the mesh (token-local ops run under shard_map).
+            parallel.use_mesh(mesh),
+            signals.handling(),  # SIGTERM / SIGINT: stop at the next safe point (signals.py)
+            rundir.RunDir(os.path.abspath(workdir), primary=primary, echo=echo) as run,
+        ):
+            result = _train(
+                config, run, resume, overwrite_other_model, stop_after, progress, echo, account
+            )
+            run.ended(result.step, result.preempted, config.train.steps)
+    except WriteError as error:  # metrics, TensorBoard, plot, manifest: the same one line
+        raise rundir.write_failed(error, os.path.abspath(workdir)) from None
     return result
 
 
@@ -138,20 +141,20 @@ def _train(
     # This process feeds the rows its own devices hold: block `share` of `shares` of each batch
     # (processes whose devices hold the same rows, e.g. `tensor` across hosts, read the same data).
     share, shares = distributed.batch_share(mesh)
-    preflight.check(config, workdir, mesh)  # workdir, memory, disk: before anything is built
+    preflight.check(config, workdir, mesh, resume)  # workdir, memory, disk: before building
     vocab_warning = pipeline.check_vocab(config)  # ConfigError if the tokenizer's ids do not fit
     if resume and config.data.task_name is None:
         run_tokenizer.check(workdir, pipeline.run_tokenizer(config))  # before anything is written
     has_run = run.open(config, resume=resume, overwrite_other_model=overwrite_other_model)
     train_iterator = pipeline.make_train_iterator(config, share, shares)
     eval_batches = pipeline.make_eval_batches(config, config.train.eval_batches, share, shares)
-    signals.raise_if_requested(workdir)  # start-up stops: StopRequested, nothing deleted
+    signals.raise_if_requested(workdir, _latest(workdir))  # start-up: StopRequested, no deletes
     if not resume:
         run.clear()  # prints each path it deletes
 
     signals.set_phase("start-up: building the model")
     setup = build(config, mesh)
-    signals.raise_if_requested(workdir)
+    signals.raise_if_requested(workdir, _latest(workdir))  # a resume stays at its latest step
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     state, rest, start_step = setup.state, setup.rest, 0
     if has_run and checkpointer.steps():
@@ -204,7 +207,30 @@ def _train(
             if signals.requested():
                 return {}
         signals.set_phase(f"the end of the evaluation at step {step}")
-        return summarize_eval(sums)
+        result = summarize_eval(sums)
+        check_eval(step, result)
+        return result
+
+    def check_eval(step: int, result: dict[str, float]) -> None:
+        """A non-finite evaluation loss stops the run like a non-finite training loss (exit 1,
+        run.json "diverged"), after recording it; the checkpoints saved so far are kept."""
+        loss = result["eval_loss"]
+        if np.isfinite(loss):
+            return
+        writer.write(step, result)
+        run.diverged(step, during="evaluation")
+        earlier = [s for s in saved_steps if s < step]
+        held = f" (checkpoint {step} holds the weights it evaluated)" if step in saved_steps else ""
+        raise TrainingDiverged(
+            f"evaluation loss became {loss} at step {step}{held}"
+            + (f", the training loss was {losses[-1]:.4f}" if losses else "")
+            + "; stopped. "
+            + rundir.divergence_advice(
+                earlier[-1] if earlier else None,
+                checkpointer.directory,
+                min(config.checkpoint.every, last_step),
+            )
+        )
 
     writer = metrics_lib.MetricsWriter(workdir, enabled=primary, start_step=start_step)
     schedule = learning_rate_schedule(config)
@@ -228,6 +254,7 @@ def _train(
     losses: list[float] = []
     eval_result: dict[str, float] = {}
     last_good = start_step or None  # None: no checkpoint yet
+    saved_steps = [start_step] if start_step else []  # the weights at these steps are on disk
     window_start, window_steps = time.perf_counter(), 0
 
     def flush_metrics() -> None:
@@ -265,53 +292,59 @@ def _train(
         say(f"step {step}: saving checkpoint")
         checkpointer.save(step, state, rest, train_iterator.get_state(), config, force=True)
         last_good = step
+        saved_steps.append(step)
         run.saved(step)
 
     step = start_step
     evaluated_at = None
     try:
-        # Signals are read at safe points only: between steps, between eval batches, after a
-        # save. A stop saves the last completed step (before the evaluation at that step, so a
-        # run stopped during its final evaluation is complete on disk) and returns.
-        while step < last_step and not signals.requested():
-            signals.set_phase(f"step {step + 1}")
-            batch = to_global(next(train_iterator))
-            state, step_metrics = train_step(state, rest, batch)
-            step += 1
-            window_steps += 1
-            pending.append((step, step_metrics))
-            bar.update(1)
-            at_end = step == last_step
-            if step % config.train.log_every == 0 or at_end:
-                flush_metrics()
-            if step % config.checkpoint.every == 0 or at_end or signals.requested():
-                save(step)
-            if signals.requested():
-                break
-            if step % config.train.eval_every == 0 or step == total_steps:
-                flush_metrics()
-                result = evaluate(state["params"], step)
-                if result:
-                    eval_result, evaluated_at = result, step
-                    writer.write(step, eval_result)
-                    say(
-                        f"step {step}: eval loss {eval_result['eval_loss']:.4f}, "
-                        f"bits/byte {eval_result['eval_bpb']:.4f}"
-                    )
-        if signals.requested() and step > start_step and last_good != step:
-            save(step)  # the signal arrived during an evaluation between checkpoints
-        signals.set_phase(f"waiting for the checkpoint of step {step} to be written")
-    finally:
-        bar.close()
-        checkpointer.close()  # waits for an asynchronous save: never exit while one is running
-        writer.close()
-    stop_signal = signals.requested()
-    if stop_signal is not None:
-        say(_stop_line(stop_signal, start_step, step, checkpointer.directory))
-    elif not eval_result:  # a finished run, resumed: evaluate what it holds
-        eval_result = evaluate(state["params"], step)
-        evaluated_at = step if eval_result else None
+        try:
+            # Signals are read at safe points only: between steps, between eval batches, after a
+            # save. A stop saves the last completed step (before the evaluation at that step, so a
+            # run stopped during its final evaluation is complete on disk) and returns.
+            while step < last_step and not signals.requested():
+                signals.set_phase(f"step {step + 1}")
+                batch = to_global(next(train_iterator))
+                state, step_metrics = train_step(state, rest, batch)
+                step += 1
+                window_steps += 1
+                pending.append((step, step_metrics))
+                bar.update(1)
+                at_end = step == last_step
+                if step % config.train.log_every == 0 or at_end:
+                    flush_metrics()
+                if step % config.checkpoint.every == 0 or at_end or signals.requested():
+                    save(step)
+                if signals.requested():
+                    break
+                if step % config.train.eval_every == 0 or step == total_steps:
+                    flush_metrics()
+                    result = evaluate(state["params"], step)
+                    if result:
+                        eval_result, evaluated_at = result, step
+                        writer.write(step, eval_result)
+                        say(
+                            f"step {step}: eval loss {eval_result['eval_loss']:.4f}, "
+                            f"bits/byte {eval_result['eval_bpb']:.4f}"
+                        )
+            if signals.requested() and step > start_step and last_good != step:
+                save(step)  # the signal arrived during an evaluation between checkpoints
+            signals.set_phase(f"waiting for the checkpoint of step {step} to be written")
+        finally:
+            bar.close()
+            checkpointer.close()  # waits for an asynchronous save: never exit while one runs
         stop_signal = signals.requested()
+        if stop_signal is not None:
+            say(_stop_line(stop_signal, start_step, step, checkpointer.directory))
+        elif not eval_result:  # a finished run, resumed: evaluate what it holds
+            eval_result = evaluate(state["params"], step)
+            evaluated_at = step if eval_result else None
+            stop_signal = signals.requested()
+            if eval_result and not _has_eval_record(workdir, step):
+                # e.g. the first run was stopped during its final evaluation: record it now
+                writer.write(step, eval_result)
+    finally:
+        writer.close()
     plot = metrics_lib.plot_loss(workdir) if primary else None
     return RunResult(
         workdir=workdir,
@@ -325,6 +358,17 @@ def _train(
         eval_step=evaluated_at,
         stop_signal=stop_signal,
     )
+
+
+def _latest(workdir: str) -> int:
+    """The step of the latest checkpoint in `workdir` (0: none), for a stop line at start-up."""
+    steps = rundir.checkpoint_steps(workdir)
+    return steps[-1] if steps else 0
+
+
+def _has_eval_record(workdir: str, step: int) -> bool:
+    records = metrics_lib.read_metrics(workdir)
+    return any(r.get("step") == step and "eval_loss" in r for r in records)
 
 
 def _data_parallel(mesh: jax.sharding.Mesh) -> int:

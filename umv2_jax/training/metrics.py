@@ -8,20 +8,31 @@ that step, so every step has one record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import time
+from collections.abc import Iterator
 from typing import Any
+
+from umv2_jax.errors import WriteError
 
 log = logging.getLogger("umv2_jax")
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl (a resumed run keeps appending to the same file)."""
+    """Appends records to metrics.jsonl (a resumed run keeps appending to the same file).
+
+    Every write happens in the calling thread and a failed one (a full disk) raises
+    `errors.WriteError` naming the file, at once: TensorBoard events are written synchronously
+    (`_TensorBoard`), never by a background thread that could die and leave the run blocked.
+    """
 
     def __init__(
         self,
@@ -33,37 +44,105 @@ class MetricsWriter:
         """`enabled=False` (every process but the first of a multi-host run) writes nothing.
         `start_step`: the step the run starts from; later records are dropped first (`truncate`)."""
         self.path = os.path.join(workdir, METRICS_FILE)
-        if enabled and start_step is not None:
-            truncate(workdir, start_step)
-        self._handle = open(self.path, "a") if enabled else None
+        self._handle = None
         self._tensorboard = None
-        if tensorboard and enabled:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self._tensorboard = SummaryWriter(
-                    os.path.join(workdir, "tensorboard"),
-                    purge_step=start_step + 1 if start_step else None,  # hides the redone steps
-                )
+        self._failed = False
+        if not enabled:
+            return
+        if start_step is not None:
+            truncate(workdir, start_step)
+        with _writing(self.path):
+            self._handle = open(self.path, "a")
+        if tensorboard and _tensorboard_available():
+            self._tensorboard = _TensorBoard(
+                os.path.join(workdir, TENSORBOARD_DIR),
+                purge_step=start_step + 1 if start_step else None,  # hides the redone steps
+            )
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         if self._handle is None:
             return
         clean = {key: _plain(value) for key, value in record.items()}
-        self._handle.write(json.dumps({"step": step, **clean}) + "\n")
-        self._handle.flush()
-        if self._tensorboard is not None:
-            for key, value in clean.items():
-                if isinstance(value, int | float):
-                    self._tensorboard.add_scalar(key, value, step)
+        try:
+            with _writing(self.path):
+                self._handle.write(json.dumps({"step": step, **clean}) + "\n")
+                self._handle.flush()
+            if self._tensorboard is not None:
+                scalars = {k: v for k, v in clean.items() if isinstance(v, int | float)}
+                self._tensorboard.add_scalars(step, scalars)
+        except WriteError:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        """Closes the files; after a failed write it drops what cannot be written (no second
+        error: the first one is the run's)."""
+        for closer in (self._handle, self._tensorboard):
+            if closer is None:
+                continue
+            try:
+                with _writing(self.path if closer is self._handle else TENSORBOARD_DIR):
+                    closer.close()
+            except WriteError:
+                if not self._failed:
+                    self._failed = True
+                    raise
+        self._handle = self._tensorboard = None
+
+
+class _TensorBoard:
+    """TensorBoard scalars written in the caller's thread (tensorboardX's `SummaryWriter` hands
+    them to a thread that dies on a write error, after which adding events blocks forever)."""
+
+    def __init__(self, logdir: str, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
+
+        self._event, self._scalar = Event, scalar
+        with _writing(logdir):
+            os.makedirs(logdir, exist_ok=True)
+            self._events = EventsWriter(os.path.join(logdir, "events"))
+            self.path = self._events._file_name
+        if purge_step is not None:  # TensorBoard hides the events from purge_step on
+            self._write(Event(step=purge_step, file_version="brain.Event:2"))
+            self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self._flush()
+
+    def add_scalars(self, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        for key, value in values.items():
+            self._write(self._event(wall_time=now, step=step, summary=self._scalar(key, value)))
+        self._flush()
+
+    def close(self) -> None:
+        with _writing(self.path):
+            self._events.close()
+
+    def _write(self, event) -> None:
+        with _writing(self.path):
+            self._events.write_event(event)
+
+    def _flush(self) -> None:
+        with _writing(self.path):
+            self._events.flush()
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turns an OSError while writing `path` into `WriteError` (one line, exit 2)."""
+    try:
+        yield
+    except OSError as error:
+        raise WriteError(path, error) from None
 
 
 def _plain(value: Any) -> Any:
@@ -110,9 +189,13 @@ def truncate(workdir: str, step: int) -> int:
     dropped = len(lines) - len(kept)
     if dropped:
         tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as handle:
-            handle.writelines(kept)
-        os.replace(tmp, path)
+        try:
+            with _writing(path):
+                with open(tmp, "w") as handle:
+                    handle.writelines(kept)
+                os.replace(tmp, path)
+        finally:
+            _remove(tmp)
         log.info(
             "%s: dropped %d record(s) after step %d (that run's redone steps)", path, dropped, step
         )
@@ -142,6 +225,16 @@ def plot_loss(workdir: str) -> str | None:
     axis.legend()
     path = os.path.join(workdir, PLOT_FILE)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with _writing(path):
+            figure.savefig(path, dpi=100)
+    finally:
+        plt.close(figure)
     return path
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

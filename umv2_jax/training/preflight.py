@@ -4,7 +4,8 @@
 
 Nothing is allocated and nothing is written. In order:
 
-1. the work directory is a directory, or can be created as one, and is writable;
+1. the work directory is a directory, or can be created as one, and is writable, its name is UTF-8
+   (orbax cannot save under other names), and the files a resume appends to are writable;
 2. one training step fits the device memory: parameters, gradients, optimizer state, the other
    variables and an activation estimate, per device under the most favourable sharding the mesh
    allows (so a run that could fit is never refused), against the device's reported limit
@@ -32,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from umv2_jax.config import Config, ModelConfig
-from umv2_jax.errors import ResourceError
+from umv2_jax.errors import ResourceError, show
 
 CHECKPOINTS_NEEDED = 2
 METADATA_BYTES_PER_ARRAY = 2048  # orbax's _METADATA, _sharding and array metadata, measured
@@ -60,20 +61,29 @@ class Sizes:
         return 2 * self.params + self.optimizer + self.rest
 
 
-def check(config: Config, workdir: str, mesh: jax.sharding.Mesh) -> Sizes:
+def check(config: Config, workdir: str, mesh: jax.sharding.Mesh, resume: bool = True) -> Sizes:
     """Raises ResourceError with the numbers and the fix if `workdir` or this machine cannot hold
-    the run; otherwise returns the sizes it checked."""
-    existing = check_workdir(workdir)
+    the run; otherwise returns the sizes it checked. `resume=False`: the previous run's files will
+    be deleted, so only the directory needs to be writable."""
+    existing = check_workdir(workdir, resume)
     sizes = estimate(config)
     check_memory(sizes, mesh)
     check_disk(existing, sizes)
     return sizes
 
 
-def check_workdir(workdir: str) -> str:
+def check_workdir(workdir: str, resume: bool = True) -> str:
     """The directory the run's files would be created in: `workdir` itself or its nearest
     existing ancestor. ResourceError if that is not a directory or is not writable."""
     workdir = os.path.abspath(workdir)
+    try:
+        workdir.encode("utf-8")
+    except UnicodeEncodeError as error:  # a name of raw bytes, e.g. from a Latin-1 shell
+        byte = os.fsencode(workdir[error.start : error.end])[:1].hex()
+        raise ResourceError(
+            f"--workdir {show(workdir)} is not UTF-8 (it holds the byte 0x{byte}); checkpoints "
+            "cannot be saved under such a path: pass a --workdir whose name is UTF-8"
+        ) from None
     existing = workdir
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
@@ -91,6 +101,18 @@ def check_workdir(workdir: str) -> str:
             raise ResourceError(
                 f"{path} is not writable{hint}; pass a writable --workdir or fix its permissions"
             )
+    if resume and existing == workdir:  # the files a resumed run appends to or rewrites in place
+        for name, mode in (
+            ("metrics.jsonl", os.W_OK),
+            ("loss.png", os.W_OK),
+            ("tensorboard", os.W_OK | os.X_OK),
+        ):
+            path = os.path.join(workdir, name)
+            if os.path.lexists(path) and not os.access(path, mode):
+                raise ResourceError(
+                    f"{path} is not writable; fix its permissions (or pass --no-resume to start "
+                    "over, deleting it) or use another --workdir"
+                )
     return existing
 
 

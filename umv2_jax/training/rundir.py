@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from umv2_jax.config import Config, to_dict
-from umv2_jax.errors import ConfigError, UserError
+from umv2_jax.errors import ConfigError, UserError, WriteError, describe_os_error
 from umv2_jax.training import checkpoint as checkpoint_lib
 from umv2_jax.training import metrics as metrics_lib
 
@@ -44,7 +44,7 @@ log = logging.getLogger("umv2_jax")
 MANIFEST_FILE = "run.json"
 LOCK_FILE = "train.lock"
 CHECKPOINT_DIR = "checkpoints"  # as `checkpoint.Checkpointer` lays it out
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = metrics_lib.TENSORBOARD_DIR
 OVERWRITE_FLAG = "--overwrite-other-model"
 
 
@@ -82,13 +82,91 @@ def read_manifest(workdir: str) -> dict[str, Any] | None:
 
 
 def write_json_atomically(path: str, data: Any) -> None:
-    """Writes a temporary file beside `path`, syncs it, and renames it over `path`."""
+    """Writes a temporary file beside `path`, syncs it, and renames it over `path`; WriteError if
+    that fails (the temporary file is removed).
+
+    On a full disk, where no new file can be written, the JSON is written over the old file's
+    bytes instead, padded with spaces to its length (JSON allows trailing whitespace), if it fits:
+    so a run stopped by a full disk can still record how it ended.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        _remove(tmp)
+        compact = json.dumps(data, separators=(",", ":"))
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT) or not _write_in_place(path, compact):
+            raise WriteError(path, error) from None
+
+
+def _write_in_place(path: str, text: str) -> bool:
+    """Overwrites `path`'s bytes with `text` padded to their length, allocating no new block."""
+    data = text.encode()
+    try:
+        size = os.path.getsize(path)
+        if len(data) > size:
+            return False
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data + b" " * (size - len(data)), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_temporaries(workdir: str) -> list[str]:
+    """Deletes the temporary files a killed run left beside its manifest, config and metrics
+    (`run.json.tmp.<pid>`, …); only the lock holder calls this, so none of them is in use."""
+    stale = []
+    for name in (MANIFEST_FILE, checkpoint_lib.CONFIG_FILE, metrics_lib.METRICS_FILE):
+        prefix = name + ".tmp"
+        try:
+            names = os.listdir(workdir)
+        except OSError:
+            return stale
+        for entry in names:
+            if entry.startswith(prefix):
+                _remove(os.path.join(workdir, entry))
+                stale.append(entry)
+    return stale
+
+
+def write_failed(error: WriteError, workdir: str, step: int | None = None) -> WriteError:
+    """The one line for a run stopped by a file it could not write: what, why, what is kept."""
+    reason = describe_os_error(error.error)
+    if error.disk_full:
+        free = shutil.disk_usage(workdir).free if os.path.isdir(workdir) else 0
+        reason = f"no space left on the device ({free / 2**20:.1f} MiB free)"
+        fix = "free disk space or use a --workdir on a larger disk, then resume"
+    else:
+        fix = "check the work directory, then resume"
+    kept = checkpoint_steps(workdir)
+    where = f" at step {step}" if step is not None else ""
+    keeps = (
+        f"kept the checkpoint of step {kept[-1]} in {os.path.join(workdir, CHECKPOINT_DIR)}"
+        if kept
+        else "no checkpoint was saved yet"
+    )
+    return WriteError(
+        error.path,
+        error.error,
+        f"the run stopped{where}: could not write {error.path}: {reason}; {keeps}; {fix}",
+    )
 
 
 def divergence_advice(last_good: int | None, checkpoint_dir: str, first_save: int) -> str:
@@ -284,8 +362,11 @@ class RunDir:
                     self._manifest["status"] = "interrupted" if interrupted else "failed"
                 try:
                     self._write_manifest()
-                except OSError as error:  # e.g. a full disk: keep the original error in view
-                    log.warning("could not update %s: %s", MANIFEST_FILE, error)
+                except WriteError as error:
+                    if exc is None:
+                        raise
+                    if not isinstance(exc, WriteError):  # else the disk is known to be full
+                        log.warning("could not update %s: %s", MANIFEST_FILE, error)
         finally:
             self._lock.release()
             if self._created:
@@ -392,6 +473,10 @@ class RunDir:
                 join(self.workdir, CHECKPOINT_DIR),
                 f"checkpoints at steps {_join(state.steps)}" if state.steps else "no checkpoint",
             ),
+            (
+                join(self.workdir, CHECKPOINT_DIR + "_unreadable"),
+                "checkpoints set aside as unreadable",
+            ),
             (join(self.workdir, TENSORBOARD_DIR), "TensorBoard events"),
             (join(self.workdir, metrics_lib.METRICS_FILE), state.record_summary()),
             (join(self.workdir, metrics_lib.PLOT_FILE), "loss plot"),
@@ -422,6 +507,7 @@ class RunDir:
         """Writes the manifest once the run knows where it starts (after any restore)."""
         if not self.primary:
             return
+        remove_stale_temporaries(self.workdir)
         previous = read_manifest(self.workdir) or {}
         self._manifest = {
             "run_id": previous.get("run_id") or _new_run_id(),
@@ -448,10 +534,15 @@ class RunDir:
         self._manifest["step"] = step
         self._write_manifest()
 
-    def diverged(self, step: int) -> None:
+    def diverged(self, step: int, during: str = "training") -> None:
+        """The loss became non-finite at `step`: in its training step (the run reached the step
+        before it) or in the evaluation after it (`during="evaluation"`)."""
         if self._manifest is None:
             return
-        self._manifest.update(status="diverged", diverged_at=step, step=max(step - 1, 0))
+        reached = step if during == "evaluation" else max(step - 1, 0)
+        self._manifest.update(
+            status="diverged", diverged_at=step, diverged_during=during, step=reached
+        )
         self._write_manifest()
 
     def ended(self, step: int, preempted: bool, total_steps: int) -> None:

@@ -100,10 +100,12 @@ def raise_if_requested(workdir: str, start_step: int = 0) -> None:
     if signum is None:
         return
     where = f"stays at step {start_step}" if start_step else "has no checkpoint yet"
+    detail = _state.phase_at_signal.removeprefix("start-up").lstrip(": ")  # "building the model"
+    phase = f"start-up ({detail})" if detail else "start-up"
     raise StopRequested(
         signum,
-        f"{name(signum)} during start-up ({_state.phase_at_signal}): stopped before training a "
-        f"step; the run in {workdir} {where}. Run the same command to continue",
+        f"{name(signum)} during {phase}: stopped before training a step; the run in {workdir} "
+        f"{where}. Run the same command to continue",
     )
 
 
