@@ -16,7 +16,7 @@ import shutil
 
 from umv2_jax.config import Config
 from umv2_jax.data import tokenizers
-from umv2_jax.errors import DataError
+from umv2_jax.errors import DataError, WriteError
 
 DIRECTORY = "tokenizer"
 IDENTITY = "identity.json"
@@ -46,19 +46,30 @@ def check(workdir: str, tokenizer) -> None:
 
 
 def save(workdir: str, tokenizer) -> None:
-    """Writes the identity and a copy of the tokenizer file (atomically; process 0 only)."""
+    """Writes the identity and a copy of the tokenizer file atomically (process 0 only);
+    WriteError naming the file (its temporary removed) if the disk refuses."""
     directory = os.path.join(workdir, DIRECTORY)
-    os.makedirs(directory, exist_ok=True)
     identity = tokenizer.identity()
-    if tokenizer.path is not None:
-        copy = os.path.join(directory, os.path.basename(tokenizer.path))
-        if not os.path.isfile(copy):
-            shutil.copyfile(tokenizer.path, copy + ".tmp")
-            os.replace(copy + ".tmp", copy)
-    temporary = identity_path(workdir) + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump({**identity, "spec": tokenizer.spec}, handle, indent=2)
-    os.replace(temporary, identity_path(workdir))
+    temporaries = []
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if tokenizer.path is not None:
+            copy = os.path.join(directory, os.path.basename(tokenizer.path))
+            if not os.path.isfile(copy):
+                temporaries.append(copy + ".tmp")
+                shutil.copyfile(tokenizer.path, copy + ".tmp")
+                os.replace(copy + ".tmp", copy)
+        temporaries.append(identity_path(workdir) + ".tmp")
+        with open(temporaries[-1], "w") as handle:
+            json.dump({**identity, "spec": tokenizer.spec}, handle, indent=2)
+        os.replace(temporaries[-1], identity_path(workdir))
+    except OSError as error:
+        for temporary in temporaries:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        raise WriteError(
+            temporaries[-1].removesuffix(".tmp") if temporaries else directory, error
+        ) from None
 
 
 def load(workdir: str, config: Config):
