@@ -127,3 +127,18 @@ def test_segment_ids_with_a_kv_cache_are_an_error():
     cache = init_cache(model.config, batch=1, cache_len=8)
     with pytest.raises(ValueError, match="segment_ids"):
         model(tokens, cache=cache, segment_ids=jnp.ones((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_positions_reach_rope_in_every_block(scan):
+    """RoPE sees only relative positions, so a constant shift changes nothing (to rounding) while
+    stretched positions change the logits — in loop and scanned blocks alike. (With documents
+    masked apart, positions restarting per document or not give the same logits for this reason;
+    the data restarts them so that each document starts at the positions training saw.)"""
+    model = _model("dense", scan)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 24)), jnp.int32)
+    forward = nnx.jit(lambda model, tokens, positions: model(tokens, positions=positions)[0])
+    base = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    default = forward(model, tokens, base)
+    np.testing.assert_allclose(forward(model, tokens, base + 5), default, rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(forward(model, tokens, 3 * base) - default))) > 1e-3
