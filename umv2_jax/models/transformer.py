@@ -234,8 +234,8 @@ class Block(nnx.Module):
         stats: the sparse layer's output without `y` (losses, metrics, row hits), or None.
         cache, window: the attention's KV cache and where to write (see `Attention`); the updated
         cache is returned (None without one). The FFN and sparse layers are token-wise: no cache.
-        segment_ids: [batch, seq] document ids for the attention's document mask (no cache), or
-        None; the FFN and sparse layers are token-wise and need none.
+        segment_ids: [batch, seq] document ids of packed rows for the attention (not with a cache),
+        or None.
         """
         if cache is None:
             attended = self.attn(self.attn_norm(x), positions, segment_ids=segment_ids)
