@@ -252,3 +252,14 @@ def test_timing_extrapolates_every_run_linearly_in_tokens():
     # steps + 2 finetuning steps per mode (umv2: 2 modes, the others none), also 4 × 24 tokens.
     total = extrapolate(MICRO, "mqar", {"dense": 1.0, "umv2": 2.0})
     assert total == pytest.approx({"dense": 3 * 3 * 2 + 3, "umv2": 2.0 * (3 * 3 * 2 + 3 + 2 * 2)})
+
+
+def test_device_batches_carry_a_packed_batchs_document_ids():
+    """The runner sends segment_ids / positions to its steps where a batch has them, else only
+    the three keys every task batch has (other keys stay on the host)."""
+    ones = np.ones((2, 4), np.int32)
+    plain = {"inputs": ones, "targets": ones, "loss_mask": ones.astype(np.float32), "x": ones}
+    assert set(runner.device_batch(plain)) == {"inputs", "targets", "loss_mask"}
+    packed = runner.device_batch({**plain, "segment_ids": ones, "positions": 0 * ones})
+    assert set(packed) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    np.testing.assert_array_equal(packed["positions"], 0 * ones)
