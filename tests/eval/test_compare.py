@@ -299,3 +299,14 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, capsys, monkeypat
         f"interrupted: 2 finished run(s) are kept in {out}; run the same command to continue "
         "(finished runs are skipped)"
     )
+
+
+def test_device_batches_carry_a_packed_batchs_document_ids():
+    """The runner sends segment_ids / positions to its steps where a batch has them, else only
+    the three keys every task batch has (other keys stay on the host)."""
+    ones = np.ones((2, 4), np.int32)
+    plain = {"inputs": ones, "targets": ones, "loss_mask": ones.astype(np.float32), "x": ones}
+    assert set(runner.device_batch(plain)) == {"inputs", "targets", "loss_mask"}
+    packed = runner.device_batch({**plain, "segment_ids": ones, "positions": 0 * ones})
+    assert set(packed) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    np.testing.assert_array_equal(packed["positions"], 0 * ones)

@@ -125,3 +125,101 @@ def test_eval_reports_rows_hit_over_the_whole_eval_window():
         "eval/layer0/rows_hit_fraction",
         "eval/layer0/rows_hit_fraction_window",
     }
+
+
+# Packed rows of 32 tokens: (document lengths; 0 = one padding token) per row.
+PACKED_ROWS = ([12, 20], [32], [20, 12], [12, 16, 0, 0, 0, 0])
+
+
+def _packed_batch(seed: int = 0):
+    """A packed batch and its documents: ({"inputs", "targets", "loss_mask", "segment_ids",
+    "positions"} [4, 32], [(inputs, targets) of each document, int32 [length]])."""
+    rng = np.random.default_rng(seed)
+    rows = {key: [] for key in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+    documents = []
+    for lengths in PACKED_ROWS:
+        row = {key: [] for key in rows}
+        for number, length in enumerate(lengths, start=1):
+            if length == 0:  # padding: no document, no loss
+                for key in row:
+                    row[key].append(np.zeros(1))
+                continue
+            tokens = rng.integers(0, 256, length + 1)
+            documents.append((tokens[:-1], tokens[1:]))
+            row["inputs"].append(tokens[:-1])
+            row["targets"].append(tokens[1:])
+            row["loss_mask"].append(np.ones(length))
+            row["segment_ids"].append(np.full(length, number))
+            row["positions"].append(np.arange(length))
+        for key in rows:
+            rows[key].append(np.concatenate(row[key]))
+    batch = {
+        key: jnp.asarray(np.stack(value), jnp.float32 if key == "loss_mask" else jnp.int32)
+        for key, value in rows.items()
+    }
+    return batch, documents
+
+
+def _packed_setup(*overrides):
+    from umv2_jax.config import load_config
+
+    # attention_chunk 8 < seq 32: the chunked path on CPU, documents crossing its blocks.
+    return build(load_config(None, TINY + ["model.attention_chunk=8", *overrides]))
+
+
+@pytest.mark.parametrize("sparse", ["dense", "umv2"])
+def test_steps_on_packed_rows_equal_the_documents_one_by_one(sparse):
+    """The train step's lm_loss and the eval step's sums on a packed batch equal the token-weighted
+    losses of its documents run through the model one at a time."""
+    from umv2_jax.training.step import make_eval_step, token_losses
+
+    from .conftest import SPARSE
+
+    setup = _packed_setup(*SPARSE[sparse])
+    batch, documents = _packed_batch()
+    params, rest = setup.state["params"], setup.rest
+    train_step = jax.jit(make_train_step(setup.parts, setup.optimizer, 1, 0))
+    eval_step = jax.jit(make_eval_step(setup.parts))
+    _, metrics = train_step(setup.state, rest, batch)
+    sums = eval_step(params, rest, batch)
+
+    @jax.jit
+    def document_loss(params, inputs, targets):
+        logits = setup.parts.build(params, rest)(inputs[None])[0]
+        return jnp.sum(token_losses(logits, targets[None]))
+
+    total = sum(float(document_loss(params, *map(jnp.asarray, doc))) for doc in documents)
+    tokens = sum(len(inputs) for inputs, _ in documents)
+    assert float(sums["tokens"]) == tokens == float(jnp.sum(batch["loss_mask"]))
+    np.testing.assert_allclose(float(sums["loss_sum"]), total, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["lm_loss"]), total / tokens, rtol=1e-5)
+    # The same rows read as one sequence each: a different loss (the check can fail).
+    unpacked = {key: batch[key] for key in ("inputs", "targets", "loss_mask")}
+    assert abs(float(eval_step(params, rest, unpacked)["loss_sum"]) - total) > 1e-4 * total
+
+
+def test_micro_batches_split_the_document_ids_with_the_rows():
+    setup = _packed_setup()
+    batch, _ = _packed_batch(seed=1)
+    results = []
+    for micro_batches in (1, 2):
+        step = jax.jit(make_train_step(setup.parts, setup.optimizer, micro_batches, 0))
+        results.append(step(setup.state, setup.rest, batch))
+    (one_state, one), (two_state, two) = results
+    for name in ("lm_loss", "grad_norm"):
+        np.testing.assert_allclose(float(two[name]), float(one[name]), rtol=1e-5, err_msg=name)
+    for got, want in zip(
+        jax.tree.leaves(two_state["params"]), jax.tree.leaves(one_state["params"])
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # Adam: ~lr·sign(g)
+
+
+def test_document_kwargs_are_the_batch_keys_it_has():
+    from umv2_jax.training.step import document_kwargs
+
+    ids, positions = jnp.ones((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32)
+    plain = {"inputs": ids, "targets": ids, "loss_mask": jnp.ones((1, 2))}
+    assert document_kwargs(plain) == {}
+    packed = document_kwargs({**plain, "segment_ids": ids, "positions": positions})
+    assert packed.keys() == {"segment_ids", "positions"}
+    assert packed["segment_ids"] is ids and packed["positions"] is positions

@@ -30,9 +30,16 @@ from umv2_jax.eval import metrics as task_metrics
 from umv2_jax.models.transformer import Transformer
 from umv2_jax.training.optimizer import make_optimizer, parameter_labels
 from umv2_jax.training.state import ModelParts
-from umv2_jax.training.step import make_train_step, token_losses
+from umv2_jax.training.step import document_kwargs, make_train_step, token_losses
 
 DEVICE_KEYS = ("inputs", "targets", "loss_mask")
+# A packed batch's document ids and in-document positions, sent along where a batch has them.
+DOCUMENT_KEYS = ("segment_ids", "positions")
+
+
+def device_batch(batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """The arrays the compiled steps read: DEVICE_KEYS, and DOCUMENT_KEYS where `batch` has them."""
+    return {key: jnp.asarray(batch[key]) for key in DEVICE_KEYS + DOCUMENT_KEYS if key in batch}
 
 
 class Programs:
@@ -80,7 +87,9 @@ class Programs:
         def evaluate(params, rest, batch, token_range=None):
             lo, hi = token_range if token_range is not None else (0, vocab_size)
             model = parts.build(params, rest)
-            logits, aux = model(batch["inputs"], deterministic=True, diagnostics=True)
+            logits, aux = model(
+                batch["inputs"], deterministic=True, diagnostics=True, **document_kwargs(batch)
+            )
             logits = logits[..., :vocab_size]  # the padded vocabulary is never a prediction
             losses = token_losses(logits, batch["targets"])
             ranged = logits[..., lo:hi]
@@ -172,9 +181,7 @@ def train(
     for index in range(start_step, start_step + steps):
         batch = batches(index)
         tokens += int(batch["inputs"].size)
-        state, metrics = programs.train_step(
-            state, rest, {key: jnp.asarray(batch[key]) for key in DEVICE_KEYS}
-        )
+        state, metrics = programs.train_step(state, rest, device_batch(batch))
         step = index + 1
         if index == start_step:
             jax.block_until_ready(metrics)
@@ -208,7 +215,7 @@ def evaluate(
             programs.evaluate(
                 params,
                 rest,
-                {key: jnp.asarray(batch[key]) for key in DEVICE_KEYS},
+                device_batch(batch),
                 token_range=getattr(task, "object_range", None),
             )
         )

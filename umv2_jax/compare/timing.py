@@ -19,7 +19,6 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 
 from umv2_jax.compare import runner
 from umv2_jax.compare.run import run_config, select
@@ -47,11 +46,7 @@ def step_seconds(suite, task_name: str, steps: int) -> dict[str, float]:
         params, rest = programs.init(0)
         state = programs.initial_state(params)
         batches = [
-            {
-                k: jnp.asarray(v)
-                for k, v in task.batch(spec.batch_size, spec.seq_len, seed=0, index=i).items()
-                if k in runner.DEVICE_KEYS
-            }
+            runner.device_batch(task.batch(spec.batch_size, spec.seq_len, seed=0, index=i))
             for i in range(steps + 1)
         ]
         state, metrics = programs.train_step(state, rest, batches[0])  # compiles

@@ -110,14 +110,13 @@ def row_hit_counts(
 
 def recall(programs, params: dict, rest: dict, task, batch_size: int, seq_len: int) -> float:
     """Exact match on every fact of `task` (its test split: each fact once)."""
-    from umv2_jax.compare.runner import DEVICE_KEYS
+    from umv2_jax.compare.runner import device_batch
 
     right = total = 0
     for index in range(task.test_batches(batch_size)):
         batch = task.batch(batch_size, seq_len, seed=0, index=index, split="test")
-        device_batch = {k: jnp.asarray(batch[k]) for k in DEVICE_KEYS}
         predictions = jax.device_get(
-            programs.evaluate(params, rest, device_batch, token_range=task.object_range)[0]
+            programs.evaluate(params, rest, device_batch(batch), token_range=task.object_range)[0]
         )
         mask = batch["loss_mask"] > 0
         right += int(((predictions == batch["targets"]) & mask).sum())

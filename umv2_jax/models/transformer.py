@@ -86,11 +86,14 @@ class Attention(nnx.Module):
         positions: jax.Array,
         cache: LayerCache | None = None,
         window: DecodeWindow | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, LayerCache]:
         """x: [batch, seq, embed], positions: [batch, seq] → [batch, seq, embed].
 
         Without a cache: `umv2_jax.ops.attention` (model.attention, model.attention_chunk), which
-        computes `dot_product_attention(q, k, v, is_causal=True)` without the f32 score matrix.
+        computes `dot_product_attention(q, k, v, is_causal=True)` without the f32 score matrix;
+        with segment_ids ([batch, seq] document ids of a packed row) a query attends only keys of
+        its own document. A cached pass takes no segment ids.
         With `cache` (this layer's keys and values, [batch, cache_len, heads, head_dim] each) and
         `window` (where the new tokens go): the new keys and values are written at slots
         window.index … window.index + seq − 1, every query attends the cached slots s with
@@ -111,7 +114,13 @@ class Attention(nnx.Module):
         k = rope(k, positions, self.rope_theta)
         if cache is None:  # memory-efficient: never f32 [batch, heads, seq, seq] (ops.attention)
             attended = attention_op(
-                q, k, v, causal=True, implementation=self.implementation, chunk=self.chunk
+                q,
+                k,
+                v,
+                causal=True,
+                implementation=self.implementation,
+                chunk=self.chunk,
+                segment_ids=segment_ids,
             )
             return jnp.einsum("bsnd,nde->bse", attended, self.out[...].astype(dtype))
         keys = jax.lax.dynamic_update_slice_in_dim(
@@ -216,6 +225,7 @@ class Block(nnx.Module):
         sparse_input: jax.Array | None = None,
         cache: LayerCache | None = None,
         window: DecodeWindow | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, SparseOutput | None, LayerCache | None]:
         """x: [batch, seq, embed] → (x_next, u, stats, cache).
 
@@ -224,9 +234,11 @@ class Block(nnx.Module):
         stats: the sparse layer's output without `y` (losses, metrics, row hits), or None.
         cache, window: the attention's KV cache and where to write (see `Attention`); the updated
         cache is returned (None without one). The FFN and sparse layers are token-wise: no cache.
+        segment_ids: [batch, seq] document ids of packed rows for the attention (not with a cache),
+        or None.
         """
         if cache is None:
-            attended = self.attn(self.attn_norm(x), positions)
+            attended = self.attn(self.attn_norm(x), positions, segment_ids=segment_ids)
         else:
             attended, cache = self.attn(self.attn_norm(x), positions, cache, window)
         x_mid = x + attended.astype(x.dtype)
@@ -275,8 +287,11 @@ class BlockStack(nnx.Module):
         remat: str,
         cache: LayerCache | None = None,
         window: DecodeWindow | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, SparseOutput | None] | tuple[jax.Array, SparseOutput | None, LayerCache]:
         """x: [batch, seq, embed] → (x after the last block, stats with a leading [layers] axis).
+
+        positions, segment_ids: [batch, seq], the same for every layer (segment_ids may be None).
 
         With `cache` (a LayerCache with a leading [layers] axis) also the updated cache, third.
         Every layer sees the model's whole `context.shared`; a memory layer takes its own window of
@@ -298,7 +313,7 @@ class BlockStack(nnx.Module):
 
         def body(carry, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            x_next, _, stats, _ = block(carry, positions, context)
+            x_next, _, stats, _ = block(carry, positions, context, segment_ids=segment_ids)
             return x_next, stats
 
         body = _rematerialize(body, remat, prevent_cse=False)
@@ -387,8 +402,15 @@ class Transformer(nnx.Module):
         diagnostics: bool = False,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, ModelAux]:
         """tokens: [batch, seq] → (logits [batch, seq, padded_vocab] fp32, ModelAux).
+
+        positions: int [batch, seq], each token's RoPE position (default 0 … seq − 1 per row).
+        segment_ids: int [batch, seq] for packed rows: one id per document (1, 2, …; 0 marks
+        padding), so every attention layer masks attention across documents; pass positions that
+        restart at 0 with each document, and a document's logits are those of the document alone.
+        None: one sequence per row, as before. Not with `cache`.
 
         return_hidden: return the final-normed hidden states [batch, seq, embed] fp32 instead of
         the logits (the loss applies `head_matrix()` in vocabulary chunks: ops.cross_entropy).
@@ -399,6 +421,8 @@ class Transformer(nnx.Module):
         cache.window.start on; positions default to slot − start (each row counts from its first
         real token). `aux.cache` is the updated cache, its index advanced by seq.
         """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("Transformer: segment_ids (packed documents) cannot go with a cache")
         if positions is None and cache is not None:
             slots = cache.window.index + jnp.arange(tokens.shape[1], dtype=jnp.int32)
             positions = jnp.maximum(slots[None, :] - cache.window.start[:, None], 0)
@@ -421,7 +445,7 @@ class Transformer(nnx.Module):
             layer_cache = cache.layers[number] if cache is not None else None
             if isinstance(segment, BlockStack):
                 if layer_cache is None:
-                    x, stats = segment(x, positions, context, self.remat)
+                    x, stats = segment(x, positions, context, self.remat, segment_ids=segment_ids)
                 else:
                     x, stats, layer_cache = segment(
                         x, positions, context, self.remat, layer_cache, window
@@ -440,7 +464,7 @@ class Transformer(nnx.Module):
             )
             if layer_cache is None:
                 x, u, stats, _ = _call_block(
-                    segment, x, positions, block_context, sparse_input, self.remat
+                    segment, x, positions, block_context, sparse_input, self.remat, segment_ids
                 )
             else:  # decoding: no backward pass, so no rematerialization
                 x, u, stats, layer_cache = segment(
@@ -555,14 +579,16 @@ def _layer_shared(shared: Any, block: int) -> Any:
     return shared.layer_view(block)
 
 
-def _call_block(block, x, positions, context, sparse_input, remat: str):
+def _call_block(block, x, positions, context, sparse_input, remat: str, segment_ids=None):
     """One block, rematerialized as `remat` says ("none": a plain call)."""
     if remat == "none":
-        return block(x, positions, context, sparse_input)
+        return block(x, positions, context, sparse_input, segment_ids=segment_ids)
     graphdef, state = nnx.split(block)
 
     def run(state, x, sparse_input):
-        return nnx.merge(graphdef, state)(x, positions, context, sparse_input)
+        return nnx.merge(graphdef, state)(
+            x, positions, context, sparse_input, segment_ids=segment_ids
+        )
 
     return _rematerialize(run, remat)(state, x, sparse_input)
 

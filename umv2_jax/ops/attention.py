@@ -1,13 +1,17 @@
 """Memory-efficient multi-head attention: a fused kernel where the platform has one, a chunked XLA
 path elsewhere; never an f32 [batch, heads, seq, seq] buffer outside the plain reference.
 
-    out = attention(q, k, v, causal=True, implementation="auto", chunk=512)
+    out = attention(q, k, v, causal=True, implementation="auto", chunk=512, segment_ids=None)
 
 q, k, v: [batch, seq, heads, head_dim] in the compute dtype (bf16 or f32) → [batch, seq, heads,
-head_dim] in q's dtype. Equivalent plain JAX (the "xla" reference, which materializes the scores):
+head_dim] in q's dtype. segment_ids: None, or int [batch, seq], one id per packed document (0 marks
+padding, which then attends only to other padding): query i attends key j only if j <= i (causal)
+and segment_ids[b, i] == segment_ids[b, j]. Equivalent plain JAX (the "xla" reference, which
+materializes the scores):
 
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-    # = softmax(q·kᵀ / sqrt(head_dim) + causal mask) · v, softmax in f32
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # or None
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+    # = softmax(q·kᵀ / sqrt(head_dim) + causal and document mask) · v, softmax in f32
 
 Implementations (`model.attention`):
 
@@ -22,7 +26,15 @@ Implementations (`model.attention`):
                lowered for TPU (seq a multiple of 128); chunked otherwise
     "auto"     per lowering platform (`jax.lax.platform_dependent`): cuda → cudnn, tpu → splash,
                cpu / rocm → chunked, or the plain reference when seq <= chunk (one block: the same
-               work without the loop)
+               work without the loop); with segment_ids cuda → chunked (see below)
+
+Document masks (segment_ids) on each path — `masks_documents(implementation)` says which apply
+their own: "xla" adds the mask to the reference; "chunked" ands it into each block's mask (a row
+whose earlier key blocks are all masked keeps a zero running sum, never NaN; every row sees at
+least itself); "splash" passes `SegmentIds(q=ids, kv=ids)` to the kernel. cuDNN cannot: the only
+mask `jax.nn.dot_product_attention(implementation="cudnn")` takes besides causal / sequence lengths
+is a dense additive bias [batch, 1, seq, seq] whose gradient cuDNN computes only for batch 1, so
+"cudnn" (and "auto" on cuda) run the chunked path for a batch with segment_ids.
 
 The choice is made per platform the program is lowered for, not from the host's backend, so
 `jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` on a CPU host holds the splash kernel.
@@ -54,50 +66,87 @@ def attention(
     causal: bool = True,
     implementation: str = "auto",
     chunk: int = DEFAULT_CHUNK,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Multi-head attention. q, k, v: [batch, seq, heads, head_dim] → [batch, seq, heads, head_dim].
 
-    See the module docstring for the implementations; every one computes
-    `jax.nn.dot_product_attention(q, k, v, is_causal=causal)` up to float rounding.
+    segment_ids: None, or int [batch, seq] document ids (a packed row): a query attends only keys
+    of its own document (and, causal, at or before it). See the module docstring for the
+    implementations; every one computes `reference_attention(q, k, v, causal, segment_ids)` up to
+    float rounding.
     """
-    _check(q, k, v, implementation, chunk)
-    run = _per_platform(q, causal, implementation, chunk)
+    _check(q, k, v, implementation, chunk, segment_ids)
+    run = _per_platform(q, causal, implementation, chunk, documents=segment_ids is not None)
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
     from umv2_jax import parallel  # lazy: parallel imports the config, which imports the ops
 
     mesh = parallel.active_mesh()
     if mesh is None:
-        return run(q, k, v)
+        return run(*args)
     batch_axes = parallel.batch_axes(mesh)
     shards = parallel.batch_shards(mesh)
     if q.shape[0] % shards:
-        return run(q, k, v)  # an odd batch: left to the partitioner (replicated kernels)
+        return run(*args)  # an odd batch: left to the partitioner (replicated kernels)
     tensor = mesh.shape.get("tensor", 1)
     heads = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 else None
-    spec = PartitionSpec(batch_axes if batch_axes else None, None, heads, None)
-    local = jax.shard_map(
-        run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
-    )
-    return local(q, k, v)
+    batch = batch_axes if batch_axes else None
+    spec = PartitionSpec(batch, None, heads, None)
+    in_specs = (spec, spec, spec, PartitionSpec(batch, None))[: len(args)]
+    local = jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
+    return local(*args)
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True) -> jax.Array:
-    """The plain reference: `jax.nn.dot_product_attention(q, k, v, is_causal=causal)`."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+def masks_documents(implementation: str) -> bool:
+    """Whether `implementation` (model.attention) applies a document mask (segment_ids) itself.
+
+    True for "xla" (a mask in the reference), "chunked" (in each block's mask), "splash"
+    (`SegmentIds` into the kernel; chunked where splash does not apply) and "auto" (which picks a
+    path that can on every platform). False for "cudnn": cuDNN takes no per-row document mask
+    (see the module docstring), so a batch with segment_ids runs the chunked path instead — the
+    numbers stay right, the cuDNN kernel is not used. Raises ValueError for an unknown name.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention: implementation={implementation!r} is not one of {IMPLEMENTATIONS}"
+        )
+    return implementation != "cudnn"
+
+
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """The plain reference: `jax.nn.dot_product_attention(q, k, v, is_causal=causal)`, with
+    segment_ids [batch, seq] also `mask=` query and key in one document ([batch, 1, seq, seq])."""
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
 
 
 def chunked_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True, chunk: int = DEFAULT_CHUNK
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    causal: bool = True,
+    chunk: int = DEFAULT_CHUNK,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Flash-style attention in XLA: the reference's numbers, scores held one [chunk, chunk] block
     per (batch, head) at a time, forward and backward (custom VJP). Shapes as `attention`."""
-    return _chunked(q, k, v, causal, chunk)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    return _chunked(q, k, v, segment_ids, causal, chunk)
 
 
 # ---------------------------------------------------------------------------------------------
 # Choosing per platform
 
 
-def _check(q, k, v, implementation, chunk) -> None:
+def _check(q, k, v, implementation, chunk, segment_ids=None) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention: implementation={implementation!r} is not one of {IMPLEMENTATIONS}"
@@ -113,21 +162,37 @@ def _check(q, k, v, implementation, chunk) -> None:
         )
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"attention: chunk={chunk!r} must be a positive integer (e.g. 512)")
+    if segment_ids is not None and (
+        segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"attention: segment_ids must be integer [batch, seq] = {q.shape[:2]}; got "
+            f"{segment_ids.dtype}{list(segment_ids.shape)}"
+        )
 
 
-def _per_platform(q, causal: bool, implementation: str, chunk: int) -> Callable:
-    """fn(q, k, v) running the implementation chosen for each lowering platform."""
+def _per_platform(
+    q, causal: bool, implementation: str, chunk: int, documents: bool = False
+) -> Callable:
+    """fn(q, k, v[, segment_ids]) running the implementation chosen for each lowering platform;
+    `documents`: segment_ids will be passed (cuDNN cannot take them: chunked instead)."""
     seq = q.shape[1]
-    chunked = functools.partial(_chunked, causal=causal, chunk=chunk)
+
+    def reference(q, k, v, segment_ids=None):
+        return reference_attention(q, k, v, causal, segment_ids)
+
+    def chunked(q, k, v, segment_ids=None):
+        return _chunked(q, k, v, segment_ids, causal, chunk)
+
     if implementation == "xla":
-        return functools.partial(reference_attention, causal=causal)
+        return reference
     if implementation == "chunked":
         return chunked
     plain = chunked
     if implementation == "auto" and seq <= chunk:
-        plain = functools.partial(reference_attention, causal=causal)
+        plain = reference
     per_platform = {"cpu": plain, "rocm": plain, "cuda": plain, "tpu": plain}
-    if implementation in ("auto", "cudnn") and _cudnn_accepts(q):
+    if implementation in ("auto", "cudnn") and not documents and _cudnn_accepts(q):
         per_platform["cuda"] = functools.partial(_cudnn, causal=causal, fallback=plain)
     if implementation in ("auto", "splash") and _splash_accepts(q):
         per_platform["tpu"] = functools.partial(_splash, causal=causal)
@@ -139,8 +204,8 @@ def _per_platform(q, causal: bool, implementation: str, chunk: int) -> Callable:
     if len(distinct) == 1:
         return next(iter(distinct.values()))
 
-    def run(q, k, v):
-        return jax.lax.platform_dependent(q, k, v, **per_platform)
+    def run(*args):
+        return jax.lax.platform_dependent(*args, **per_platform)
 
     return run
 
@@ -159,7 +224,7 @@ def _cudnn_accepts(q) -> bool:
     return True
 
 
-def _cudnn(q, k, v, causal: bool, fallback: Callable):
+def _cudnn(q, k, v, *, causal: bool, fallback: Callable):
     try:
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     except (NotImplementedError, ValueError):  # cuDNN declines this shape at trace time
@@ -171,7 +236,7 @@ def _splash_accepts(q) -> bool:
     return q.shape[1] % 128 == 0
 
 
-def _splash(q, k, v, causal: bool):
+def _splash(q, k, v, segment_ids=None, *, causal: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernel_lib,
     )
@@ -198,7 +263,15 @@ def _splash(q, k, v, causal: bool):
     def heads_first(x):
         return jnp.swapaxes(x, 1, 2)  # [batch, heads, seq, head_dim]
 
-    out = jax.vmap(kernel)(heads_first(q * scale), heads_first(k), heads_first(v))
+    q, k, v = heads_first(q * scale), heads_first(k), heads_first(v)
+    if segment_ids is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:  # the kernel ands the segment mask into the causal one; each row sees itself
+
+        def one_row(q, k, v, ids):
+            return kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(q=ids, kv=ids))
+
+        out = jax.vmap(one_row)(q, k, v, segment_ids)
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
@@ -206,9 +279,10 @@ def _splash(q, k, v, causal: bool):
 # The chunked XLA path
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked(q, k, v, causal, chunk):
-    return _chunked_forward(q, k, v, causal, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(q, k, v, segment_ids, causal, chunk):
+    """segment_ids: None or int32 [batch, seq] (no gradient)."""
+    return _chunked_forward(q, k, v, segment_ids, causal, chunk)[0]
 
 
 def _blocks(seq: int, chunk: int) -> tuple[int, int]:
@@ -221,12 +295,27 @@ def _pad(x, padded: int):
     return jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _block_mask(i, j, block: int, seq: int, causal: bool):
-    """bool [block, block]: query block i may attend key block j (causal, real keys only)."""
+def _pad_segments(segment_ids, padded: int):
+    """[batch, seq] → [batch, padded], padding rows repeating the last id: a padding query row then
+    shares the last real key's document, so it sees at least that key (no empty softmax)."""
+    if segment_ids is None:
+        return None
+    return jnp.pad(segment_ids, ((0, 0), (0, padded - segment_ids.shape[1])), mode="edge")
+
+
+def _block_mask(i, j, block: int, seq: int, causal: bool, segments=None):
+    """bool [block, block]: query block i may attend key block j (causal, real keys only); with
+    segments (the padded [batch, padded] ids) [batch, 1, block, block], also same document."""
     query = i * block + jnp.arange(block)[:, None]
     key = j * block + jnp.arange(block)[None, :]
     allowed = key < seq
-    return allowed & (key <= query) if causal else allowed
+    allowed = allowed & (key <= query) if causal else allowed
+    if segments is None:
+        return allowed
+    query_ids = jax.lax.dynamic_slice_in_dim(segments, i * block, block, axis=1)
+    key_ids = jax.lax.dynamic_slice_in_dim(segments, j * block, block, axis=1)
+    same = query_ids[:, :, None] == key_ids[:, None, :]  # [batch, block, block]
+    return (allowed & same)[:, None]
 
 
 def _key_blocks(i, count: int, causal: bool):
@@ -234,11 +323,12 @@ def _key_blocks(i, count: int, causal: bool):
     return i + 1 if causal else count
 
 
-def _chunked_forward(q, k, v, causal, chunk):
+def _chunked_forward(q, k, v, segment_ids, causal, chunk):
     batch, seq, heads, head_dim = q.shape
     block, count = _blocks(seq, chunk)
     padded = block * count
     q, k, v = _pad(q, padded), _pad(k, padded), _pad(v, padded)
+    segments = _pad_segments(segment_ids, padded)
     scale = 1.0 / math.sqrt(head_dim)
 
     def query_block(i):
@@ -249,10 +339,16 @@ def _chunked_forward(q, k, v, causal, chunk):
             k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=1)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=1)
             scores = jnp.einsum("bqhd,bkhd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
-            scores = jnp.where(_block_mask(i, j, block, seq, causal), scores * scale, -jnp.inf)
+            mask = _block_mask(i, j, block, seq, causal, segments)
+            scores = jnp.where(mask, scores * scale, -jnp.inf)
             new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
-            probs = jnp.exp(scores - new_max[..., None])
-            correction = jnp.exp(running_max - new_max)
+            shift = new_max
+            if segments is not None:
+                # A row may see no key yet (its document starts in a later block): shift by 0
+                # there, so exp(-inf − 0) = 0 instead of exp(-inf + inf) = NaN.
+                shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+            probs = jnp.exp(scores - shift[..., None])
+            correction = jnp.exp(running_max - shift)
             running_sum = running_sum * correction + jnp.sum(probs, axis=-1)
             update = jnp.einsum(
                 "bhqk,bkhd->bhqd", probs.astype(v.dtype), v_j, preferred_element_type=jnp.float32
@@ -264,7 +360,9 @@ def _chunked_forward(q, k, v, causal, chunk):
             jnp.zeros((batch, heads, block), jnp.float32),
             jnp.zeros((batch, heads, block, head_dim), jnp.float32),
         )
-        # Key block 0 is visible to every query row, so the running max is finite from then on.
+        # Without segments key block 0 is visible to every query row, so the running max is
+        # finite from then on; with them every row sees at least its own key (the diagonal
+        # block, or the last real key for padding rows), so the sum is positive at the end.
         running_max, running_sum, acc = jax.lax.fori_loop(
             0, _key_blocks(i, count, causal), key_block, init
         )
@@ -275,16 +373,16 @@ def _chunked_forward(q, k, v, causal, chunk):
     # out: [count, batch, block, heads, head_dim]; logsumexp: [count, batch, heads, block]
     out = jnp.moveaxis(out, 0, 1).reshape(batch, padded, heads, head_dim)
     logsumexp = jnp.moveaxis(logsumexp, 0, 2).reshape(batch, heads, padded)
-    return out[:, :seq], (q, k, v, out, logsumexp)
+    return out[:, :seq], (q, k, v, segments, out, logsumexp)
 
 
-def _chunked_fwd(q, k, v, causal, chunk):
-    out, residuals = _chunked_forward(q, k, v, causal, chunk)
+def _chunked_fwd(q, k, v, segment_ids, causal, chunk):
+    out, residuals = _chunked_forward(q, k, v, segment_ids, causal, chunk)
     return out, residuals
 
 
 def _chunked_bwd(causal, chunk, residuals, d_out):
-    q, k, v, out, logsumexp = residuals  # padded to whole blocks
+    q, k, v, segments, out, logsumexp = residuals  # padded to whole blocks
     batch, padded, heads, head_dim = q.shape
     seq = d_out.shape[1]
     block, count = _blocks(seq, chunk)
@@ -308,7 +406,7 @@ def _chunked_bwd(causal, chunk, residuals, d_out):
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=1)
             scores = jnp.einsum("bqhd,bkhd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
             probs = jnp.where(
-                _block_mask(i, j, block, seq, causal),
+                _block_mask(i, j, block, seq, causal, segments),
                 jnp.exp(scores * scale - logsumexp_i[..., None]),
                 0.0,
             )
@@ -339,7 +437,8 @@ def _chunked_bwd(causal, chunk, residuals, d_out):
     zeros = jnp.zeros((batch, padded, heads, head_dim), jnp.float32)
     (d_k, d_v), d_q = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(count))
     d_q = jnp.moveaxis(d_q, 0, 1).reshape(batch, padded, heads, head_dim)
-    return tuple(g[:, :seq].astype(q.dtype) for g in (d_q, d_k, d_v))
+    d_q, d_k, d_v = (g[:, :seq].astype(q.dtype) for g in (d_q, d_k, d_v))
+    return d_q, d_k, d_v, None  # segment ids: integers, no cotangent
 
 
 def _add_block(total, block_values, start):

@@ -7,6 +7,11 @@ The steps are pure functions of arrays, jitted by the loop with explicit shardin
 Loss: mean next-token cross entropy over tokens with `loss_mask` = 1 (the head and the loss in
 vocabulary chunks: `model_token_losses`), plus the already-weighted auxiliary losses that sparse
 layers report by type (`ModelAux.losses`; averaged over micro-batches and reported as `loss/<type>`).
+
+Packed batches: where a batch has "segment_ids" and "positions" (int32 [B, S]: each token's
+document, 0 for padding, and its position within the document) the model gets both, so attention
+stays inside documents and RoPE restarts with each one (`document_kwargs`); without them (synthetic
+tasks, older callers) the model runs on one sequence per row as before.
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ def model_token_losses(
     return losses, aux
 
 
+def document_kwargs(batch: Batch) -> dict[str, jax.Array]:
+    """The model kwargs of a packed batch: {"segment_ids", "positions"} where the batch has them
+    (int32 [B, S] each); {} for a batch without (the model then sees one sequence per row)."""
+    return {key: batch[key] for key in ("segment_ids", "positions") if batch.get(key) is not None}
+
+
 def aux_losses_and_metrics(aux: ModelAux) -> tuple[jax.Array, dict, dict]:
     """(total weighted auxiliary loss, {"loss/<type>": loss summed over layers}, per-layer metrics),
     all fp32. Losses come typed from the layers (`SparseOutput.losses`); nothing matches strings."""
@@ -71,16 +82,23 @@ def make_train_step(
     """train_step(state, rest, batch) → (new_state, metrics); `rest` is the non-trainable pure dict.
 
     state: {"params": pure dict, "opt_state": optax state, "step": int32 scalar}.
-    batch: {"inputs", "targets": int32 [B, S], "loss_mask": float32 [B, S]}; B is split into
-    `micro_batches` slices whose gradients are accumulated (sum of token losses / total tokens, so
-    the result equals one step over the whole batch up to float rounding).
+    batch: {"inputs", "targets": int32 [B, S], "loss_mask": float32 [B, S]}, optionally
+    "segment_ids" and "positions" (int32 [B, S], packed documents: `document_kwargs`); B is split
+    into `micro_batches` slices (every key of the batch alike) whose gradients are accumulated (sum
+    of token losses / total tokens, so the result equals one step over the whole batch up to float
+    rounding).
     """
     base_key = jax.random.key(seed)
 
     def micro_loss(params, rest, micro, dropout_rng, total_tokens):
         model = parts.build(params, rest)
         losses, aux = model_token_losses(
-            model, micro["inputs"], micro["targets"], deterministic=False, dropout_rng=dropout_rng
+            model,
+            micro["inputs"],
+            micro["targets"],
+            deterministic=False,
+            dropout_rng=dropout_rng,
+            **document_kwargs(micro),
         )
         losses = losses * micro["loss_mask"]
         aux_loss, aux_losses, aux_metrics = aux_losses_and_metrics(aux)
@@ -150,7 +168,12 @@ def make_eval_step(parts: ModelParts):
     def eval_step(params: dict, rest: dict, batch: Batch):
         model = parts.build(params, rest)
         losses, aux = model_token_losses(
-            model, batch["inputs"], batch["targets"], deterministic=True, diagnostics=True
+            model,
+            batch["inputs"],
+            batch["targets"],
+            deterministic=True,
+            diagnostics=True,
+            **document_kwargs(batch),
         )
         losses = losses * batch["loss_mask"]
         if "target_bytes" in batch:  # text pipelines: the UTF-8 bytes each target covers
