@@ -149,3 +149,16 @@ def test_scanned_model_trains_like_the_loop_model(tmp_path, tiny_config, sparse)
     np.testing.assert_allclose(scan_run.losses[0], loop_run.losses[0], rtol=1e-6)
     np.testing.assert_allclose(scan_run.losses, loop_run.losses, rtol=1e-3)
     np.testing.assert_allclose(scan_run.eval["eval_loss"], loop_run.eval["eval_loss"], rtol=1e-3)
+
+
+def test_an_attention_path_that_cannot_mask_documents_says_so_at_start_up():
+    from umv2_jax.config import load_config
+    from umv2_jax.training.loop import document_mask_note
+
+    assert document_mask_note(load_config(None)) is None  # auto masks on every platform
+    note = document_mask_note(load_config(None, ["model.attention=cudnn"]))
+    assert "cannot mask packed documents" in note and "chunked" in note
+    off = load_config(None, ["model.attention=cudnn", "data.document_mask=false"])
+    assert document_mask_note(off) is None
+    task = load_config(None, ["model.attention=cudnn", "data.source=task:mqar", "data.seq_len=256"])
+    assert document_mask_note(task) is None  # task rows are not packed documents

@@ -28,6 +28,7 @@ from umv2_jax import parallel, paths
 from umv2_jax.config import Config
 from umv2_jax.data import pipeline, run_tokenizer
 from umv2_jax.errors import ConfigError, WriteError
+from umv2_jax.ops import attention as attention_ops
 from umv2_jax.parallel import distributed
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
@@ -175,6 +176,9 @@ def _train(
         echo(f"warning: {line}")  # what an axis of the mesh replicates (parallel/warnings.py)
     if vocab_warning:
         echo(f"warning: {vocab_warning}")
+    note = document_mask_note(config)
+    if note:
+        echo(f"note: {note}")
 
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(
@@ -369,6 +373,17 @@ def _latest(workdir: str) -> int:
 def _has_eval_record(workdir: str, step: int) -> bool:
     records = metrics_lib.read_metrics(workdir)
     return any(r.get("step") == step and "eval_loss" in r for r in records)
+
+
+def document_mask_note(config: Config) -> str | None:
+    """The start-up line for an attention path that cannot apply `data.document_mask`, else None."""
+    if config.data.masks_documents and not attention_ops.masks_documents(config.model.attention):
+        return (
+            f"attention '{config.model.attention}' cannot mask packed documents; batches with "
+            "document ids run the chunked attention path instead (model.attention=auto chooses "
+            "per platform; data.document_mask=false attends across documents)"
+        )
+    return None
 
 
 def _data_parallel(mesh: jax.sharding.Mesh) -> int:
