@@ -46,13 +46,15 @@ PROGRAM = textwrap.dedent(
 
     report = {"json": call(["--json"]), "text": call([])}
     # What the step's arguments hold on one device: its shard of every state and rest leaf, and
-    # its rows of the three [batch, seq] arrays (2 per batch shard here: data 2 · fsdp 2).
+    # its rows of the [batch, seq] arrays (2 per batch shard here: data 2 · fsdp 2): inputs,
+    # targets, loss_mask, and for packed text the document ids and positions.
     config = load_config(default_config_path(), json.loads(sys.argv[2]))  # aot's default, too
     mesh = parallel.make_mesh(config.mesh)
     layout = state.plan(config, mesh)
     shard_bytes = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
     leaves = jax.tree.leaves((layout.state, layout.rest))
-    report["expected_arguments"] = sum(shard_bytes(x) for x in leaves) + 3 * 2 * 32 * 4
+    arrays = 5 if config.data.masks_documents else 3
+    report["expected_arguments"] = sum(shard_bytes(x) for x in leaves) + arrays * 2 * 32 * 4
     print(json.dumps(report))
     """
 )

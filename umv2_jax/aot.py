@@ -172,6 +172,9 @@ def compile_step(config, mesh, *, batch: int) -> dict[str, Any]:
             "targets": tokens(jnp.int32),
             "loss_mask": tokens(jnp.float32),
         }
+        if config.data.masks_documents:  # packed text batches carry document ids (data.pipeline)
+            abstract_batch["segment_ids"] = tokens(jnp.int32)
+            abstract_batch["positions"] = tokens(jnp.int32)
         step = jax.jit(
             make_train_step(
                 layout.parts, layout.optimizer, config.train.micro_batches, config.train.seed
