@@ -31,8 +31,8 @@ from umv2_jax.errors import ConfigError
 from umv2_jax.parallel import distributed
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
+from umv2_jax.training import finetune, preflight, rundir, signals, warmstart
 from umv2_jax.training import metrics as metrics_lib
-from umv2_jax.training import preflight, rundir, signals
 from umv2_jax.training.optimizer import learning_rate_schedule
 from umv2_jax.training.state import Setup, abstract_like, build
 from umv2_jax.training.step import make_eval_step, make_train_step, summarize_eval
@@ -139,6 +139,10 @@ def _train(
     # (processes whose devices hold the same rows, e.g. `tensor` across hosts, read the same data).
     share, shares = distributed.batch_share(mesh)
     preflight.check(config, workdir, mesh)  # workdir, memory, disk: before anything is built
+    # Warm start and row finetuning read their inputs now: a bad one is one line, nothing written.
+    resuming = resume and bool(rundir.checkpoint_steps(workdir))
+    init_source = None if resuming else warmstart.resolve(config)
+    row_mask = finetune.row_mask_from_config(config)
     vocab_warning = pipeline.check_vocab(config)  # ConfigError if the tokenizer's ids do not fit
     if resume and config.data.task_name is None:
         run_tokenizer.check(workdir, pipeline.run_tokenizer(config))  # before anything is written
@@ -150,10 +154,13 @@ def _train(
         run.clear()  # prints each path it deletes
 
     signals.set_phase("start-up: building the model")
-    setup = build(config, mesh)
+    setup = build(config, mesh, row_mask=row_mask)
     signals.raise_if_requested(workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     state, rest, start_step = setup.state, setup.rest, 0
+    if init_source is not None and not (has_run and checkpointer.steps()):
+        state, rest = warmstart.initial_state(config, setup, init_source)
+        echo(f"Initialized from {init_source} (fresh optimizer, step 0)")
     if has_run and checkpointer.steps():
         start_step, state, rest, data_state = checkpointer.restore_latest(
             abstract_like(setup.state, setup.state_shardings),
