@@ -147,9 +147,7 @@ def test_rows_keeps_adam_moments_for_the_chosen_rows_only(umv2):
 
 
 @pytest.mark.parametrize("trainable, keys", [("memory", ("shared", "sparse")), ("ffn", ("ffn",))])
-def test_memory_and_ffn_train_only_their_parameters_and_keep_no_other_state(
-    umv2, trainable, keys
-):
+def test_memory_and_ffn_train_only_their_parameters_and_keep_no_other_state(umv2, trainable, keys):
     setup = build(umv2(trainable))
     before = _flat(setup.state["params"])
     trained = {path for path in before if any(f"'{key}'" in path for key in keys)}
