@@ -99,7 +99,9 @@ def _rope(hf: dict[str, Any], hf_dir: str) -> float:
     if kind not in (None, "default"):
         field = "rope_scaling" if scaling else "rope_parameters"
         raise _refuse(
-            hf_dir, field, f"is {kind!r}: only plain RoPE maps (no Llama-3 / YaRN / dynamic scaling)"
+            hf_dir,
+            field,
+            f"is {kind!r}: only plain RoPE maps (no Llama-3 / YaRN / dynamic scaling)",
         )
     theta = hf.get("rope_theta", parameters.get("rope_theta", 10000.0))
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
@@ -376,7 +378,9 @@ def load_backbone(hf_dir: str, model_config) -> dict[str, np.ndarray]:
     for name in sorted(set(flat) - set(expected)):
         problems.append(f"{name} is not a parameter of the config's model")
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
+        shown = "; ".join(problems[:6]) + (
+            f"; … {len(problems) - 6} more" if len(problems) > 6 else ""
+        )
         raise ConfigError(f"hf:{hf_dir}: {len(problems)} problem(s) mapping the weights: {shown}")
     return flat
 
@@ -425,10 +429,13 @@ def retrofit_params(params: dict, config, hf_dir: str, output_scale: float = 0.0
 def hf_logits(hf_dir: str, tokens: np.ndarray) -> np.ndarray:
     """float32 [batch, seq, V] logits of the `transformers` model in `hf_dir` (fp32, CPU, eager)."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
     model = AutoModelForCausalLM.from_pretrained(
-        hf_dir, torch_dtype=torch.float32, attn_implementation="eager"
+        hf_dir, attn_implementation="eager", **{dtype_key: torch.float32}
     )
     model.eval()
     with torch.no_grad():
@@ -525,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
             params, rest = build_retrofitted(config, hf_dir)
             vocab = config.model.vocab_size
             tokens = np.random.default_rng(0).integers(0, vocab, size=(2, 16))
-            report = compare_logits(our_logits(config, params, rest, tokens), hf_logits(hf_dir, tokens))
+            report = compare_logits(
+                our_logits(config, params, rest, tokens), hf_logits(hf_dir, tokens)
+            )
         with open(args.out, "w") as handle:
             yaml.safe_dump(to_dict(config), handle, sort_keys=False)
     except UserError as error:
