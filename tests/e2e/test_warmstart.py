@@ -164,3 +164,77 @@ def test_an_unmappable_hugging_face_config_is_one_line_naming_the_field(tmp_path
     line = _one_error_line(capsys)
     assert "'architectures'" in line and "Olmo2ForCausalLM" in line
     assert not workdir.exists()
+
+
+def _write_llama(directory, rng) -> dict[str, np.ndarray]:
+    """A dense 2-layer Llama-style checkpoint written with numpy (no torch needed)."""
+    from safetensors.numpy import save_file
+
+    h, f, vocab, layers = 32, 64, 259, 2  # the byte tokenizer's ids; padded to 384 here
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": h,
+        "intermediate_size": f,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 128,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+    }
+    normal = lambda *shape: (0.1 * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    tensors = {"model.embed_tokens.weight": normal(vocab, h), "model.norm.weight": normal(h)}
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        tensors.update(
+            {
+                prefix + "input_layernorm.weight": normal(h),
+                prefix + "post_attention_layernorm.weight": normal(h),
+                prefix + "self_attn.q_proj.weight": normal(h, h),
+                prefix + "self_attn.k_proj.weight": normal(h // 2, h),
+                prefix + "self_attn.v_proj.weight": normal(h // 2, h),
+                prefix + "self_attn.o_proj.weight": normal(h, h),
+                prefix + "mlp.gate_proj.weight": normal(f, h),
+                prefix + "mlp.up_proj.weight": normal(f, h),
+                prefix + "mlp.down_proj.weight": normal(h, f),
+            }
+        )
+    os.makedirs(directory)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "model.safetensors"))
+    return tensors
+
+
+def test_retrofit_then_train_the_memory_from_hf(tmp_path, capsys):
+    from umv2_jax import retrofit
+
+    hf_dir = tmp_path / "llama"
+    tensors = _write_llama(hf_dir, np.random.default_rng(0))
+    ours = tmp_path / "ours.yaml"
+    memory = {k: v for k, v in MODEL.items() if k.startswith("model.memory") or k == "model.sparse"}
+    ours.write_text("name: retro\n")
+    retro = tmp_path / "retro.yaml"
+    argv = ["--hf", str(hf_dir), "--config", str(ours), "--out", str(retro)]
+    argv += [f"--set={k}={v}" for k, v in memory.items()]
+    assert retrofit.main(argv) == 0
+    assert f"--init-from hf:{hf_dir}" in capsys.readouterr().out
+    workdir = str(tmp_path / "run")
+    run = ["--config", str(retro), "--init-from", f"hf:{hf_dir}", "--workdir", workdir]
+    small = {"data.seq_len": 32, "train.batch_size": 4, "train.trainable": "memory"}
+    small.update({"train.eval_batches": 1, "checkpoint.every": 2, "checkpoint.async_save": False})
+    assert main(run + _sets(small) + ["--steps", "2", "--quiet"]) == 0
+    config = load_config(str(retro), [f"{k}={v}" for k, v in small.items()])
+    after, _ = warmstart.restore_run(config, warmstart.InitSource("run", workdir, 2))
+    # The backbone is the checkpoint's, untouched by training; the memory trained (W_o left 0).
+    np.testing.assert_array_equal(after["embed"][:259], tensors["model.embed_tokens.weight"])
+    assert not np.any(after["embed"][259:])  # padding rows: zero, and frozen
+    q = tensors["model.layers.1.self_attn.q_proj.weight"].T.reshape(32, 2, 16)
+    np.testing.assert_array_equal(after["blocks"][1]["attn"]["query"], q)
+    k = tensors["model.layers.0.self_attn.k_proj.weight"].T.reshape(32, 1, 16)
+    np.testing.assert_array_equal(after["blocks"][0]["attn"]["key"], np.repeat(k, 2, axis=1))
+    down = tensors["model.layers.0.mlp.down_proj.weight"].T
+    np.testing.assert_array_equal(after["blocks"][0]["ffn"]["down"], down)
+    assert np.any(after["blocks"][0]["sparse"]["output_proj"] != 0)
