@@ -229,3 +229,68 @@ def count_row_usage(parts, params: dict, rest: dict, batches: list[dict]) -> tup
             total[position] += np.asarray(counts[block], np.int64)
         tokens += int(np.sum(np.asarray(batch["loss_mask"]) > 0))
     return total, tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m umv2_jax.training.finetune --workdir RUN [--step N] [--set data.source=…]
+    [--batches N] --out OUT.npz`: the run's row usage on the eval split of its data (or of the
+    data `--set` names), written in the `--row-usage` format. A stand-in with the same output as
+    `python -m umv2_jax.evaluate --row-usage` for checkouts without the evaluate command."""
+    import argparse
+    import json
+    import sys
+
+    from umv2_jax.config import apply_overrides, config_from_dict
+    from umv2_jax.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="python -m umv2_jax.training.finetune")
+    parser.add_argument("--workdir", required=True, help="the run whose memory rows are counted")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument("--batches", type=int, default=8, help="eval batches to count over")
+    parser.add_argument("--out", required=True, metavar="OUT.npz")
+    args = parser.parse_args(argv)
+    try:
+        from umv2_jax.data import pipeline
+        from umv2_jax.training import warmstart
+        from umv2_jax.training.state import plan
+
+        out = os.path.abspath(args.out)
+        if out.startswith(os.path.abspath(args.workdir) + os.sep):
+            raise ConfigError(f"--out {args.out} is inside the run directory; write it elsewhere")
+        text = args.workdir if args.step is None else f"{args.workdir}:{args.step}"
+        source = warmstart.parse(text)
+        path = os.path.join(args.workdir, warmstart.CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--workdir {args.workdir} holds no run (no {path})")
+        with open(path) as handle:
+            data = json.load(handle)
+        data.pop("mesh", None)
+        config = config_from_dict(apply_overrides(data, list(args.overrides)))
+        if config.model.sparse != "ultramem_v2":
+            raise ConfigError(f"the run's model.sparse is {config.model.sparse!r}, not ultramem_v2")
+        steps = warmstart.saved_steps(args.workdir)
+        if not steps or (source.step is not None and source.step not in steps):
+            raise ConfigError(
+                f"--workdir {args.workdir} has no checkpoint"
+                + (f" at step {source.step}; saved steps: {steps}" if steps else "; train first")
+            )
+        source = warmstart.InitSource("run", args.workdir, source.step or steps[-1])
+        params, rest = warmstart.restore_run(config, source)
+        parts = plan(config).parts  # shapes only: nothing is initialized
+        batches = pipeline.make_eval_batches(config, args.batches)
+        counts, tokens = count_row_usage(parts, params, rest, batches)
+        write_row_usage(out, counts, tokens, config.name, source.step)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    hit = (counts > 0).sum(axis=1)
+    print(
+        f"wrote {args.out}: {tokens} positions of {pipeline.describe_source(config)}; rows read "
+        f"per table {hit.tolist()} of {counts.shape[1]}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
