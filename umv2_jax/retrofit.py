@@ -17,8 +17,8 @@ Why zero: the block adds the memory's output y = W_o·o to the residual, so W_o 
 exactly and step 0 computes the dense model's logits bit for bit (tested against `transformers`).
 The first step's gradient reaches W_o only (every other memory parameter's gradient passes through
 W_o, which is zero), so train with `train.trainable: memory` or `all`: `values` alone would never
-move (a LoRA-style zero init; `--output-scale S` keeps S × the usual random W_o instead, for
-`values`-only training, at the price of step 0 differing from the dense model).
+move (a LoRA-style zero init). `retrofit_params(..., output_scale=S)` (Python) keeps S × the usual
+random W_o instead, at the price of step 0 differing from the dense model.
 
 Mapping (HF `nn.Linear` weights are [out, in]; ours are [in, …]; h = hidden_size, n = heads,
 d = head_dim, kv = key/value heads):
