@@ -232,7 +232,7 @@ def restore_run(config, source: InitSource) -> tuple[dict, dict]:
 
     where = f"--init-from {source}"
     base = _run_config(source.path, where)
-    step_dir = os.path.join(source.path, CHECKPOINTS, str(source.step))
+    step_dir = os.path.abspath(os.path.join(source.path, CHECKPOINTS, str(source.step)))
     reason = checkpoint_lib.verify_checksums(step_dir)
     if reason is not None:
         raise CheckpointError(f"{where}: checkpoint {step_dir} is unreadable ({reason})")
