@@ -46,7 +46,7 @@ a multiple of 128 is padded with zero embedding rows and zero head columns: thos
 compare (and sample) the first V columns; the training loss counts them in its softmax.
 
 Refused, with one line naming the `config.json` field: any architecture other than LlamaForCausalLM,
-MistralForCausalLM (sliding_window null), Qwen3ForCausalLM and Qwen2ForCausalLM without biases —
+MistralForCausalLM (sliding_window null) and Qwen3ForCausalLM (Qwen2: q/k/v biases) —
 OLMo-2 (`Olmo2ForCausalLM`) is among them: it normalizes the sublayer outputs (post-norm) and its
 QK-norm spans all heads (n·d), neither of which our pre-norm block expresses; `rope_scaling`
 (Llama 3.1 / YaRN scaling), attention or MLP biases, an activation other than silu, sliding-window
@@ -67,7 +67,7 @@ import numpy as np
 
 from umv2_jax.errors import ConfigError, UserError
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
 HF_CONFIG = "config.json"
 
 
@@ -128,8 +128,6 @@ def backbone_fields(hf: dict[str, Any], hf_dir: str = "DIR") -> dict[str, Any]:
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
             raise _refuse(hf_dir, field, "is true: our attention and FFN have no biases")
-    if architectures[0] == "Qwen2ForCausalLM":  # Qwen2 always has q/k/v biases
-        raise _refuse(hf_dir, "architectures", "is Qwen2ForCausalLM, whose q/k/v have biases")
     activation = hf.get("hidden_act", "silu")
     if activation != "silu":
         raise _refuse(hf_dir, "hidden_act", f"is {activation!r}; our FFN is SwiGLU (silu)")
