@@ -88,7 +88,9 @@ def resolve(config) -> InitSource | None:
         retrofit.check_matches(config, source.path)
         return source
     if not os.path.isdir(source.path):
-        raise CheckpointError(f"{where}: {source.path} is not a directory; give RUN[:STEP] or hf:DIR")
+        raise CheckpointError(
+            f"{where}: {source.path} is not a directory; give RUN[:STEP] or hf:DIR"
+        )
     if not os.path.isdir(os.path.join(source.path, CHECKPOINTS)):
         if any(name.endswith(".safetensors") for name in os.listdir(source.path)):
             _export_module(where)  # raises if the export tools are not installed
