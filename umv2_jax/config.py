@@ -891,10 +891,22 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     # What a step may change: every parameter; only the memory value and pre-value tables
-    # (`ValueParam`s); or only chosen rows of them (`rows`: the caller passes the rows, e.g.
-    # umv2_jax.eval.injection.select_specific_rows). Everything else, and its optimizer state, stays
-    # bitwise unchanged, weight decay included (umv2_jax.training.optimizer).
-    trainable: Literal["all", "values", "rows"] = "all"
+    # (`ValueParam`s); only chosen rows of them (`rows`: the TF-IDF rows of
+    # umv2_jax.training.finetune.select_rows, from the `rows_usage_*` files below); every parameter
+    # of the memory layers (`memory`: tables, retrieval, projections); or only the FFNs (`ffn`).
+    # Everything else stays bitwise unchanged, weight decay included, and keeps no optimizer state
+    # (umv2_jax.training.optimizer).
+    trainable: Literal["all", "values", "rows", "memory", "ffn"] = "all"
+    # Warm start (umv2_jax.training.warmstart): a new run starts from these parameters with a fresh
+    # optimizer: RUN[:STEP] (a run directory, its newest checkpoint or STEP) or hf:DIR (a dense
+    # Hugging Face checkpoint, retrofitted: umv2_jax.retrofit). Ignored when the run resumes.
+    init_from: str | None = None
+    # `trainable: rows`: per-row usage counts (`python -m umv2_jax.evaluate --row-usage OUT.npz`)
+    # of the base model on its own data (base) and on the new data (new), and how many rows of each
+    # memory table to train.
+    rows_usage_base: str | None = None
+    rows_usage_new: str | None = None
+    rows_count: int = 64
 
     def validate(self, prefix: str = "train") -> None:
         _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
@@ -922,6 +934,12 @@ class TrainConfig:
         _require(self.eval_every >= 1, f"{prefix}.eval_every", "must be >= 1")
         _require(self.eval_batches >= 1, f"{prefix}.eval_batches", "must be >= 1")
         _require(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _require(self.rows_count >= 1, f"{prefix}.rows_count", "must be >= 1 (rows per table)")
+        _require(
+            self.init_from is None or self.init_from.strip() != "",
+            f"{prefix}.init_from",
+            "is empty; give RUN[:STEP] or hf:DIR, or leave it unset",
+        )
 
 
 @dataclass(frozen=True)
@@ -1049,7 +1067,10 @@ class Config:
         return self
 
     def check_trainable(self) -> None:
-        """`train.trainable: values` needs value tables; `rows` needs UltraMemV2's [L, n², ·] ones."""
+        """`train.trainable: values` / `memory` need value tables; `rows` needs UltraMemV2's
+        [L, n², ·] ones; `ffn` needs FFNs. (`rows` also needs usage counts: checked where they are
+        read, `umv2_jax.training.finetune.row_mask_from_config`, since the comparison runner
+        passes its rows directly.)"""
         trainable, sparse = self.train.trainable, self.model.sparse
         _require(
             trainable != "values" or sparse in _MEMORY_KINDS,
@@ -1062,6 +1083,17 @@ class Config:
             "train.trainable",
             f"'rows' trains chosen rows of UltraMemV2 value tables, and model.sparse={sparse!r} "
             "is not ultramem_v2; use train.trainable=all (or values for another memory model)",
+        )
+        _require(
+            trainable != "memory" or sparse in _MEMORY_KINDS,
+            "train.trainable",
+            f"'memory' trains the memory layers, and model.sparse={sparse!r} has none; use "
+            "train.trainable=all or a memory model (e.g. model.sparse=ultramem_v2)",
+        )
+        _require(
+            trainable != "ffn" or self.model.d_ff > 0,
+            "train.trainable",
+            "'ffn' trains the dense FFNs, and model.d_ff=0 builds none; use train.trainable=all",
         )
 
     def check_mesh_fits_model(self, expert_axis: int, tensor_axis: int = 1) -> None:

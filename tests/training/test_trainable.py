@@ -126,33 +126,50 @@ def test_rows_trains_only_the_chosen_rows_of_values_and_pre_values(umv2):
         np.testing.assert_array_equal(changed, mask, err_msg=path)
 
 
-def test_rows_keeps_the_adam_moments_of_untrained_rows(umv2):
+def test_rows_keeps_adam_moments_for_the_chosen_rows_only(umv2):
     mask = _row_mask(build(umv2("values")), seed=1)
+    mask[1, :] = False
+    mask[1, 3] = True  # layers choose different numbers of rows: K = the most any layer trains
     setup = build(umv2("rows"), row_mask=mask)
-    # Non-zero moments (as after earlier steps): an untrained row's must not decay.
-    rng = np.random.default_rng(2)
-    opt_state = jax.tree.map(
-        lambda x: jnp.asarray(rng.random(x.shape) + 0.5, x.dtype) if x.ndim == 3 else x,
-        setup.state["opt_state"],
+    params = _flat(setup.state["params"])
+    tables = {path: x for path, x in params.items() if "values" in path}
+    width = int(mask.sum(axis=1).max())
+    moments = [x for x in jax.tree.leaves(setup.state["opt_state"]) if x.ndim >= 2]
+    # mu and nu of values and pre_values, each [L, K, D]: nothing of the size of a whole table.
+    assert sorted(x.shape for x in moments) == sorted(
+        (x.shape[0], width, x.shape[2]) for x in tables.values() for _ in range(2)
     )
-    before = _flat(opt_state)
-    after = _flat(_train(setup, steps=1, opt_state=opt_state)["opt_state"])
-    moments = [path for path, x in before.items() if x.ndim == 3]
-    assert len(moments) == 4  # mu and nu of values and pre_values
-    for path in moments:
-        np.testing.assert_array_equal(
-            _bits(after[path][~mask]), _bits(before[path][~mask]), err_msg=path
-        )
-        assert np.all(np.any(after[path][mask] != before[path][mask], axis=-1)), path
+    state = _train(setup, steps=2)
+    after = _flat(state["params"])
+    for path, before in tables.items():
+        changed = np.any(after[path] != before, axis=-1)
+        np.testing.assert_array_equal(changed, mask, err_msg=path)
+
+
+@pytest.mark.parametrize("trainable, keys", [("memory", ("shared", "sparse")), ("ffn", ("ffn",))])
+def test_memory_and_ffn_train_only_their_parameters_and_keep_no_other_state(umv2, trainable, keys):
+    setup = build(umv2(trainable))
+    before = _flat(setup.state["params"])
+    trained = {path for path in before if any(f"'{key}'" in path for key in keys)}
+    assert trained and len(trained) < len(before)
+    moment_shapes = sorted(x.shape for x in jax.tree.leaves(setup.state["opt_state"]) if x.ndim)
+    assert moment_shapes == sorted(before[p].shape for p in trained for _ in range(2))
+    after = _flat(_train(setup)["params"])
+    for path in before:
+        if path in trained:
+            assert not np.array_equal(before[path], after[path]), f"{path} did not train"
+        else:
+            np.testing.assert_array_equal(_bits(after[path]), _bits(before[path]), err_msg=path)
 
 
 def test_rows_without_a_row_mask_is_a_config_error(umv2):
-    with pytest.raises(ConfigError, match="train.trainable.*injection"):
+    with pytest.raises(ConfigError, match="train.trainable.*rows_usage_base"):
         build(umv2("rows"))
 
 
 @pytest.mark.parametrize(
-    "sparse, trainable", [("dense", "values"), ("moe", "values"), ("moe", "rows")]
+    "sparse, trainable",
+    [("dense", "values"), ("moe", "values"), ("moe", "rows"), ("dense", "memory")],
 )
 def test_trainable_needs_value_tables(tiny_config, sparse, trainable):
     with pytest.raises(ConfigError, match="train.trainable"):

@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<name>)")
     parser.add_argument("--steps", type=int, default=None, help="train.steps override")
     parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN[:STEP] | hf:DIR",
+        help="start a new run from these parameters with a fresh optimizer (train.init_from; "
+        "see umv2_jax.training.warmstart)",
+    )
+    parser.add_argument(
         "--no-resume",
         action="store_true",
         help="start over, deleting WORKDIR's previous run (each deleted path is printed)",
@@ -125,6 +132,8 @@ def _main(argv: list[str] | None) -> int:
         overrides = list(args.overrides)
         if args.steps is not None:
             overrides.append(f"train.steps={args.steps}")
+        if args.init_from is not None:
+            overrides.append(f"train.init_from={args.init_from}")
         config = load_config(args.config or default_config_path(), overrides)
         workdir = args.workdir or os.path.join("runs", config.name)
         from umv2_jax.eval.accounting import account

@@ -32,8 +32,8 @@ from umv2_jax.ops import attention as attention_ops
 from umv2_jax.parallel import distributed
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
+from umv2_jax.training import finetune, preflight, rundir, signals, warmstart
 from umv2_jax.training import metrics as metrics_lib
-from umv2_jax.training import preflight, rundir, signals
 from umv2_jax.training.optimizer import learning_rate_schedule
 from umv2_jax.training.state import Setup, abstract_like, build
 from umv2_jax.training.step import make_eval_step, make_train_step, summarize_eval
@@ -143,6 +143,10 @@ def _train(
     # (processes whose devices hold the same rows, e.g. `tensor` across hosts, read the same data).
     share, shares = distributed.batch_share(mesh)
     preflight.check(config, workdir, mesh, resume)  # workdir, memory, disk: before building
+    # Warm start and row finetuning read their inputs now: a bad one is one line, nothing written.
+    resuming = resume and bool(rundir.checkpoint_steps(workdir))
+    init_source = None if resuming else warmstart.resolve(config)
+    row_mask = finetune.row_mask_from_config(config)
     vocab_warning = pipeline.check_vocab(config)  # ConfigError if the tokenizer's ids do not fit
     if resume and config.data.task_name is None:
         run_tokenizer.check(workdir, pipeline.run_tokenizer(config))  # before anything is written
@@ -154,10 +158,13 @@ def _train(
         run.clear()  # prints each path it deletes
 
     signals.set_phase("start-up: building the model")
-    setup = build(config, mesh)
+    setup = build(config, mesh, row_mask=row_mask)
     signals.raise_if_requested(workdir, _latest(workdir))  # a resume stays at its latest step
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     state, rest, start_step = setup.state, setup.rest, 0
+    if init_source is not None and not (has_run and checkpointer.steps()):
+        state, rest = warmstart.initial_state(config, setup, init_source)
+        echo(f"Initialized from {init_source} (fresh optimizer, step 0)")
     if has_run and checkpointer.steps():
         start_step, state, rest, data_state = checkpointer.restore_latest(
             abstract_like(setup.state, setup.state_shardings),

@@ -8,16 +8,24 @@ Groups:
 Weight decay applies to every parameter with two or more dimensions (matrices, keys, cores, value
 tables); norm gains are not decayed.
 
-`train.trainable` narrows what a step may change (continual fact injection, umv2_jax.eval.injection):
+`train.trainable` narrows what a step may change (warm-started finetuning, umv2_jax.training.finetune;
+continual fact injection, umv2_jax.eval.injection):
   all     every parameter (the groups above; the optimizer state is exactly the one without it);
   values  only the values group: every other parameter is in the `frozen` group, which keeps no
           state and returns -0.0 updates, so `p + u == p` bitwise for every p (+0.0 would turn a
           -0.0 parameter into +0.0); no weight decay reaches it;
+  memory  every parameter of the memory layers (paths through `shared` or a block's `sparse`: value
+          tables in the values group, retrieval and projections in the default group); the rest
+          is frozen as above;
+  ffn     only the dense FFNs (paths through a block's `ffn`: gate, up, down; not the norm before
+          them, which the memory layer reads too); the rest is frozen;
   rows    only chosen rows of the UltraMemV2 tables V [L, n², D_v] and P [L, n², D_p]: `row_mask`
-          (bool [L, n²], the same rows of both) is passed to `make_optimizer`; the other rows get
-          -0.0 updates and keep their Adam moments bitwise.
-With `values` or `rows` the frozen gradients are zeroed before clipping, so the global norm that
-clipping divides by is the norm of what is trained.
+          (bool [L, n²], the same rows of both) is passed to `make_optimizer`. Adam runs on the
+          chosen rows gathered into [L, K, D] (K = the most rows any layer trains), so its moments
+          exist for those rows only; every other row gets -0.0 updates (`gathered_rows`).
+Frozen parameters (and untrained rows) keep no optimizer state: `optax.multi_transform` gives the
+frozen group `freeze()`, whose state is empty. With anything but `all` the frozen gradients are
+zeroed before clipping, so the global norm that clipping divides by is the norm of what is trained.
 
 With `model.param_dtype: bfloat16` the parameters (and so the gradients) are bf16, but the whole update
 rule, clipping included, runs in fp32 and keeps its state (the Adam moments) in fp32: a bf16 second
@@ -30,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -76,11 +85,27 @@ def parameter_labels(params: nnx.State) -> dict[str, Any]:
     return labels.to_pure_dict()
 
 
+MEMORY_KEYS = ("shared", "sparse")  # MemoryTables at model level; a block's memory layer
+FFN_KEYS = ("ffn",)  # a block's SwiGLU
+
+
 def trainable_labels(labels: dict[str, Any], trainable: str) -> dict[str, Any]:
-    """`labels` with every non-values parameter moved to the frozen group unless `trainable` is all."""
+    """`labels` with every parameter `trainable` does not train moved to the frozen group.
+
+    all: unchanged; values / rows: only the values group stays; memory: every parameter whose path
+    passes through `shared` or `sparse`; ffn: every parameter whose path passes through `ffn`.
+    """
     if trainable == "all":
         return labels
-    return jax.tree.map(lambda label: label if label == VALUES_GROUP else FROZEN_GROUP, labels)
+    if trainable in ("values", "rows"):
+        return jax.tree.map(lambda label: label if label == VALUES_GROUP else FROZEN_GROUP, labels)
+    keys = {"memory": MEMORY_KEYS, "ffn": FFN_KEYS}[trainable]
+
+    def pick(path, label):
+        names = {getattr(key, "key", None) for key in path}
+        return label if names & set(keys) else FROZEN_GROUP
+
+    return jax.tree_util.tree_map_with_path(pick, labels)
 
 
 def make_optimizer(
@@ -96,8 +121,9 @@ def make_optimizer(
     multiplier = value_lr_multiplier(config)
     if train.trainable == "rows" and row_mask is None:
         raise ConfigError(
-            "config 'train.trainable': 'rows' needs the rows to train, which train.py cannot "
-            "choose; run the finetune through umv2_jax.eval.injection or use train.trainable=values"
+            "config 'train.trainable': 'rows' needs the rows to train; set train.rows_usage_base "
+            "and train.rows_usage_new (python -m umv2_jax.evaluate --row-usage OUT.npz) or use "
+            "train.trainable=values"
         )
     if train.trainable != "rows" and row_mask is not None:
         raise ValueError(f"row_mask is only used with train.trainable=rows, not {train.trainable}")
@@ -117,11 +143,14 @@ def make_optimizer(
     if train.trainable == "all":
         groups = {DEFAULT_GROUP: adamw(schedule), VALUES_GROUP: values}
     else:
-        mask = None if row_mask is None else jnp.asarray(row_mask, jnp.bool_)
         groups = {
-            VALUES_GROUP: values if mask is None else keep_rows(values, mask),
+            VALUES_GROUP: values if row_mask is None else gathered_rows(values, row_mask),
             FROZEN_GROUP: freeze(),
         }
+        if train.trainable in ("memory", "ffn"):
+            groups[DEFAULT_GROUP] = adamw(schedule)
+        used = set(jax.tree.leaves(labels))
+        groups = {name: group for name, group in groups.items() if name in used}
     chain = [optax.multi_transform(groups, labels)]
     if train.grad_clip > 0:
         chain.insert(0, optax.clip_by_global_norm(train.grad_clip))
@@ -167,40 +196,68 @@ def freeze() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def keep_rows(
-    inner: optax.GradientTransformation, row_mask: jax.Array
+def gathered_rows(
+    inner: optax.GradientTransformation, row_mask: Any
 ) -> optax.GradientTransformation:
-    """`inner` on tables [L, n², D] (any D), applied only to the rows where row_mask [L, n²] holds.
+    """`inner` on tables [L, n², D] (any D), run on the chosen rows only: its state (the Adam
+    moments) is [L, K, D] for K = the most rows any layer of row_mask [L, n²] chooses.
 
-    Other rows get -0.0 updates, and every state leaf shaped like a table ([L, n², D]: the Adam
-    moments) keeps those rows' old numbers: equivalent to
-    `u = where(mask[..., None], u_inner, -0.0)`, `mu = where(mask[..., None], mu_new, mu_old)`.
+    Plain JAX, with idx [L, K] the chosen rows of each layer (padded with its first chosen row,
+    `valid` False there) and take(x) = take_along_axis(x, idx[..., None], axis=1):
+
+        u_rows, state = inner.update(where(valid, take(g), 0), state, take(p))
+        u = zeros_like(g).at[l, idx].add(where(valid, u_rows, 0))
+        u = where(row_mask[..., None], u, -0.0)        # untrained rows: p + (-0.0) == p bitwise
     """
-    rows_shape = tuple(row_mask.shape)
+    mask = np.asarray(row_mask, bool)
+    if mask.ndim != 2:
+        raise ValueError(f"row_mask must be bool [L, n²], got shape {mask.shape}")
+    width = max(int(mask.sum(axis=1).max(initial=0)), 1)
+    index = np.zeros((mask.shape[0], width), np.int32)
+    valid = np.zeros((mask.shape[0], width), bool)
+    for layer, row_flags in enumerate(mask):
+        rows = np.flatnonzero(row_flags)
+        index[layer, : len(rows)] = rows
+        index[layer, len(rows) :] = rows[0] if len(rows) else 0
+        valid[layer, : len(rows)] = True
+    rows_shape = tuple(mask.shape)
 
     def is_table(x: Any) -> bool:
         return getattr(x, "ndim", 0) == 3 and tuple(x.shape[:2]) == rows_shape
 
-    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        for leaf in jax.tree.leaves(updates):
-            if not is_table(leaf):
+    def take(tree: Any) -> Any:
+        def one(x):
+            if not is_table(x):
                 raise ValueError(
-                    f"train.trainable=rows: a values-group parameter of shape {leaf.shape} is not "
+                    f"train.trainable=rows: a values-group parameter of shape {x.shape} is not "
                     f"a table [L, n², D] with [L, n²] = {list(rows_shape)} (the row mask's shape)"
                 )
-        new_updates, new_state = inner.update(updates, state, params)
-        keep = row_mask[..., None]
-        new_updates = jax.tree.map(
-            lambda u: jnp.where(keep, u, jnp.full_like(u, -0.0)), new_updates
-        )
-        new_state = jax.tree.map(
-            lambda new, old: jnp.where(keep, new, old) if is_table(new) else new,
-            new_state,
-            state,
-        )
-        return new_updates, new_state
+            return jnp.take_along_axis(x, jnp.asarray(index)[..., None], axis=1)
 
-    return optax.GradientTransformation(inner.init, update)
+        return jax.tree.map(one, tree)
+
+    def init(params: Any) -> Any:
+        return inner.init(take(params))
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        keep = jnp.asarray(valid)[..., None]
+        gathered = jax.tree.map(lambda g: jnp.where(keep, g, jnp.zeros_like(g)), take(updates))
+        rows_updates, state = inner.update(
+            gathered, state, None if params is None else take(params)
+        )
+        layers = jnp.arange(rows_shape[0])[:, None]
+
+        def scatter(u_rows: jax.Array, g: jax.Array) -> jax.Array:
+            full = (
+                jnp.zeros_like(g)
+                .at[layers, jnp.asarray(index)]
+                .add(jnp.where(keep, u_rows, jnp.zeros_like(u_rows)).astype(g.dtype))
+            )
+            return jnp.where(jnp.asarray(mask)[..., None], full, jnp.full_like(g, -0.0))
+
+        return jax.tree.map(scatter, rows_updates, updates), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def zero_frozen_gradients(labels: dict[str, Any], row_mask: Any) -> optax.GradientTransformation:

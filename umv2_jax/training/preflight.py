@@ -179,6 +179,10 @@ def estimate(config: Config) -> Sizes:
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params_state.to_pure_dict()
     )
     rest = jax.tree.leaves(nnx.state(abstract, nnx.Not(nnx.Param)).to_pure_dict())
+    if config.train.trainable == "rows":  # its moments cover chosen rows only: values bounds them
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, trainable="values")
+        )
     optimizer = make_optimizer(config, parameter_labels(params_state))
     opt_state = jax.tree.leaves(jax.eval_shape(optimizer.init, params))
     param_leaves = jax.tree.leaves(params)

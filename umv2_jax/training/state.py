@@ -99,6 +99,10 @@ def plan(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any
     optimizer state takes each parameter's sharding.
     """
     mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+    if row_mask is None and config.train.trainable == "rows":  # e.g. a finetuned run, reloaded
+        from umv2_jax.training.finetune import row_mask_from_config
+
+        row_mask = row_mask_from_config(config)  # the same rows: from the run's usage files
     rules = parallel.resolve_rules(config.mesh.rules)
     abstract = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(config.train.seed)))
     param_shardings = parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
