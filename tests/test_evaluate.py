@@ -256,3 +256,37 @@ def test_task_source_reports_task_metrics(tmp_path):
     assert report["loss"] == pytest.approx(trainer["eval_loss"], rel=1e-6)
     assert "exact_match/all" in report["task"] and 0 <= report["task"]["exact_match/all"] <= 1
     assert "answer_loss/all" in report["task"]
+
+
+def test_row_token_counts_against_numpy():
+    import jax.numpy as jnp
+
+    from umv2_jax.models.ultramem_v2 import row_token_counts
+
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 10, size=(2, 7, 3))  # [heads, tokens, m], with repeats within tokens
+    mask = rng.integers(0, 2, size=7)
+    got = np.asarray(row_token_counts(jnp.asarray(rows, jnp.int32), jnp.asarray(mask), 10))
+    want = np.zeros(10, np.int64)
+    for t in range(7):
+        for r in set(rows[:, t].ravel().tolist()):
+            want[r] += mask[t]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_table_counts_follow_the_value_sharing_windows():
+    from umv2_jax.evaluate import table_counts
+
+    overrides = SPARSE["umv2"] + ["model.num_layers=3", "model.memory.value_share=ring:2"]
+    config = load_config(None, TINY + overrides)
+    rows = config.model.memory.n_keys**2
+    blocks = list(config.model.sparse_layer_indices())
+    window = {block: np.arange(2 * rows) + 1000 * layer for layer, block in enumerate(blocks)}
+    counts, got_blocks = table_counts(config, window)
+    assert counts.shape == (3, rows) and got_blocks.tolist() == blocks
+    # ring:2 over 3 tables: layer l reads tables l and l+1 (mod 3), in that row order.
+    want = np.zeros((3, rows), np.int64)
+    for layer in range(3):
+        for position, table in enumerate([layer, (layer + 1) % 3]):
+            want[table] += window[blocks[layer]][position * rows : (position + 1) * rows]
+    np.testing.assert_array_equal(counts, want)
