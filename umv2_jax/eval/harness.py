@@ -19,7 +19,8 @@ The three request types of the harness map onto `umv2_jax.eval.loglik.Scorer` (b
   loglikelihood_rolling(text)           the text's log-likelihood over windows of the run's
                                         `data.seq_len` (lm-eval's rolling windows, BOS as prefix).
   generate_until(context, gen_kwargs)   greedy decoding of up to `max_gen_toks` (default 256)
-                                        tokens, cut at the first `until` string or EOS.
+                                        tokens, cut at the first `until` string or EOS (batched;
+                                        sampling arguments are ignored: always greedy).
 
 Tasks are names the harness knows (its data must be reachable: many download from the Hugging
 Face hub) or paths to task YAML files / folders of them (`include_path`), e.g. a local
@@ -117,17 +118,24 @@ class UMV2LM(_LMBase):
         return self.scorer.loglikelihood_rolling(texts, prefix_id=self.tokenizer.bos_id)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for request in requests:  # one at a time: each request has its own stop strings
+        """Greedy text per request, batched over requests with the same `max_gen_toks`."""
+        prompts, stops, limits = [], [], []
+        for request in requests:
             context, kwargs = request.args[0], dict(request.args[1] or {})
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            limit = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            prompt = [self.tokenizer.bos_id, *self.encode(context)]
-            (ids,) = self.scorer.generate([prompt], limit, stop_ids=[self.tokenizer.eos_id])
-            text = self.tokenizer.decode(np.asarray(ids, np.int64))
-            cuts = [text.find(stop) for stop in until if stop and stop in text]
-            out.append(text[: min(cuts)] if cuts else text)
+            stops.append([until] if isinstance(until, str) else list(until))
+            limits.append(int(kwargs.get("max_gen_toks", self.max_gen_toks)))
+            prompts.append([self.tokenizer.bos_id, *self.encode(context)])
+        out: list[str] = [""] * len(prompts)
+        for limit in sorted(set(limits)):
+            chosen = [i for i, value in enumerate(limits) if value == limit]
+            generated = self.scorer.generate(
+                [prompts[i] for i in chosen], limit, stop_ids=[self.tokenizer.eos_id]
+            )
+            for index, ids in zip(chosen, generated):
+                text = self.tokenizer.decode(np.asarray(ids, np.int64))
+                cuts = [text.find(stop) for stop in stops[index] if stop and stop in text]
+                out[index] = text[: min(cuts)] if cuts else text
         return out
 
 
