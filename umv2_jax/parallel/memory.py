@@ -48,7 +48,8 @@ with the previous memory layer (whole-stack reads, no shard_map) and the rest of
 
 Losses and metrics are global: the key-balance statistics f and p are averaged over the batch axes
 before their product (`TuckerRetrieval(..., balance_axes=...)`), mean metrics are `pmean`'d and the
-evaluation's row hits are OR-reduced (`pmax`). Both implementations (xla, pallas) run inside.
+evaluation's row hits are OR-reduced (`pmax`) and its per-row counts summed over the batch axes
+(`psum`). Both implementations (xla, pallas) run inside.
 """
 
 from __future__ import annotations
