@@ -154,7 +154,7 @@ def test_generate_load_run_is_params_only(run, monkeypatch):
     [
         (["--step", "3"], "has no checkpoint at step 3; saved steps: 2, 4"),
         (["--source", "nosuch:x"], "'data.source': 'nosuch:x'"),
-        (["--tokenizer", "sentencepiece:shakespeare_bpe2048"], "was trained with tokenizer bytes"),
+        (["--tokenizer", "sentencepiece:shakespeare_bpe2048"], "is not the tokenizer the run"),
         (["--source", "files:/nonexistent/*.txt"], "/nonexistent"),
         (["--mesh", "data=3"], "need 3 devices"),
     ],

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from umv2_jax.errors import CheckpointError, ConfigError, UserError
+from umv2_jax.errors import CheckpointError, ConfigError, DataError, UserError
 
 ROW_USAGE_KEYS = ("counts", "tokens", "config_name", "step", "source", "split", "blocks")
 
@@ -112,9 +112,24 @@ def eval_config(
         chosen = tokenizers.load_tokenizer(
             tokenizer, bos=d.bos_token, eos=d.eos_token, pad=d.pad_token
         )
-        tokenizers.check_identity(run_tok.identity(), chosen.identity(), workdir)
+        keys = ("kind", "sha256", "vocab_size", "bos_id", "eos_id", "pad_id")
+        saved, given = run_tok.identity(), chosen.identity()
+        different = [key for key in keys if saved.get(key) != given.get(key)]
+        if different:
+            raise DataError(
+                f"--tokenizer {tokenizer} is not the tokenizer the run was trained with ("
+                + ", ".join(
+                    f"{key} {_short(given, key)} vs {_short(saved, key)}" for key in different
+                )
+                + f"); leave out --tokenizer: the run's copy in {workdir}/tokenizer/ is used"
+            )
     data["data"]["tokenizer"] = chosen.spec
     return config_from_dict(data), chosen
+
+
+def _short(identity: dict, key: str) -> str:
+    value = identity.get(key)
+    return f"{value[:12]}…" if key == "sha256" and isinstance(value, str) else str(value)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
