@@ -38,7 +38,7 @@ output std, the Tucker core's singular values).
 
 Restores parameters only (`training.restore.load_params`: never optimizer state), on every local
 device by default (`--mesh data=2,tensor=…` to lay the model out like the trainer, `data` over the
-batch). Read-only on the run directory: nothing is written there (a read-only directory works),
+batch; one process: multi-host evaluation is not supported). Read-only on the run directory: nothing is written there (a read-only directory works),
 and `--row-usage` may not point into it. Bad input is one line on stderr and exit status 2 with
 nothing written: a directory without a run or checkpoints, a step that does not exist, an unknown
 source, a tokenizer other than the run's, `--lm-eval` without the `lm-eval` package.
@@ -367,8 +367,15 @@ def _main(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         mesh=mesh_sizes,
     )
+    import jax
+
     from umv2_jax import parallel
 
+    if jax.process_count() > 1:
+        raise ConfigError(
+            "evaluate runs in one process (its batches are host arrays of the global batch); "
+            "run it on one host, with --mesh over that host's devices"
+        )
     mesh = parallel.make_mesh(config.mesh)  # ConfigError for a mesh this machine cannot build
     shards = parallel.batch_shards(mesh)
     if config.train.batch_size % shards:
