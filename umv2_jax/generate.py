@@ -35,29 +35,13 @@ MAX_SEED = 2**63 - 1
 def load_run(workdir: str):
     """(config, parts, params, rest, step) of the latest readable checkpoint in `workdir`.
 
-    Reads only; CheckpointError (one line) for a missing or unreadable run.
+    Reads only, and only the parameters and non-trainable variables (never the optimizer state:
+    `umv2_jax.training.restore.load_params`); CheckpointError (one line) for a missing or
+    unreadable run.
     """
-    from umv2_jax.config import config_from_dict
-    from umv2_jax.training import checkpoint as checkpoint_lib
-    from umv2_jax.training.state import abstract_like, build
+    from umv2_jax.training.restore import load_params
 
-    workdir = str(workdir)
-    config = config_from_dict(_read_run_config(workdir, checkpoint_lib.CONFIG_FILE))
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints):  # checked here: opening orbax on it would create it
-        raise CheckpointError(
-            f"{workdir} holds no checkpoint ({checkpoints} is missing); train first"
-        )
-    setup = build(config)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint, read_only=True)
-    try:
-        step, state, rest, _ = checkpointer.restore_latest(
-            abstract_like(setup.state, setup.state_shardings),
-            abstract_like(setup.rest, setup.rest_shardings),
-        )
-    finally:
-        checkpointer.close()
-    return config, setup.parts, state["params"], rest, step
+    return load_params(str(workdir))
 
 
 def generate_ids(

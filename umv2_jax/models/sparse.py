@@ -39,17 +39,20 @@ class SparseContext:
     deterministic: True disables dropout.
     dropout_rng:   a PRNG key when `deterministic` is False; layers fold in their own index.
     diagnostics:   compute the evaluation-only diagnostics (row-hit masks and fractions).
+    token_mask:    with diagnostics, [batch, seq] weights (1 = count the token) for the per-row
+                   hit counts (`SparseOutput.row_counts`), or None: no counts computed.
     """
 
     shared: Any = None
     deterministic: bool = True
     dropout_rng: jax.Array | None = None
     diagnostics: bool = False
+    token_mask: jax.Array | None = None
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=("y", "losses", "metrics", "row_hits"),
+    data_fields=("y", "losses", "metrics", "row_hits", "row_counts"),
     meta_fields=("addressable_rows",),
 )
 @dataclasses.dataclass
@@ -60,6 +63,8 @@ class SparseOutput:
     losses:           {type: fp32 scalar} weighted auxiliary losses (`lb`, `z`, `tucker_penalty`, …).
     metrics:          {name: fp32 scalar} diagnostics without gradient.
     row_hits:         bool [rows] which memory rows this pass read, or None (only with diagnostics).
+    row_counts:       int32 [rows] how many tokens (weighted by `context.token_mask`) read each row,
+                      or None (only with diagnostics and a token mask; UltraMemV2 only).
     addressable_rows: how many distinct rows the layer can reach (the denominator of hit fractions).
     """
 
@@ -67,6 +72,7 @@ class SparseOutput:
     losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     row_hits: jax.Array | None = None
+    row_counts: jax.Array | None = None
     addressable_rows: int = 0
 
 

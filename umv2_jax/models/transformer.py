@@ -330,6 +330,8 @@ class ModelAux:
               as "layer{i}/loss/{type}" (values only: the gradient flows through `losses`).
     row_hits: {block index: bool [rows]} rows each memory layer read (only with diagnostics).
     addressable: {block index: fp32 scalar} rows each of those layers can reach.
+    row_counts: {block index: int32 [rows]} tokens that read each row (only with diagnostics and a
+              `token_mask`; layers that count: UltraMemV2).
     cache:    the updated KVCache of a cached pass (`Transformer(..., cache=…)`), else None.
     """
 
@@ -338,6 +340,7 @@ class ModelAux:
     row_hits: dict[int, jax.Array]
     addressable: dict[int, jax.Array]
     cache: KVCache | None = None
+    row_counts: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 class Transformer(nnx.Module):
@@ -403,6 +406,7 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         segment_ids: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, ModelAux]:
         """tokens: [batch, seq] → (logits [batch, seq, padded_vocab] fp32, ModelAux).
 
@@ -416,6 +420,8 @@ class Transformer(nnx.Module):
         the logits (the loss applies `head_matrix()` in vocabulary chunks: ops.cross_entropy).
 
         diagnostics: also compute the evaluation-only statistics (memory row-hit masks).
+        token_mask: with diagnostics, [batch, seq] 0/1 weights: memory layers also count, per row,
+        the tokens (mask 1) that read it (`aux.row_counts`).
         cache: incremental decoding (`umv2_jax.inference`): the tokens are written at slots
         cache.window.index … + seq − 1 of every row and attend that row's cached slots from
         cache.window.start on; positions default to slot − start (each row counts from its first
@@ -434,6 +440,7 @@ class Transformer(nnx.Module):
             deterministic=deterministic,
             dropout_rng=dropout_rng,
             diagnostics=diagnostics,
+            token_mask=token_mask if diagnostics else None,
         )
         aux = ModelAux(losses={}, metrics={}, row_hits={}, addressable={})
         sources = dict(self.sparse_sources)
@@ -612,6 +619,8 @@ def _record(aux: ModelAux, index: int, stats: SparseOutput) -> None:
     if stats.row_hits is not None:
         aux.row_hits[index] = stats.row_hits
         aux.addressable[index] = jnp.asarray(stats.addressable_rows, jnp.float32)
+    if stats.row_counts is not None:
+        aux.row_counts[index] = stats.row_counts
 
 
 def count_params(model: nnx.Module) -> int:

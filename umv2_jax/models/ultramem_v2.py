@@ -275,10 +275,18 @@ class UltraMemV2(nnx.Module):
         leading, h = u.shape[:-1], u.shape[-1]
         mesh = active_mesh()
         core = None
+        mask = context.token_mask if context.diagnostics else None
+        if mask is not None:
+            mask = jnp.broadcast_to(jnp.asarray(mask, jnp.int32), leading)
         if mesh is not None:
-            core = memory_parallel.token_local(self, u, tables, rank_one, context.diagnostics, mesh)
+            core = memory_parallel.token_local(
+                self, u, tables, rank_one, context.diagnostics, mesh, token_mask=mask
+            )
         if core is None:  # no mesh, or a shape the mesh cannot split: plain code
-            core = self.core(u.reshape(-1, h), tables, rank_one, context.diagnostics)
+            flat_mask = None if mask is None else mask.reshape(-1)
+            core = self.core(
+                u.reshape(-1, h), tables, rank_one, context.diagnostics, token_mask=flat_mask
+            )
         dtype = self.compute_dtype
         y = core.y.reshape(-1, h)
         if self.dropout_rate > 0 and not context.deterministic:
@@ -295,6 +303,7 @@ class UltraMemV2(nnx.Module):
         )
         if context.diagnostics:
             out.row_hits = core.row_hits
+            out.row_counts = core.row_counts
             out.metrics["rows_hit_fraction"] = (
                 jnp.sum(core.row_hits, dtype=jnp.float32) / self.addressable_rows()
             )
@@ -319,12 +328,15 @@ class UltraMemV2(nnx.Module):
         rank_one: tuple[jax.Array, jax.Array] | None,
         diagnostics: bool,
         plan: memory_parallel.MemoryPlan = memory_parallel.LOCAL,
+        token_mask: jax.Array | None = None,
     ) -> LayerCore:
         """SPEC steps 1–9 on tokens x [T, h] with the window's tables → LayerCore (y [T, h]).
 
         `plan` says which collectives join this device's share to the others' inside a shard_map
         (`umv2_jax.parallel.memory`); the default `LOCAL` is plain single-device code. Under a
-        tensor split, tables, W_p and W_o arrive as this device's D slices.
+        tensor split, tables, W_p and W_o arrive as this device's D slices. With diagnostics and
+        `token_mask` (int [T], this device's tokens) the result also counts, per window row, the
+        tokens with mask 1 whose selection (any head, any of the top-m slots) includes the row.
         """
         result = self.retrieval(
             plan.retrieval_tokens(x),
@@ -349,6 +361,10 @@ class UltraMemV2(nnx.Module):
         if diagnostics:
             hit = jnp.zeros((self.window_size * self.rows_per_table,), jnp.bool_)
             row_hits = plan.any_batch(hit.at[window_rows.reshape(-1)].set(True))
+        row_counts = None
+        if diagnostics and token_mask is not None:
+            counts = row_token_counts(window_rows, token_mask, hit.shape[0])
+            row_counts = plan.sum_batch(counts)
         return LayerCore(
             y=y,
             singular_values=result.singular_values,
@@ -356,6 +372,7 @@ class UltraMemV2(nnx.Module):
             top1_score=plan.mean_batch(jnp.mean(total[:, :, 0])),
             topm_score=plan.mean_batch(jnp.mean(total)),
             row_hits=row_hits,
+            row_counts=row_counts,
         )
 
     def physical_rows(self, grid_indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -458,7 +475,8 @@ class LayerCore:
     """What `UltraMemV2.core` returns (global statistics already reduced over the mesh).
 
     y: [T, h] compute dtype; singular_values: [H, r] fp32; key_balance: fp32 scalar or None;
-    top1_score, topm_score: fp32 means over every token; row_hits: bool [g·n²] or None.
+    top1_score, topm_score: fp32 means over every token; row_hits: bool [g·n²] or None;
+    row_counts: int32 [g·n²] tokens that read each window row, or None.
     """
 
     y: jax.Array
@@ -467,6 +485,20 @@ class LayerCore:
     top1_score: jax.Array
     topm_score: jax.Array
     row_hits: jax.Array | None = None
+    row_counts: jax.Array | None = None
+
+
+def row_token_counts(rows: jax.Array, token_mask: jax.Array, size: int) -> jax.Array:
+    """int32 [size]: for each row, the number of tokens t with token_mask[t] = 1 among whose
+    selected rows (rows [H, T, m], any head and slot) it is; a row two heads of one token pick
+    counts once. Plain numpy: `sum(mask[t] * (r in set(rows[:, t].ravel())) for t)`."""
+    heads, tokens, topk = rows.shape
+    per_token = jnp.sort(rows.transpose(1, 0, 2).reshape(tokens, heads * topk), axis=1)
+    first = jnp.concatenate(
+        [jnp.ones((tokens, 1), jnp.bool_), per_token[:, 1:] != per_token[:, :-1]], axis=1
+    )
+    weights = first.astype(jnp.int32) * token_mask.astype(jnp.int32)[:, None]
+    return jnp.zeros((size,), jnp.int32).at[per_token.reshape(-1)].add(weights.reshape(-1))
 
 
 def pre_score_dots(pre_values: jax.Array, rows: jax.Array, x_p: jax.Array) -> jax.Array:

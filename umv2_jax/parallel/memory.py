@@ -48,7 +48,8 @@ with the previous memory layer (whole-stack reads, no shard_map) and the rest of
 
 Losses and metrics are global: the key-balance statistics f and p are averaged over the batch axes
 before their product (`TuckerRetrieval(..., balance_axes=...)`), mean metrics are `pmean`'d and the
-evaluation's row hits are OR-reduced (`pmax`). Both implementations (xla, pallas) run inside.
+evaluation's row hits are OR-reduced (`pmax`) and its per-row counts summed over the batch axes
+(`psum`). Both implementations (xla, pallas) run inside.
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ class MemoryPlan:
         """Global mean of a per-device mean over equally many tokens."""
         return lax.pmean(a, self.stat_axes) if self.stat_axes else a
 
+    def sum_batch(self, counts: jax.Array) -> jax.Array:
+        """Sum of per-device counts over the devices holding different tokens (`psum` over the
+        batch axes; tensor devices share their tokens, so they are not added)."""
+        return lax.psum(counts, self.batch) if self.batch else counts
+
     def any_batch(self, hits: jax.Array) -> jax.Array:
         """OR of a bool mask over every device (`pmax`)."""
         if not self.stat_axes:
@@ -155,6 +161,7 @@ def token_local(
     rank_one: tuple[jax.Array, jax.Array] | None,
     diagnostics: bool,
     mesh: Mesh,
+    token_mask: jax.Array | None = None,
 ) -> LayerCore | None:
     """`layer.core` on each device's own tokens in one shard_map → LayerCore with y like u.
 
@@ -199,23 +206,25 @@ def token_local(
     h = u.shape[-1]
     batch_spec = P(batch if batch else None)
 
-    def body(leaves, u, values, pre_values, rank_one):
+    def body(leaves, u, values, pre_values, rank_one, token_mask):
         layer = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
         if rows_axis is not None:
             values = lax.all_gather(values, rows_axis, axis=1, tiled=True)
             if pre_values is not None:
                 pre_values = lax.all_gather(pre_values, rows_axis, axis=1, tiled=True)
         window = TableWindow(values=values, pre_values=pre_values)
-        core = layer.core(u.reshape(-1, h), window, rank_one, diagnostics, plan)
+        mask = None if token_mask is None else token_mask.reshape(-1)
+        core = layer.core(u.reshape(-1, h), window, rank_one, diagnostics, plan, token_mask=mask)
         return dataclasses.replace(core, y=core.y.reshape(u.shape))
 
-    out_specs = _core_specs(layer, batch_spec, diagnostics)
+    out_specs = _core_specs(layer, batch_spec, diagnostics, token_mask is not None)
     pre_spec = None if tables.pre_values is None else table_spec
     rank_spec = None if rank_one is None else (P(), P())
+    mask_spec = None if token_mask is None else batch_spec
     run = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(leaf_specs, batch_spec, table_spec, pre_spec, rank_spec),
+        in_specs=(leaf_specs, batch_spec, table_spec, pre_spec, rank_spec, mask_spec),
         out_specs=out_specs,
         # The Pallas kernels' outputs carry no varying-axes type, so the vma check is off. Its
         # transpose convention is then what this module relies on: an output's cotangent is split
@@ -223,10 +232,12 @@ def token_local(
         # is exact here because every P() output is equal on all devices (see the tests).
         check_vma=False,
     )
-    return run(leaves, u, tables.values, tables.pre_values, rank_one)
+    return run(leaves, u, tables.values, tables.pre_values, rank_one, token_mask)
 
 
-def _core_specs(layer: Any, batch_spec: PartitionSpec, diagnostics: bool) -> LayerCore:
+def _core_specs(
+    layer: Any, batch_spec: PartitionSpec, diagnostics: bool, counts: bool = False
+) -> LayerCore:
     from umv2_jax.models.ultramem_v2 import LayerCore
 
     return LayerCore(
@@ -236,4 +247,5 @@ def _core_specs(layer: Any, batch_spec: PartitionSpec, diagnostics: bool) -> Lay
         top1_score=P(),
         topm_score=P(),
         row_hits=P() if diagnostics else None,
+        row_counts=P() if diagnostics and counts else None,
     )

@@ -155,9 +155,12 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(parts: ModelParts):
+def make_eval_step(parts: ModelParts, row_counts: bool = False):
     """eval_step(params, rest, batch) → sums {"loss_sum", "tokens", "byte_loss_sum", "bytes",
     "aux": {name: scalar}, "row_hits": {block: bool [rows]}, "addressable": {block: scalar}}.
+
+    row_counts: also return "row_counts": {block: int32 [rows]}, how many of the batch's evaluated
+    positions (loss_mask 1) read each row of each memory layer's window (UltraMemV2 only).
 
     Sums (not means) so that the loop can add them over batches. Bits per byte = the loss of the
     targets that cover text (batch["target_bytes"] > 0: not BOS/EOS/PAD) over the UTF-8 bytes they
@@ -167,6 +170,7 @@ def make_eval_step(parts: ModelParts):
 
     def eval_step(params: dict, rest: dict, batch: Batch):
         model = parts.build(params, rest)
+        counting = {"token_mask": batch["loss_mask"] > 0} if row_counts else {}
         losses, aux = model_token_losses(
             model,
             batch["inputs"],
@@ -174,6 +178,7 @@ def make_eval_step(parts: ModelParts):
             deterministic=True,
             diagnostics=True,
             **document_kwargs(batch),
+            **counting,
         )
         losses = losses * batch["loss_mask"]
         if "target_bytes" in batch:  # text pipelines: the UTF-8 bytes each target covers
@@ -181,7 +186,9 @@ def make_eval_step(parts: ModelParts):
         else:  # task sources: ids below 256 stand for one byte each
             covered = (batch["targets"] < BYTE_VOCAB).astype(jnp.float32) * batch["loss_mask"]
         _, aux_losses, aux_metrics = aux_losses_and_metrics(aux)
+        extra = {"row_counts": aux.row_counts} if row_counts else {}
         return {
+            **extra,
             "loss_sum": jnp.sum(losses),
             "tokens": jnp.sum(batch["loss_mask"]),
             "byte_loss_sum": jnp.sum(jnp.where(covered > 0, losses, 0.0)),
