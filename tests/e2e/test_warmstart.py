@@ -90,6 +90,29 @@ def test_step_0_of_a_warm_start_holds_the_base_parameters_exactly(base_run):
     assert not np.array_equal(got["['embed']"], _flat(setup.state["params"])["['embed']"])
 
 
+def test_warm_start_from_an_exported_directory_holds_the_exported_parameters(base_run, tmp_path):
+    """`--init-from DIR` of `python -m umv2_jax.export`: step 0 holds the exported tensors
+    bitwise, also when the new config scans the blocks the export wrote one by one."""
+    from umv2_jax import export
+
+    out = str(tmp_path / "exported")
+    assert export.main(["--workdir", base_run, "--out", out]) == 0
+    config = _config(**{"train.init_from": out, "model.scan_layers": "true"})
+    source = warmstart.resolve(config)
+    assert source.kind == "export"
+    setup = build(config)
+    state, _ = warmstart.initial_state(config, setup, source)
+    from_run = _config(**{"train.init_from": f"{base_run}:2", "model.scan_layers": "true"})
+    base_params, _ = warmstart.restore_run(from_run, warmstart.resolve(from_run))
+    got, want = _flat(state["params"]), _flat(base_params)
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_array_equal(_bits(got[path]), _bits(want[path]), err_msg=path)
+    other = _config(**{"train.init_from": out, "model.d_ff": 48})
+    with pytest.raises(Exception, match="parameter .* is .* there but .* in this config"):
+        warmstart.resolve(other)
+
+
 def test_rows_finetune_from_the_cli_changes_only_the_chosen_rows(base_run, tmp_path, capsys):
     # Usage counts: the base model on its own data (shakespeare) and on new data (random bytes).
     config = _config()

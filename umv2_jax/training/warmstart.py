@@ -93,7 +93,8 @@ def resolve(config) -> InitSource | None:
         )
     if not os.path.isdir(os.path.join(source.path, CHECKPOINTS)):
         if any(name.endswith(".safetensors") for name in os.listdir(source.path)):
-            _export_module(where)  # raises if the export tools are not installed
+            export = _export_module(where)  # raises if the export tools are not installed
+            _check_same_shapes(export.read_config(source.path), config, where)
             return InitSource("export", source.path)
         raise CheckpointError(
             f"{where}: {source.path} holds no checkpoints/ (not a run directory); train it first "
@@ -109,7 +110,12 @@ def resolve(config) -> InitSource | None:
         )
     step = source.step if source.step is not None else steps[-1]
     source = InitSource("run", source.path, step)
-    base = _run_config(source.path, where)
+    _check_same_shapes(_run_config(source.path, where), config, where)
+    return source
+
+
+def _check_same_shapes(base, config, where: str) -> None:
+    """ConfigError naming the first parameter whose shape differs between `base` and `config`."""
     first = first_difference(_shapes(base), _shapes(config))
     if first is not None:
         name, theirs, ours = first
@@ -118,7 +124,6 @@ def resolve(config) -> InitSource | None:
             "needs the same model shapes (start from the run's config.json and change training "
             "fields only)"
         )
-    return source
 
 
 def _export_module(where: str):
@@ -212,7 +217,11 @@ def load(config, setup, source: InitSource) -> tuple[dict, dict]:
         params = retrofit.retrofit_params(host_params, config, source.path)
         rest = setup.rest
     elif source.kind == "export":
-        loaded = _export_module(f"--init-from {source.path}").load_pretrained(source.path)
+        # Read into this run's layout (an unscanned export regroups into a scanned config).
+        layout = f"model.scan_layers={str(config.model.resolved_scan_layers).lower()}"
+        loaded = _export_module(f"--init-from {source.path}").load_pretrained(
+            source.path, setup.mesh, overrides=[layout]
+        )
         params, rest = loaded[-2], loaded[-1]
     else:
         params, rest = restore_run(config, source)
