@@ -173,9 +173,9 @@ def test_a_changed_data_iterator_state_of_the_same_size_is_caught_and_the_run_fa
     shutil.copytree(run, workdir)
     metadata = workdir / "checkpoints" / "6" / "data" / "metadata"
     text = metadata.read_text()
-    # The last digit of the position moved by one (same length, still valid JSON).
+    # The last digit of a row's offset moved by one (same length, still valid JSON).
     changed = re.sub(
-        r'("position": \d*)(\d)', lambda m: m[1] + str((int(m[2]) + 1) % 10), text, count=1
+        r'("offset": \d*)(\d)', lambda m: m[1] + str((int(m[2]) + 1) % 10), text, count=1
     )
     assert changed != text and len(changed) == len(text)
     metadata.write_text(changed)

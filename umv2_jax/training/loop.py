@@ -178,6 +178,9 @@ def _train(
         if config.data.task_name is None:
             run_tokenizer.save(workdir, pipeline.run_tokenizer(config))
     run.started(config, start_step)  # the manifest, run.json
+    # Opened before the summary, whose last line means "the first step starts now" (TensorBoard's
+    # writer takes a moment to import and open).
+    writer = metrics_lib.MetricsWriter(workdir, enabled=primary, start_step=start_step)
     _print_summary(config, setup, workdir, echo, account(config) if account else None)
     for line in mesh_warnings.mesh_warnings(config, mesh, setup.parts.params_template):
         echo(f"warning: {line}")  # what an axis of the mesh replicates (parallel/warnings.py)
@@ -243,7 +246,6 @@ def _train(
             )
         )
 
-    writer = metrics_lib.MetricsWriter(workdir, enabled=primary, start_step=start_step)
     schedule = learning_rate_schedule(config)
     tokens_per_step = config.train.batch_size * config.data.seq_len
     bar = tqdm(
