@@ -97,7 +97,7 @@ def load_params(
     from umv2_jax.config import config_from_dict
     from umv2_jax.training import checkpoint as checkpoint_lib
 
-    workdir = str(workdir)
+    workdir = os.path.abspath(str(workdir))  # orbax wants absolute paths
     if config is None:
         config = config_from_dict(read_run_config(workdir))
     steps = saved_steps(workdir)

@@ -58,11 +58,11 @@ class InitSource:
 def parse(text: str) -> InitSource:
     """`RUN[:STEP]`, `hf:DIR` or an export `DIR` → InitSource (no file is read)."""
     if text.startswith("hf:"):
-        return InitSource("hf", text[3:])
+        return InitSource("hf", os.path.abspath(text[3:]))
     path, sep, step = text.rpartition(":")
     if sep and step.isdigit() and path:
-        return InitSource("run", path, int(step))
-    return InitSource("run", text)
+        return InitSource("run", os.path.abspath(path), int(step))  # orbax wants absolute paths
+    return InitSource("run", os.path.abspath(text))
 
 
 def saved_steps(workdir: str) -> list[int]:
