@@ -113,6 +113,17 @@ def test_an_earlier_step_and_the_text_report(run):
     assert "nats/token" in out and "perplexity" in out and "layer 1:" in out
 
 
+def test_a_relative_workdir_works(run, monkeypatch):
+    """orbax refuses relative checkpoint paths; `--workdir runs/x` from the shell must still work."""
+    from umv2_jax.generate import load_run
+
+    monkeypatch.chdir(os.path.dirname(run))
+    code, out, err = _run_main(["--workdir", os.path.basename(run), "--max-tokens", "100"])
+    assert code == 0, err
+    assert "loss" in out
+    assert load_run(os.path.basename(run))[-1] == 4  # generate's restore, given a relative path
+
+
 def test_restore_reads_parameters_only(run, monkeypatch):
     """orbax is asked for state.params (a partial restore) and rest: never opt_state."""
     import orbax.checkpoint as ocp
