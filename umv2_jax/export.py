@@ -174,9 +174,10 @@ def restore_run(workdir: str, step: int | None = None):
         return generate.load_run(workdir)
     from umv2_jax.config import config_from_dict
     from umv2_jax.training import checkpoint as checkpoint_lib
+    from umv2_jax.training.restore import read_run_config
     from umv2_jax.training.state import abstract_like, build
 
-    config = config_from_dict(generate._read_run_config(workdir, checkpoint_lib.CONFIG_FILE))
+    config = config_from_dict(read_run_config(workdir))
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise CheckpointError(

@@ -19,7 +19,6 @@ When the output fills the cache the context slides: the last `cache_len` ids are
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ import sys
 import jax
 import numpy as np
 
-from umv2_jax.errors import CheckpointError, ConfigError, UserError
+from umv2_jax.errors import ConfigError, UserError
 
 MAX_SEED = 2**63 - 1
 
@@ -272,9 +271,9 @@ def _check_cache(args: argparse.Namespace, prompt_len: int) -> None:
     included) does not fit the cache; reads only the run's config.json."""
     from umv2_jax import config as config_lib
     from umv2_jax.inference.decode import check_fits
-    from umv2_jax.training.checkpoint import CONFIG_FILE
+    from umv2_jax.training.restore import read_run_config
 
-    config = config_lib.config_from_dict(_read_run_config(args.workdir, CONFIG_FILE))
+    config = config_lib.config_from_dict(read_run_config(args.workdir))
     cache_len = args.cache_len or config.data.seq_len
     if cache_len > config.model.max_seq_len:
         raise ConfigError(
@@ -320,9 +319,9 @@ def _run_tokenizer(workdir: str):
     """The tokenizer of the run in `workdir` (its saved copy, checked against its identity)."""
     from umv2_jax import config as config_lib
     from umv2_jax.data import run_tokenizer
-    from umv2_jax.training.checkpoint import CONFIG_FILE
+    from umv2_jax.training.restore import read_run_config
 
-    config = config_lib.config_from_dict(_read_run_config(workdir, CONFIG_FILE))
+    config = config_lib.config_from_dict(read_run_config(workdir))
     if config.data.task_name is not None:
         return _config_tokenizer(config)
     return run_tokenizer.load(workdir, config)
@@ -342,32 +341,6 @@ def _read_prompt(args: argparse.Namespace) -> bytes:
         raise ConfigError(
             f"--prompt-file {args.prompt_file}: {error.strerror}; pass a readable file"
         ) from None
-
-
-def _read_run_config(workdir: str, name: str) -> dict:
-    """The run's config.json as a mapping, with the mesh reset to this machine's devices."""
-    path = os.path.join(workdir, name)
-    if not os.path.lexists(path):
-        raise CheckpointError(f"{workdir} holds no run (no {name}); train first")
-    try:
-        with open(path, "rb") as handle:
-            data = json.loads(handle.read())
-    except OSError as error:
-        raise CheckpointError(
-            f"{path} is unreadable ({error.strerror}); fix its permissions or restore it"
-        ) from None
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(
-            f"{path} is not valid JSON ({str(error).splitlines()[0][:80]}); restore it from "
-            "checkpoints/<step>/config/metadata"
-        ) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(
-            f"{path} holds a JSON {type(data).__name__}, not a config mapping; restore it from "
-            "checkpoints/<step>/config/metadata"
-        )
-    data["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
-    return data
 
 
 if __name__ == "__main__":
