@@ -907,6 +907,38 @@ class TrainConfig:
     rows_usage_base: str | None = None
     rows_usage_new: str | None = None
     rows_count: int = 64
+    # Observability (umv2_jax.training.profiling, .metrics): "START:STOP" writes a jax.profiler
+    # trace of steps START … STOP (1-based, inclusive) under WORKDIR/profile/ (--profile).
+    profile: str | None = None
+    # Weights & Biases: log metrics.jsonl's records to this project too (--wandb PROJECT; needs
+    # the `wandb` extra); mode online | offline | disabled (the WANDB_MODE variable overrides it).
+    wandb_project: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    wandb_entity: str | None = None
+
+    def profile_steps(self) -> tuple[int, int] | None:
+        """`profile` as (START, STOP), None if unset; ConfigError if malformed or outside 1 …
+        steps."""
+        if self.profile is None:
+            return None
+        start, sep, stop = str(self.profile).partition(":")
+        try:
+            first, last = int(start), int(stop)
+        except ValueError:
+            first = last = None
+        _require(
+            bool(sep) and first is not None,
+            "train.profile",
+            f"{self.profile!r} is not START:STOP (two step numbers, e.g. --profile 10:15)",
+        )
+        _require(
+            1 <= first <= last <= self.steps,
+            "train.profile",
+            f"steps {first}:{last} are outside the run's steps 1 … {self.steps}; give "
+            f"1 <= START <= STOP <= {self.steps} (e.g. --profile {min(2, self.steps)}:"
+            f"{min(4, self.steps)})",
+        )
+        return first, last
 
     def validate(self, prefix: str = "train") -> None:
         _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
@@ -939,6 +971,12 @@ class TrainConfig:
             self.init_from is None or self.init_from.strip() != "",
             f"{prefix}.init_from",
             "is empty; give RUN[:STEP] or hf:DIR, or leave it unset",
+        )
+        self.profile_steps()
+        _require(
+            self.wandb_project is None or self.wandb_project.strip() != "",
+            f"{prefix}.wandb_project",
+            "is empty; give a W&B project name, or leave it unset",
         )
 
 

@@ -1,5 +1,5 @@
 """Command line of the trainer: `python train.py [--config PATH] [--set k=v ...] [--workdir DIR]
-[--steps N] [--no-resume [--overwrite-other-model]] [--coordinator HOST:PORT --num-processes N
+[--steps N] [--profile START:STOP] [--wandb PROJECT] [--no-resume [--overwrite-other-model]] [--coordinator HOST:PORT --num-processes N
 --process-id I | --distributed]`.
 
 Multi-process runs (one process per host, or per GPU) join through `jax.distributed` before JAX
@@ -16,6 +16,7 @@ checked.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -71,6 +72,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --no-resume: also delete a previous run of a different model in WORKDIR",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="START:STOP",
+        help="write a jax.profiler trace of steps START … STOP (1-based, inclusive) under "
+        "WORKDIR/profile/ for TensorBoard / Perfetto (train.profile)",
+    )
+    parser.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log the metrics to this Weights & Biases project (train.wandb_project; "
+        "WANDB_MODE=offline logs locally; needs the wandb extra)",
+    )
     launch = parser.add_argument_group(
         "multi-process runs (see README 'Multi-host'; default: the environment, else one process)"
     )
@@ -134,6 +149,10 @@ def _main(argv: list[str] | None) -> int:
             overrides.append(f"train.steps={args.steps}")
         if args.init_from is not None:
             overrides.append(f"train.init_from={args.init_from}")
+        if args.profile is not None:
+            overrides.append(f"train.profile={json.dumps(args.profile)}")  # text, not YAML
+        if args.wandb is not None:
+            overrides.append(f"train.wandb_project={args.wandb}")
         config = load_config(args.config or default_config_path(), overrides)
         workdir = args.workdir or os.path.join("runs", config.name)
         from umv2_jax.eval.accounting import account

@@ -13,6 +13,7 @@ A non-finite loss stops the run with `TrainingDiverged`, keeping the last good c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from umv2_jax import parallel, paths
+from umv2_jax import hardware, parallel, paths
 from umv2_jax.config import Config
 from umv2_jax.data import pipeline, run_tokenizer
 from umv2_jax.errors import ConfigError, WriteError
@@ -32,11 +33,13 @@ from umv2_jax.ops import attention as attention_ops
 from umv2_jax.parallel import distributed
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
-from umv2_jax.training import finetune, preflight, rundir, signals, warmstart
+from umv2_jax.training import finetune, preflight, rundir, signals, throughput, warmstart
 from umv2_jax.training import metrics as metrics_lib
 from umv2_jax.training.optimizer import learning_rate_schedule
+from umv2_jax.training.profiling import StepProfiler
 from umv2_jax.training.state import Setup, abstract_like, build
 from umv2_jax.training.step import make_eval_step, make_train_step, summarize_eval
+from umv2_jax.training.wandb_sink import WandbSink, check_available
 
 log = logging.getLogger("umv2_jax")
 
@@ -66,6 +69,8 @@ class RunResult:
     losses: list[float] = dataclasses.field(default_factory=list)
     eval_step: int | None = None  # the step `eval` measured (None: no evaluation in this run)
     stop_signal: int | None = None  # SIGTERM / SIGINT that stopped the run (see signals.py)
+    # `throughput.StepClock.summary()` plus tokens_per_s and mfu at the median step time
+    timing: dict = dataclasses.field(default_factory=dict)
 
 
 def train(
@@ -148,6 +153,8 @@ def _train(
     init_source = None if resuming else warmstart.resolve(config)
     row_mask = finetune.row_mask_from_config(config)
     vocab_warning = pipeline.check_vocab(config)  # ConfigError if the tokenizer's ids do not fit
+    profile_steps = config.train.profile_steps()  # ConfigError if outside 1 … train.steps
+    check_available(config.train.wandb_project)  # ConfigError if wandb is asked for, not installed
     if resume and config.data.task_name is None:
         run_tokenizer.check(workdir, pipeline.run_tokenizer(config))  # before anything is written
     has_run = run.open(config, resume=resume, overwrite_other_model=overwrite_other_model)
@@ -180,8 +187,15 @@ def _train(
     run.started(config, start_step)  # the manifest, run.json
     # Opened before the summary, whose last line means "the first step starts now" (TensorBoard's
     # writer takes a moment to import and open).
-    writer = metrics_lib.MetricsWriter(workdir, enabled=primary, start_step=start_step)
-    _print_summary(config, setup, workdir, echo, account(config) if account else None)
+    wandb = WandbSink.open(config, workdir, start_step, config.to_dict()) if primary else None
+    writer = metrics_lib.MetricsWriter(
+        workdir, enabled=primary, start_step=start_step, extra_sink=wandb
+    )
+    counts = account(config) if account else None
+    _print_summary(config, setup, workdir, echo, counts)
+    # MFU's numerator and denominator (throughput.py): None on CPU / without the accounting.
+    chip = hardware.chip_for_device(jax.devices()[0])
+    flops_per_token = counts.training_flops_per_token if counts is not None else None
     for line in mesh_warnings.mesh_warnings(config, mesh, setup.parts.params_template):
         echo(f"warning: {line}")  # what an axis of the mesh replicates (parallel/warnings.py)
     if vocab_warning:
@@ -212,18 +226,25 @@ def _train(
         }
 
     def evaluate(params, step: int) -> dict[str, float]:
-        """The eval metrics at `step`; {} if a stop signal arrives (checked between batches)."""
-        signals.set_phase(f"evaluation at step {step}")
-        say(f"step {step}: evaluating on {len(eval_batches)} batch(es)")
-        sums = []
-        for batch in eval_batches:
-            sums.append(jax.device_get(eval_step(params, rest, to_global(batch))))
-            if signals.requested():
-                return {}
-        signals.set_phase(f"the end of the evaluation at step {step}")
-        result = summarize_eval(sums)
-        check_eval(step, result)
-        return result
+        """The eval metrics at `step` (with `eval_time_s`, its wall time, compile included); {}
+        if a stop signal arrives (checked between batches). Left out of the step time."""
+        started = time.perf_counter()
+        try:
+            signals.set_phase(f"evaluation at step {step}")
+            say(f"step {step}: evaluating on {len(eval_batches)} batch(es)")
+            sums = []
+            for batch in eval_batches:
+                sums.append(jax.device_get(eval_step(params, rest, to_global(batch))))
+                if signals.requested():
+                    return {}
+            signals.set_phase(f"the end of the evaluation at step {step}")
+            result = summarize_eval(sums)
+            check_eval(step, result)
+            result["eval_time_s"] = time.perf_counter() - started
+            return result
+        finally:
+            clock.eval_s += time.perf_counter() - started
+            clock.restart()
 
     def check_eval(step: int, result: dict[str, float]) -> None:
         """A non-finite evaluation loss stops the run like a non-finite training loss (exit 1,
@@ -268,16 +289,21 @@ def _train(
     eval_result: dict[str, float] = {}
     last_good = start_step or None  # None: no checkpoint yet
     saved_steps = [start_step] if start_step else []  # the weights at these steps are on disk
-    window_start, window_steps = time.perf_counter(), 0
+    clock = throughput.StepClock()  # step time without compiles, evaluations and saves
+    compiled_at: dict[int, float] = {}  # step -> seconds of the compile (and the step) it ran
+    profiler = StepProfiler(profile_steps, os.path.join(workdir, "profile"), start_step, say)
+    devices = jax.local_devices()
 
     def flush_metrics() -> None:
-        """Fetches pending step metrics, checks them, writes them; raises on a non-finite loss."""
-        nonlocal window_start, window_steps
+        """Fetches pending step metrics, checks them, writes them; raises on a non-finite loss.
+        Every record of the window carries the window's step time, tokens/s and MFU."""
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
-        elapsed = time.perf_counter() - window_start
-        rate = tokens_per_step * window_steps / max(elapsed, 1e-9)
+        speed = throughput.throughput_fields(
+            clock.close(), tokens_per_step, flops_per_token, chip, mesh.size
+        )
+        memory = throughput.memory_fields(devices)
         for (step, _), values in zip(pending, fetched):
             loss = float(values["loss"])
             if not np.isfinite(loss):
@@ -292,18 +318,23 @@ def _train(
             losses.append(loss)
             record = {k: float(v) for k, v in values.items()}
             record["learning_rate"] = float(schedule(step - 1))  # optax counts from 0
-            record["tokens_per_s"] = rate
+            record.update(speed)
+            record.update(memory)
+            if step in compiled_at:
+                record["compile_s"] = compiled_at.pop(step)
             writer.write(step, record)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **throughput.console(speed), refresh=False)
         pending.clear()
-        window_start, window_steps = time.perf_counter(), 0
 
     def save(step: int) -> None:
         nonlocal last_good
         flush_metrics()
         signals.set_phase(f"saving step {step}")
         say(f"step {step}: saving checkpoint")
+        started = time.perf_counter()
         checkpointer.save(step, state, rest, train_iterator.get_state(), config, force=True)
+        clock.save_s += time.perf_counter() - started  # the blocking part of a save
+        clock.restart()
         last_good = step
         saved_steps.append(step)
         run.saved(step)
@@ -318,9 +349,18 @@ def _train(
             while step < last_step and not signals.requested():
                 signals.set_phase(f"step {step + 1}")
                 batch = to_global(next(train_iterator))
+                cached = _cache_size(train_step)
+                profiler.before_step(step + 1)
+                clock.step_started()
                 state, step_metrics = train_step(state, rest, batch)
                 step += 1
-                window_steps += 1
+                done = functools.partial(jax.block_until_ready, step_metrics)
+                first = step == start_step + 1
+                grew = _cache_size(train_step) != cached if cached >= 0 else first
+                compiled = clock.step_finished(grew, done)
+                if compiled is not None:
+                    compiled_at[step] = compiled
+                profiler.after_step(step, done)
                 pending.append((step, step_metrics))
                 bar.update(1)
                 at_end = step == last_step
@@ -344,6 +384,7 @@ def _train(
                 save(step)  # the signal arrived during an evaluation between checkpoints
             signals.set_phase(f"waiting for the checkpoint of step {step} to be written")
         finally:
+            profiler.close()
             bar.close()
             checkpointer.close()  # waits for an asynchronous save: never exit while one runs
         stop_signal = signals.requested()
@@ -359,6 +400,14 @@ def _train(
     finally:
         writer.close()
     plot = metrics_lib.plot_loss(workdir) if primary else None
+    timing = clock.summary()
+    timing.update(
+        throughput.throughput_fields(
+            timing["median_step_time_s"], tokens_per_step, flops_per_token, chip, mesh.size
+        )
+    )
+    if step > start_step:
+        echo(_timing_line(timing))
     return RunResult(
         workdir=workdir,
         step=step,
@@ -370,6 +419,27 @@ def _train(
         losses=losses,
         eval_step=evaluated_at,
         stop_signal=stop_signal,
+        timing=timing,
+    )
+
+
+def _cache_size(jitted) -> int:
+    """How many executables `jitted` holds (it grew: that call compiled); -1 if unknown, which
+    counts only the first step as compiling."""
+    size = getattr(jitted, "_cache_size", None)
+    return size() if size is not None else -1
+
+
+def _timing_line(timing: dict) -> str:
+    """The run's throughput line, e.g. "throughput: 0.21 s/step (median), 78,000 tok/s, MFU 41.2%;
+    compile 35.1 s, evaluation 4.0 s, checkpoint saves 1.2 s (left out of the step time)"."""
+    shown = throughput.console(timing)
+    step = timing["step_time_s"]
+    return (
+        f"throughput: {'n/a' if step is None else f'{step:.3g}'} s/step (median), "
+        f"{shown['tok_s']} tok/s, MFU {shown['mfu']}; compile {timing['compile_s']:.1f} s, "
+        f"evaluation {timing['eval_s']:.1f} s, checkpoint saves {timing['save_s']:.1f} s "
+        "(left out of the step time)"
     )
 
 

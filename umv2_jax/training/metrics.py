@@ -40,12 +40,16 @@ class MetricsWriter:
         tensorboard: bool = True,
         enabled: bool = True,
         start_step: int | None = None,
+        extra_sink: Any = None,
     ):
         """`enabled=False` (every process but the first of a multi-host run) writes nothing.
-        `start_step`: the step the run starts from; later records are dropped first (`truncate`)."""
+        `start_step`: the step the run starts from; later records are dropped first (`truncate`).
+        `extra_sink`: another scalar sink with `add_scalars(step, values)` and `close()` (the
+        optional `wandb_sink.WandbSink`); it gets the numbers of every record."""
         self.path = os.path.join(workdir, METRICS_FILE)
         self._handle = None
         self._tensorboard = None
+        self._extra = extra_sink if enabled else None
         self._failed = False
         if not enabled:
             return
@@ -67,9 +71,11 @@ class MetricsWriter:
             with _writing(self.path):
                 self._handle.write(json.dumps({"step": step, **clean}) + "\n")
                 self._handle.flush()
+            scalars = {k: v for k, v in clean.items() if isinstance(v, int | float)}
             if self._tensorboard is not None:
-                scalars = {k: v for k, v in clean.items() if isinstance(v, int | float)}
                 self._tensorboard.add_scalars(step, scalars)
+            if self._extra is not None:
+                self._extra.add_scalars(step, scalars)
         except WriteError:
             self._failed = True
             raise
@@ -88,6 +94,9 @@ class MetricsWriter:
                     self._failed = True
                     raise
         self._handle = self._tensorboard = None
+        if self._extra is not None:
+            extra, self._extra = self._extra, None
+            extra.close()
 
 
 class _TensorBoard:

@@ -478,6 +478,8 @@ class RunDir:
                 "checkpoints set aside as unreadable",
             ),
             (join(self.workdir, TENSORBOARD_DIR), "TensorBoard events"),
+            (join(self.workdir, "profile"), "jax.profiler traces"),
+            (join(self.workdir, "wandb_run_id"), "the W&B run id (WORKDIR/wandb/ is kept)"),
             (join(self.workdir, metrics_lib.METRICS_FILE), state.record_summary()),
             (join(self.workdir, metrics_lib.PLOT_FILE), "loss plot"),
             (
