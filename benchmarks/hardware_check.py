@@ -285,6 +285,8 @@ def _synthetic_batch(config, batch: int, seed: int, sharding) -> dict:
     if config.data.masks_documents:  # one document per row
         arrays["segment_ids"] = np.ones((batch, seq), np.int32)
         arrays["positions"] = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()
+    if sharding is None:
+        return {key: jnp.asarray(value) for key, value in arrays.items()}
     return {key: jax.device_put(value, sharding) for key, value in arrays.items()}
 
 
@@ -320,6 +322,35 @@ def train_run(config, batch: int, steps: int) -> dict:
         "losses": losses,
         "memory": device_memory(),
     }
+
+
+def lower_train_step(config, batch: int, platforms: tuple[str, ...]):
+    """The one-device training step of `train_run`, lowered for `platforms` (e.g. ("cuda",)) from
+    any host: `jax.stages.Lowered` (`.as_text()` is its StableHLO)."""
+    from umv2_jax import parallel
+    from umv2_jax.training import state as state_lib
+    from umv2_jax.training.step import make_train_step
+
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+    with parallel.use_mesh(mesh):
+        layout = state_lib.plan(config, mesh)
+        sharding = parallel.batch_sharding(mesh)
+        abstract_batch = jax.eval_shape(lambda: _synthetic_batch(config, batch, 0, None))
+        abstract_batch = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+            for k, v in abstract_batch.items()
+        }
+        step = jax.jit(
+            make_train_step(
+                layout.parts, layout.optimizer, config.train.micro_batches, config.train.seed
+            ),
+            in_shardings=(layout.state_shardings, layout.rest_shardings, sharding),
+            out_shardings=(layout.state_shardings, parallel.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        return step.trace(layout.state, layout.rest, abstract_batch).lower(
+            lowering_platforms=platforms
+        )
 
 
 def train_steps(smoke: bool) -> list[dict]:

@@ -78,3 +78,19 @@ def test_full_size_kernels_lower_for_cuda(index):
     for build in (case.forward, case.forward_backward):
         text = build("pallas", False).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text.lower(), f"{case.op} {case.shape}: no Triton kernel in the HLO"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(hardware_check.TRAIN_CASES))
+def test_train_steps_lower_for_cuda_with_pallas(case):
+    """The GPU run's train steps with model.memory.implementation=pallas reach the Triton
+    kernels when lowered for CUDA (slow: traces the whole model)."""
+    from umv2_jax.config import load_config
+
+    path, overrides, batch = hardware_check.TRAIN_CASES[case]
+    config = load_config(
+        os.path.join(ROOT, path),
+        [*overrides, f"train.batch_size={batch}", "model.memory.implementation=pallas"],
+    )
+    text = hardware_check.lower_train_step(config, batch, ("cuda",)).as_text()
+    assert "triton" in text.lower()
