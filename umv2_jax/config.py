@@ -427,6 +427,10 @@ class ProductKeyConfig:
     activation: Literal["gelu", "identity"] = "gelu"  # peer: σ of an expert's neuron
     norm_eps: float = 1e-5
     implementation: Implementation = "auto"
+    # pkm / memory_plus / peer tables on fsdp: as model.memory.table_exchange and
+    # model.memory.exchange_capacity_factor (umv2_jax.parallel.exchange).
+    table_exchange: Literal["auto", "window", "exchange"] = "auto"
+    exchange_capacity_factor: float = 0.0
 
     def resolved_rc_topk(self) -> int:
         return self.rc_topk or self.topk
@@ -440,6 +444,11 @@ class ProductKeyConfig:
         _require(self.rc_topk >= 0, f"{prefix}.rc_topk", "must be >= 0 (0 = topk)")
         _require(self.value_dim >= 0, f"{prefix}.value_dim", "must be >= 0 (0 = d_model)")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
+        _require(
+            self.exchange_capacity_factor >= 0,
+            f"{prefix}.exchange_capacity_factor",
+            "must be >= 0 (0 = every slot of a token, lossless)",
+        )
         value_dim = self.resolved_value_dim(d_model)
         if kind in ("pkm", "peer"):
             _require(

@@ -246,3 +246,90 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n} B"
+
+
+def rows_bag(
+    bag: Callable[..., jax.Array],
+    rows: jax.Array,
+    weights: jax.Array,
+    x_p: jax.Array | None,
+    tables: tuple[jax.Array, ...],
+    *,
+    table_exchange: str = "auto",
+    capacity_factor: float = 0.0,
+) -> jax.Array:
+    """A product-key layer's value_bag on every device's own tokens, window or exchange path.
+
+    bag(rows [T, m] int32, weights [T, m] f32, x_p [T, D_p] or None, *tables) → o [T, D];
+    tables: [n², D_i] each, rows-sharded on `fsdp` by the rules (`mem_rows`).
+    Under `use_mesh`: the window path is `umv2_jax.parallel.mesh.token_local` (tables enter whole:
+    gathered at entry); the exchange path runs one shard_map with the tables entering as their row
+    shards [n²/f, D_i] and `exchange_bag` between them (the tensor axis, if any, repeats the work).
+    Plain-JAX equivalent: `bag(rows, weights, x_p, *tables)`.
+    """
+    from umv2_jax.parallel.mesh import active_mesh, batch_axes, batch_shards, token_local
+
+    mesh = active_mesh()
+    n_tokens, slots = rows.shape
+    split = (rows, weights) + (() if x_p is None else (x_p,))
+
+    def plain(rows, weights, *rest):
+        x = rest[0] if x_p is not None else None
+        return bag(rows, weights, x, *rest[len(rest) - len(tables) :])
+
+    if mesh is None:
+        return plain(*split, *tables)
+    fsdp = mesh.shape.get("fsdp", 1)
+    n2 = tables[0].shape[0]
+    traffic = TableTraffic(
+        window_rows=n2,
+        rows_per_table=n2,
+        value_dim=tables[0].shape[1],
+        pre_value_dim=sum(t.shape[1] for t in tables[1:]),
+        slots=slots,
+        n_cores=1,
+        table_bytes=jnp.dtype(tables[0].dtype).itemsize,
+    )
+    shards = batch_shards(mesh)
+    path = "window"
+    if fsdp > 1 and n_tokens % shards == 0:
+        if n2 % fsdp:
+            check_tables(traffic, fsdp, table_exchange, capacity_factor)
+        else:
+            path = choose(traffic, n_tokens // shards, fsdp, 1, table_exchange).path
+            check_tables(traffic, fsdp, path, capacity_factor)
+    if path == "window":
+        return token_local(plain, n_tokens, len(split))(*split, *tables)
+
+    P = jax.sharding.PartitionSpec
+    axes = batch_axes(mesh)
+    capacity = capacity_slots(slots, fsdp, capacity_factor)
+
+    def body(rows, weights, *rest):
+        x = rest[0] if x_p is not None else None
+        local_tables = rest[len(rest) - len(tables) :]
+
+        def aggregate(local_rows, scores, x_all):
+            return bag(local_rows, scores[..., 0], x_all, *local_tables).astype(jnp.float32)
+
+        out, _ = exchange_bag(
+            aggregate,
+            rows,
+            weights[..., None],
+            x,
+            axis="fsdp",
+            shards=fsdp,
+            rows_per_table=n2,
+            capacity=capacity,
+        )
+        return out
+
+    tokens = P(axes)
+    run = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(tokens,) * len(split) + (P("fsdp", None),) * len(tables),
+        out_specs=tokens,
+        check_vma=False,  # Pallas outputs carry no varying-axes type (see parallel/memory.py)
+    )
+    return run(*split, *tables).astype(tables[0].dtype)
