@@ -282,12 +282,18 @@ def test_tables_that_cannot_be_sharded_are_one_line_errors():
     traffic = exchange.TableTraffic(ROWS, ROWS, 16, 8, 8, 2, 4)
     exchange.check_tables(traffic, 4, "exchange", 0.0)  # 144 rows / 4: fine
     exchange.check_tables(traffic, 5, "window", 0.0)  # the window path replicates instead
-    with pytest.raises(ConfigError, match=r"mesh.fsdp.*5 does not divide the 144 rows.*"
-                       r"table_exchange=window") as error:
+    with pytest.raises(
+        ConfigError,
+        match=r"mesh.fsdp.*5 does not divide the 144 rows.*"
+        r"table_exchange=window",
+    ) as error:
         exchange.check_tables(traffic, 5, "exchange", 0.0)
     assert "\n" not in str(error.value)
-    with pytest.raises(ConfigError, match=r"exchange_capacity_factor.*buffer of 1 slot.*below the "
-                       r"2 slots.*8 slots / fsdp 4") as error:
+    with pytest.raises(
+        ConfigError,
+        match=r"exchange_capacity_factor.*buffer of 1 slot.*below the "
+        r"2 slots.*8 slots / fsdp 4",
+    ) as error:
         exchange.check_tables(traffic, 4, "exchange", 0.5)
     assert "\n" not in str(error.value)
 
@@ -302,9 +308,9 @@ def test_bad_table_exchange_value_is_a_config_error():
 
 
 def test_startup_line_names_both_paths_and_the_choice():
-    from umv2_jax.config import load_config
-
     from jax.sharding import AbstractMesh, AxisType
+
+    from umv2_jax.config import load_config
 
     mesh = AbstractMesh((1, 4, 1, 1), ("data", "fsdp", "tensor", "expert"), (AxisType.Auto,) * 4)
     config = load_config(None, [*ULTRAMEM, "train.batch_size=8", "data.seq_len=16"])

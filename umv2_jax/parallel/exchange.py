@@ -32,12 +32,19 @@ read local row 0 with weight 0): f× the slots of the window path's call (the va
 T·m row reads of D_v + D_p, grows f×; its bytes on the interconnect do not). With a factor c > 0 each
 owner compacts a token's own slots into a buffer of ceil(c·m/f) slots (a stable sort per token, own
 slots first): ≈ c× the window path's work. A token with more own slots on one owner than the buffer
-holds loses the rest (counted: the layer's `exchange_dropped_fraction` metric); c·m/f below 1 slot,
-or below the m/f slots an owner gets on average, is refused at start-up (`check_tables`).
+holds loses the rest (counted: the layer's `exchange_dropped_fraction` metric); a buffer
+below the m/f slots an owner gets on average is refused at start-up (`check_tables`).
 
-Measured cost-model numbers are `choose`'s bytes, printed at start-up (`startup_lines`) and in the
-tests' expectations (tests/parallel/test_exchange.py): the 1B/7B shape (g = 1, n² = 278 784, D_v
-768, D_p 384, C 2, m = 2 heads × 128... see `paper_shapes` in the test) and the 120B shape.
+The cost model's numbers (arithmetic from the formulas above, checked in
+tests/parallel/test_exchange.py; bytes per device per layer per step, fp32, 4096 tokens per device):
+1B/7B (n² = 278 784, D_v 768, D_p 384, C 2, m = 128) at fsdp 8: window 2.25 GB, exchange 0.34 GB →
+exchange (at 64k tokens per device the window wins again); a 2.5B/120B-shaped layer (n² = 1792²,
+D_v 1024, D_p 512, m = 256) at fsdp 64: window 38.8 GB, exchange 4.5 GB → exchange; the tests'
+144-row tables: window. Printed at start-up by the training loop and `python -m umv2_jax.aot`
+(`startup_lines`). Product-key layers (pkm, memory_plus, peer: `rows_bag`) follow the same rule with
+`model.product_key.table_exchange` / `exchange_capacity_factor` (their dropped slots are not
+reported). The retrieval stage needs no exchange: its keys are KB-sized and replicated, each device
+retrieves for its own tokens, and only the resulting row ids travel.
 """
 
 from __future__ import annotations
@@ -232,7 +239,11 @@ def startup_lines(config, mesh) -> list[str]:
     cost = choose(traffic, tokens, fsdp, split, memory.table_exchange)
     check_tables(traffic, fsdp, cost.path, memory.exchange_capacity_factor)
     buffer = capacity_slots(traffic.slots, fsdp, memory.exchange_capacity_factor)
-    work = f"{fsdp}× (lossless)" if buffer >= traffic.slots else f"{buffer * fsdp / traffic.slots:.2g}×"
+    work = (
+        f"{fsdp}× (lossless)"
+        if buffer >= traffic.slots
+        else f"{buffer * fsdp / traffic.slots:.2g}×"
+    )
     return [
         f"memory tables: {cost.path} path ({cost.reason}); per device and layer per step, window "
         f"all-gather {_size(cost.window_bytes)} vs exchange {_size(cost.exchange_bytes)} at "

@@ -31,18 +31,29 @@ runs with whole tables on every tensor device (XLA gathers the slices at the sha
 `umv2_jax.parallel.warnings` is where such a mesh is reported. Without a tensor split the fused
 value_bag call (pre-values inside) is kept.
 
-Rows on `fsdp` (`mem_rows`): the layer all-gathers its window's tables over fsdp inside the
-shard_map; the transpose reduce-scatters the gradient. This is the simple FSDP choice. The
-alternative, exchanging row ids and gathered values with the devices that own the rows, moves
-T·m·(D_v + D_p)/t values per device and layer each way instead of the window's table. At the 1B/7B
-shape (n² = 278 784 rows, D_v 768, D_p 384, m = 128 slots, 4096 tokens per device, fp32 tables):
-the table all-gather is 278 784·1152·4 B = 1.28 GB per layer (7/8 of it received at fsdp 8), while
-the exchange would be 4096·128·1152·4 B = 2.42 GB per layer (2 MB of row ids plus the values) each
-way, and it grows with tokens per device while the gather does not. So the tables are gathered: the
-slots per device (T·m = 524 288) outnumber the table's rows.
+Rows on `fsdp` (`mem_rows`): two paths, chosen per layer by `umv2_jax.parallel.exchange.choose` from
+the bytes each moves per device and step (printed at start-up; `model.memory.table_exchange: auto |
+window | exchange` overrides it). The **window** path all-gathers the window's tables over fsdp
+inside the shard_map and the transpose reduce-scatters the gradient: (f−1)/f·g·n²·(D_v + D_p)/t
+table elements each way, whatever the tokens. The **exchange** path never gathers a table: the fsdp
+group all-gathers its row ids, slot weights and x_p, each device aggregates its own row shard for all
+the group's tokens (value_bag on local rows) and a reduce-scatter returns each device its tokens'
+sums (`MemoryPlan.aggregate` → `exchange_bag`); the table gradient stays on its owner. It moves
+(f−1)·T·(m·(4 + 8C) + 8·(D_p + D_v)/t) bytes (fp32), so it grows with tokens per device, not with the
+table. (An earlier version of this text compared the window with shipping every slot's gathered
+value row, T·m·(D_v + D_p) per device, and kept the gather; returning the owners' per-token partial
+sums instead moves about m times less.)
+At the 1B/7B shape (n² = 278 784, D_v 768, D_p 384, C = 2, m = 128, 4096 tokens per device, fp32
+tables, fsdp 8): window 2.25 GB, exchange 0.34 GB per layer and step, so `auto` exchanges; at 64k
+tokens per device or for the tests' 144-row tables it gathers. The exchange's cost is work on the
+owners (f× the value_bag slots without a capacity, ≈ c× with `exchange_capacity_factor` c; see
+`umv2_jax.parallel.exchange`). Tables whose n² rows fsdp does not divide are replicated over fsdp
+(the window path without a gather); asking for the exchange path then is a ConfigError.
 
-Measured (XLA:CPU plan on 8 fake CPU devices, not a TPU/GPU number; `python -m umv2_jax.aot --config
-configs/paper/ultramem_v2_1b7b.yaml --mesh fsdp=8 --set model.remat=full`, 4096 tokens per device):
+Measured for the window path, before the exchange path existed (XLA:CPU plan on 8 fake CPU devices,
+not a TPU/GPU number; `python -m umv2_jax.aot --config configs/paper/ultramem_v2_1b7b.yaml --mesh
+fsdp=8 --set model.remat=full`, now with `--set model.memory.table_exchange=window`, 4096 tokens per
+device):
 temporaries 10.8 GB per device at fsdp 8 (9.2 GB at fsdp 4 × tensor 2), against 58.5 GB (31.1 GB)
 with the previous memory layer (whole-stack reads, no shard_map) and the rest of the tree unchanged.
 
@@ -252,9 +263,7 @@ def token_local(
         rows_axis=rows_axis if exchange else None,
         rows_shards=f if exchange else 1,
         rows_per_table=tables.values.shape[1],
-        exchange_slots=exchange_lib.capacity_slots(
-            layer.slots, f, layer.exchange_capacity_factor
-        ),
+        exchange_slots=exchange_lib.capacity_slots(layer.slots, f, layer.exchange_capacity_factor),
     )
     dim_axis = "tensor" if split else None
     table_spec = P(None, rows_axis, dim_axis)
@@ -303,4 +312,3 @@ def token_local(
         check_vma=False,
     )
     return run(leaves, u, tables.values, tables.pre_values, rank_one, token_mask)
-
