@@ -139,9 +139,9 @@ PROGRAM = textwrap.dedent(
         shardings = (specs, jax.tree.map(lambda _: parallel.replicated(mesh), rest),
                      NamedSharding(mesh, parallel.batch_spec(mesh)))
         with parallel.use_mesh(mesh):
-            jitted = jax.jit(step, in_shardings=shardings)
-            (loss, metrics), grads = jitted(params, rest, u)
-            text = jitted.lower(params, rest, u).compile().as_text() if compile_text else None
+            compiled = jax.jit(step, in_shardings=shardings).lower(params, rest, u).compile()
+            (loss, metrics), grads = compiled(params, rest, u)
+        text = compiled.as_text() if compile_text else None
         return loss, metrics, grads, text
 
     flat = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
