@@ -55,15 +55,16 @@ MESHES = {
     "fsdp2_tensor2": {"fsdp": 2, "tensor": 2},
     "data2_fsdp2": {"data": 2, "fsdp": 2},
 }
-# (name, kind, mesh, path, extra overrides). The default suite: UltraMemV2's exchange on every mesh
-# (its window path on fsdp 4, the HLO check's control) and PKM's two paths on fsdp 4.
+# (name, kind, mesh, path, extra overrides). The default suite (7 compiles, ~80 s of CPU measured
+# on a loaded machine): UltraMemV2's exchange on every mesh, its window path on fsdp 4 (the HLO
+# check's control) and PKM's exchange on fsdp 4; the rest is slow.
 CASES = [
     ("ultramem_fsdp4_window", "ultramem", "fsdp4", "window", []),
     *[(f"ultramem_{mesh}_exchange", "ultramem", mesh, "exchange", []) for mesh in MESHES],
-    ("pkm_fsdp4_window", "pkm", "fsdp4", "window", []),
     ("pkm_fsdp4_exchange", "pkm", "fsdp4", "exchange", []),
 ]
 SLOW_CASES = [
+    ("pkm_fsdp4_window", "pkm", "fsdp4", "window", []),
     *[(f"ultramem_{mesh}_window", "ultramem", mesh, "window", []) for mesh in MESHES
       if mesh != "fsdp4"],
     *[(f"pkm_{mesh}_exchange", "pkm", mesh, "exchange", []) for mesh in MESHES if mesh != "fsdp4"],
@@ -230,19 +231,25 @@ def test_compacted_buffer_is_exact_without_drops_and_reports_drops(slow_report):
     assert abs(loss - reference) > 1e-6 * abs(reference)
 
 
-@pytest.mark.parametrize("kind", ["ultramem", "pkm"])
-def test_exchange_moves_no_window_sized_buffer(report, kind):
-    def window_sized(entry):
-        # The window: n² rows (all-gathered or its gradient reduce-scattered); at fsdp 4 a table
-        # shard's n²/4 rows in a collective would be a table-sized reduction too.
-        return [
-            (op, shapes)
-            for op, shapes in entry["collectives"]
-            if any(ROWS in shape or ROWS // 4 in shape for shape in shapes)
-        ]
+def _window_sized(entry):
+    # The window: n² rows (all-gathered, or its gradient reduce-scattered); at fsdp 4 a table shard's
+    # n²/4 rows in a collective would be a table-sized reduction too.
+    return [
+        (op, shapes)
+        for op, shapes in entry["collectives"]
+        if any(ROWS in shape or ROWS // 4 in shape for shape in shapes)
+    ]
 
-    assert window_sized(report[f"{kind}_fsdp4_window"]), "the check must see the window gather"
-    assert window_sized(report[f"{kind}_fsdp4_exchange"]) == []
+
+def test_exchange_moves_no_window_sized_buffer(report):
+    assert _window_sized(report["ultramem_fsdp4_window"]), "the check must see the window gather"
+    assert _window_sized(report["ultramem_fsdp4_exchange"]) == []
+    assert _window_sized(report["pkm_fsdp4_exchange"]) == []
+
+
+@pytest.mark.slow
+def test_pkm_window_path_gathers_its_table(slow_report):
+    assert _window_sized(slow_report["pkm_fsdp4_window"])
 
 
 # --- the cost model (no devices) -------------------------------------------------------------------

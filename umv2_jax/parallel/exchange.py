@@ -229,7 +229,10 @@ def startup_lines(config, mesh) -> list[str]:
         config.train.batch_size // max(config.train.micro_batches, 1) // batch_shards(mesh)
     ) * config.data.seq_len
     tensor = mesh.shape.get("tensor", 1)
-    split = tensor if memory.value_dim % tensor == 0 and memory.pre_value_dim % tensor == 0 else 1
+    # As `umv2_jax.parallel.memory.tensor_split`: the D dims and the cores must fit the split.
+    fits = memory.value_dim % tensor == 0 and memory.pre_value_dim % tensor == 0
+    fits = fits and (memory.n_cores % tensor == 0 or tensor % memory.n_cores == 0)
+    split = tensor if fits else 1
     if traffic.rows_per_table % fsdp:
         check_tables(traffic, fsdp, memory.table_exchange, memory.exchange_capacity_factor)
         return [
