@@ -42,7 +42,9 @@ the mesh's batch axes and the tables entering whole (P(), gathered once at entry
 them). So no [T, H·m] row id is all-gathered across the batch axes and no [T·H·m, D_v] slot
 gradient is all-reduced; the table gradient leaves the shard_map as one table-sized sum (the
 transpose of the replicated input). The selection before it is token-local too
-(`ops.product_key_topk.token_local`).
+(`ops.product_key_topk.token_local`). PKM, Memory+ and PEER tables row-sharded on `fsdp` are instead
+reached through their owners when the exchange path is chosen (`sharded_rows_bag` →
+`umv2_jax.parallel.exchange.rows_bag`, `model.product_key.table_exchange`); UltraMem v1 always gathers.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ more stack-sized buffer (5.5, 7.6, 11.8 windows), so the accumulator is kept for
 
 Under a mesh (`umv2_jax.parallel.active_mesh()`), the layer's whole computation runs token-local
 inside one `shard_map` (`umv2_jax.parallel.memory`): each device retrieves and aggregates its own
-tokens, tables are split along D on `tensor` and along rows on `fsdp`.
+tokens, tables are split along D on `tensor` and along rows on `fsdp` (rows gathered as the layer's
+window, or reached through their owners: `umv2_jax.parallel.exchange`, `model.memory.table_exchange`).
 """
 
 from __future__ import annotations
