@@ -42,7 +42,9 @@ the mesh's batch axes and the tables entering whole (P(), gathered once at entry
 them). So no [T, H·m] row id is all-gathered across the batch axes and no [T·H·m, D_v] slot
 gradient is all-reduced; the table gradient leaves the shard_map as one table-sized sum (the
 transpose of the replicated input). The selection before it is token-local too
-(`ops.product_key_topk.token_local`).
+(`ops.product_key_topk.token_local`). PKM, Memory+ and PEER tables row-sharded on `fsdp` are instead
+reached through their owners when the exchange path is chosen (`sharded_rows_bag` →
+`umv2_jax.parallel.exchange.rows_bag`, `model.product_key.table_exchange`); UltraMem v1 always gathers.
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ def token_local_bag(run, n_tokens: int, n_split: int):
     from umv2_jax.parallel.mesh import token_local  # lazy: parallel imports the config
 
     return token_local(run, n_tokens, n_split)
+
+
+def sharded_rows_bag(layer, bag, rows, weights, x_p, tables):
+    """`umv2_jax.parallel.exchange.rows_bag` with the layer's `table_exchange` settings: tables
+    [n², D] rows-sharded on fsdp are gathered (window) or reached through their owners (exchange)."""
+    from umv2_jax.parallel.exchange import rows_bag  # lazy, as token_local_bag
+
+    return rows_bag(
+        bag,
+        rows,
+        weights,
+        x_p,
+        tables,
+        table_exchange=layer.table_exchange,
+        capacity_factor=layer.exchange_capacity_factor,
+    )
 
 
 class ProductKeyRetrieval(nnx.Module):
@@ -170,6 +188,8 @@ class _ProductKeyLayer(nnx.Module):
         del block_index  # layers of one kind are built alike (they stack for scan over layers)
         pk = config.product_key
         self.implementation = pk.implementation
+        self.table_exchange = pk.table_exchange
+        self.exchange_capacity_factor = pk.exchange_capacity_factor
         self.compute_dtype = dtype_of(config.compute_dtype)
         self.n_rows = pk.n_keys**2
         self.retrieval = ProductKeyRetrieval(config, rngs, shared_keys=shared_keys)
@@ -213,12 +233,12 @@ class PKM(_ProductKeyLayer):
         x = u.reshape(-1, u.shape[-1])
         rows, weights = self.retrieval(x, implementation=self.implementation)
 
-        def bag(rows, weights, values):
+        def bag(rows, weights, _, values):
             return value_bag(
                 values, None, rows, weights[..., None], None, implementation=self.implementation
             )
 
-        y = token_local_bag(bag, x.shape[0], 2)(rows, weights, self.values[...])
+        y = sharded_rows_bag(self, bag, rows, weights, None, (self.values[...],))
         return self._finish(u, y, rows, weights, context)
 
 
@@ -250,12 +270,12 @@ class MemoryPlus(_ProductKeyLayer):
         x = u.reshape(-1, u.shape[-1])
         rows, weights = self.retrieval(x, implementation=self.implementation)
 
-        def bag(rows, weights, values):
+        def bag(rows, weights, _, values):
             return value_bag(
                 values, None, rows, weights[..., None], None, implementation=self.implementation
             )
 
-        o = token_local_bag(bag, x.shape[0], 2)(rows, weights, context.shared.values[...])
+        o = sharded_rows_bag(self, bag, rows, weights, None, (context.shared.values[...],))
         gate = jax.nn.silu(x.astype(dtype) @ self.gate_proj[...].astype(dtype))
         y = (o.astype(dtype) * gate) @ self.output_proj[...].astype(dtype)
         return self._finish(u, y, rows, weights, context)
@@ -293,9 +313,8 @@ class PEER(_ProductKeyLayer):
                 implementation=self.implementation,
             )
 
-        y = token_local_bag(bag, x.shape[0], 3)(
-            rows, weights, x.astype(jnp.float32), self.expert_down[...], self.expert_up[...]
-        )
+        tables = (self.expert_down[...], self.expert_up[...])
+        y = sharded_rows_bag(self, bag, rows, weights, x.astype(jnp.float32), tables)
         return self._finish(u, y, rows, weights, context)
 
 
