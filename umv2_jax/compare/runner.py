@@ -151,13 +151,25 @@ def train(
     flops_per_token: float,
     on_step: Callable[[int], None] | None = None,
     start_step: int = 0,
+    probe: Callable[[dict], dict[str, float]] | None = None,
+    probe_every: int = 0,
+    digest: Any = None,
 ) -> tuple[dict, list[dict[str, float]], float, float]:
-    """`steps` train steps on `batches(i)`; (state, curve, train seconds, first-step seconds)."""
+    """`steps` train steps on `batches(i)`; (state, curve, train seconds, first-step seconds).
+
+    Every `log_every` steps (and the last) the curve gets {step, loss, lm_loss, tokens, flops,
+    wall_s}. With `probe` (params → {name: value}, e.g. held-out metrics) and `probe_every` > 0,
+    the points at multiples of `probe_every` and the last step also get the probe's values under
+    "test/<name>"; the probe's own time is left out of wall_s and of the returned train seconds
+    (the curves are against training time). `digest`: a hashlib object updated with every
+    batch's inputs and targets, in order (seed pairing is checked with it).
+    """
     curve: list[dict[str, float]] = []
     pending: list[tuple[int, Any]] = []
     tokens = 0
     start = time.perf_counter()
     first_step_s = 0.0
+    probe_s = 0.0
 
     def flush() -> None:
         for (step, seen, elapsed, _), values in zip(
@@ -180,19 +192,29 @@ def train(
 
     for index in range(start_step, start_step + steps):
         batch = batches(index)
+        if digest is not None:
+            digest.update(np.ascontiguousarray(batch["inputs"], np.int32).tobytes())
+            digest.update(np.ascontiguousarray(batch["targets"], np.int32).tobytes())
         tokens += int(batch["inputs"].size)
         state, metrics = programs.train_step(state, rest, device_batch(batch))
         step = index + 1
         if index == start_step:
             jax.block_until_ready(metrics)
             first_step_s = time.perf_counter() - start
-        if step % log_every == 0 or step == start_step + steps:
+        last = step == start_step + steps
+        probing = probe is not None and probe_every > 0 and (step % probe_every == 0 or last)
+        if step % log_every == 0 or last or probing:
             jax.block_until_ready(metrics)
-            pending.append((step, tokens, time.perf_counter() - start, metrics))
+            pending.append((step, tokens, time.perf_counter() - start - probe_s, metrics))
             flush()
+        if probing:
+            probe_start = time.perf_counter()
+            values = probe(state["params"])
+            curve[-1].update({f"test/{name}": float(v) for name, v in values.items()})
+            probe_s += time.perf_counter() - probe_start
         if on_step is not None:
             on_step(1)
-    return state, curve, time.perf_counter() - start, first_step_s
+    return state, curve, time.perf_counter() - start - probe_s, first_step_s
 
 
 def evaluate(
@@ -252,6 +274,8 @@ def evaluate(
     if stale[1]:
         add("stale_answer_rate", "all", stale[0] / stale[1])
     add("answer_loss", "all", loss_sum / max(answers, 1.0))
+    if getattr(task, "bits_per_byte", False):  # byte-level LM: every position is one byte
+        add("bits_per_byte", "all", loss_sum / max(answers, 1.0) / np.log(2.0))
     if regression["y"]:
         y, x = np.concatenate(regression["y"]), np.concatenate(regression["x"])
         references = {
