@@ -4,8 +4,12 @@ results.json: {"suite", "machine", "matches": {task: accounting match rows}, "mo
 accounting + mean wall time}, "records": [{task, model, seed, metric, slice, split, value}],
 "runs": [{task, model, seed, wall_s, train_s, first_step_s, curve}], "decode": {...},
 "injection": [...]}.
-results.md: per task, mean ± sd over seeds of each metric slice per model (paired seeds), the
-accounting (activated / total params, FLOPs per token, decode bytes) and wall times.
+results.md: per task, mean ± sd over seeds of each metric slice per model (paired seeds) with
+the UltraMemV2 model's paired differences (compare.tables), learning speed where the task has
+curves, the density sweep's table, the accounting (activated / total params, FLOPs per token,
+decode bytes) and wall times. Records derived from curves and the accounting (knowledge bits
+per parameter and per GFLOP, bits/byte at equal FLOPs: compare.curves) join the runs' own.
+Reads only the result files (compare.files); never imports the runner.
 """
 
 from __future__ import annotations

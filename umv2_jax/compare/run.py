@@ -1,7 +1,10 @@
 """Running a suite into a results directory: resumable, one file per finished run.
 
     DIR/suite.json                       the suite's fingerprint (a DIR of another suite is refused)
-    DIR/runs/<task>__<model>__seed<k>.json   one finished run: curve, metric records, wall time
+    DIR/runs/<task>__<model>__seed<k>.json   one finished run: curve (with held-out probes every
+                                         TaskSpec.eval_every steps), metric records, wall time,
+                                         batch and init digests (seed pairing); sweep variants
+                                         are models <base>.<label>
     DIR/decode/<model>.json              measured decode bytes per batch: the seed-0 model trained
                                          on the suite's decode_task (else the first task)
     DIR/injection/<model>__seed<k>.json  continual fact injection curves (umv2_jax.eval.injection)

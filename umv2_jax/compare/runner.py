@@ -14,7 +14,6 @@ as an argument, so the seeds of one model share one compilation.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -48,8 +47,8 @@ class Programs:
     init(seed) → (params, rest) pure dicts; optimizer: the config's update rule;
     train_step(state, rest, batch) → (state, metrics) with the state donated;
     evaluate(params, rest, batch) → (predictions int32 [B, S], losses fp32 [B, S] in nats,
-    range_bits fp32 [B, S]: cross entropy in bits over the static `token_range=(lo, hi)` tokens
-    only (default: the whole vocabulary),
+    range_bits fp32 [B, S]: cross entropy in bits over the `token_range=(lo, hi)` tokens only
+    (default: the whole vocabulary; the range is data, one compilation serves every range),
     aux metrics {name: fp32 scalar}).
     """
 
@@ -83,22 +82,30 @@ class Programs:
         )
         parts = self.parts
 
-        @functools.partial(jax.jit, static_argnames=("token_range",))
-        def evaluate(params, rest, batch, token_range=None):
-            lo, hi = token_range if token_range is not None else (0, vocab_size)
+        @jax.jit
+        def evaluate(params, rest, batch, bounds):
+            # bounds: int32[2], the [lo, hi) token range as data, so every range (the fact
+            # base's objects, the whole vocabulary) shares one compilation.
             model = parts.build(params, rest)
             logits, aux = model(
                 batch["inputs"], deterministic=True, diagnostics=True, **document_kwargs(batch)
             )
             logits = logits[..., :vocab_size]  # the padded vocabulary is never a prediction
             losses = token_losses(logits, batch["targets"])
-            ranged = logits[..., lo:hi]
-            in_range = jnp.clip(batch["targets"] - lo, 0, hi - lo - 1)
+            ids = jnp.arange(vocab_size)
+            inside = (ids >= bounds[0]) & (ids < bounds[1])
+            ranged = jnp.where(inside, logits.astype(jnp.float32), -1e30)  # exp() → 0 outside
+            in_range = jnp.clip(batch["targets"], bounds[0], bounds[1] - 1)
             range_bits = token_losses(ranged, in_range) / jnp.log(2.0)
             predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             return predictions, losses, range_bits, aux.metrics, aux.row_hits
 
-        self.evaluate = evaluate
+        self._evaluate = evaluate
+
+    def evaluate(self, params, rest, batch, token_range=None):
+        """(predictions, losses, range_bits, aux metrics, row hits) of one batch (class doc)."""
+        lo, hi = token_range if token_range is not None else (0, self.vocab_size)
+        return self._evaluate(params, rest, batch, jnp.asarray([lo, hi], jnp.int32))
 
     def init(self, seed: int) -> tuple[dict, dict]:
         return self._init(jnp.int32(seed))
