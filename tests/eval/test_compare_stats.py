@@ -86,3 +86,10 @@ def test_one_seed_has_no_interval_and_summary_drops_nan():
     assert s.text() == "2.000 ± 1.000"
     assert summary([0.5]).text() == "0.500 (1 seed)"
     assert summary([]).text() == "–"
+
+
+def test_small_quantities_keep_significant_digits():
+    assert summary([0.0004, 0.0006]).text() == "5.00e-04 ± 1.41e-04"
+    diff = paired_difference({0: 0.0003, 1: 0.0005}, {0: 0.0001, 1: 0.0002})
+    assert diff.text() == "+2.50e-04 [-3.85e-04, +8.85e-04]"
+    assert summary([0.0, 0.0]).text() == "0.000 ± 0.000"

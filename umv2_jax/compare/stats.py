@@ -36,8 +36,9 @@ class Summary:
         if self.n == 0:
             return "–"
         if self.n == 1:
-            return f"{self.mean:.{digits}f} (1 seed)"
-        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}"
+            return f"{_number(self.mean, digits, self.mean)} (1 seed)"
+        scale = max(abs(self.mean), abs(self.sd))
+        return f"{_number(self.mean, digits, scale)} ± {_number(self.sd, digits, scale)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +61,20 @@ class Difference:
         if self.n == 0:
             return "–"
         if self.n < 2:
-            return f"{self.mean:+.{digits}f} (1 seed, no interval)"
+            return f"{_number(self.mean, digits, self.mean, '+')} (1 seed, no interval)"
         mark = " *" if self.outside else ""
-        return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]{mark}"
+        scale = max(abs(self.low), abs(self.high))
+        low, high = (_number(v, digits, scale, "+") for v in (self.low, self.high))
+        return f"{_number(self.mean, digits, scale, '+')} [{low}, {high}]{mark}"
+
+
+def _number(value: float, digits: int, scale: float, sign: str = "") -> str:
+    """`digits` decimals; `digits` significant digits in scientific notation when the row's
+    `scale` (its largest magnitude) is below 10^−digits and not 0, so small quantities (e.g.
+    knowledge bits per parameter at tiny shapes) do not print as 0.000."""
+    if scale != 0 and abs(scale) < 10.0**-digits:
+        return f"{value:{sign}.{max(digits - 1, 0)}e}"
+    return f"{value:{sign}.{digits}f}"
 
 
 def summary(values: Sequence[float]) -> Summary:
