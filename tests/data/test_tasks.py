@@ -30,6 +30,7 @@ SMALL = {
     "fact_base": ({"num_facts": 100, "facts_per_sequence": 4}, 24),
     "icl_regression": ({"pool_size": 4}, 66),
     "bursty_classification": ({"num_classes": 32, "novel_classes": 8}, 35),
+    "shakespeare_lm": ({}, 48),
 }
 
 
@@ -423,3 +424,21 @@ def test_train_py_trains_on_a_task_source(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "data.task.mix" in bad.stderr + bad.stdout
+
+
+# -- shakespeare_lm ---------------------------------------------------------------------------
+
+
+def test_shakespeare_lm_rows_are_corpus_windows_with_next_byte_targets():
+    task = make_task("shakespeare_lm", {})
+    for split, corpus in (("train", "train"), ("test", "validation")):
+        text = corpus_bytes(corpus)
+        batch = task.batch(3, 40, seed=1, index=2, split=split)
+        assert (batch["loss_mask"] == 1.0).all()
+        np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+        for inputs, targets in zip(batch["inputs"], batch["targets"]):
+            window = bytes(inputs.astype(np.uint8)) + bytes([int(targets[-1])])
+            assert window in text, split
+    # test windows come from the held-out works only: a Hamlet line never trained on.
+    assert b"To be, or not to be" in corpus_bytes("validation")
+    assert b"To be, or not to be" not in corpus_bytes("train")

@@ -1,82 +1,18 @@
 """The comparison runner end to end on a micro suite, resuming, and its refusals."""
 
+import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 
-from umv2_jax.compare import InjectionSpec, ModelSpec, Suite, TaskSpec, run_suite, runner
 from umv2_jax.compare import run as compare_run
+from umv2_jax.compare import run_suite, runner
 from umv2_jax.compare.__main__ import main
 from umv2_jax.compare.run import decode_path, run_path
+from umv2_jax.compare.suites import MICRO
 from umv2_jax.data.tasks import make_task
-
-SHRINK = ("model.d_model=32", "model.num_heads=2", "model.max_seq_len=64")
-MICRO = Suite(
-    name="micro",
-    models=(
-        ModelSpec("dense", "configs/eval/t_dense.yaml", (*SHRINK, "model.d_ff=64")),
-        ModelSpec(
-            "moe",
-            "configs/eval/t_moe.yaml",
-            (*SHRINK, "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=16"),
-        ),
-        ModelSpec(
-            "umv2",
-            "configs/eval/t_umv2.yaml",
-            (
-                *SHRINK,
-                "model.d_ff=48",
-                "model.memory.n_keys=8",
-                "model.memory.key_dim=8",
-                "model.memory.rc_topk=4",
-                "model.memory.topk=4",
-                "model.memory.value_dim=8",
-                "model.memory.pre_value_dim=4",
-                "model.memory.calibration_tokens=64",
-            ),
-        ),
-    ),
-    tasks=(
-        # Both tasks (and the injection's pretraining) have one shape: one compilation per model.
-        TaskSpec("mqar", "mqar", {"mix": [[24, 4]]}, seq_len=24, batch_size=4, steps=3),
-        TaskSpec(
-            "fact_base",
-            "fact_base",
-            {"num_facts": 32, "facts_per_sequence": 4},
-            seq_len=24,
-            batch_size=4,
-            steps=3,
-        ),
-        TaskSpec(
-            "icl_regression",
-            "icl_regression",
-            {"dim": 2, "points": 4},
-            seq_len=24,
-            batch_size=4,
-            steps=3,
-        ),
-    ),
-    seeds=2,
-    injection=InjectionSpec(
-        params={"num_facts": 32, "facts_per_sequence": 4},
-        seq_len=24,
-        batch_size=4,
-        pretrain_steps=3,
-        finetune_steps=2,
-        eval_every=1,
-        eval_batches=1,
-        modes={"umv2": ("values", "rows")},
-        rows_fraction=0.1,
-        seeds=1,
-    ),
-    log_every=1,
-    check_match=False,  # tiny shapes: not EVAL.md's matched models
-    decode_batches=(2,),  # one batch size: a decoder compile per batch size
-    decode_task="fact_base",
-    description="micro test suite",
-)
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +31,26 @@ def test_micro_suite_writes_every_output_file(finished):
         "accuracy_fact_base.png",
         "accuracy_icl_regression.png",
         "accuracy_mqar.png",
+        "accuracy_shakespeare_lm.png",
+        "curve_mqar.png",
+        "curve_shakespeare_lm.png",
         "decode_bytes.png",
+        "density.png",
         "injection.png",
+        "lm_bits_per_byte.png",
         "loss_vs_flops.png",
         "loss_vs_wall.png",
     ]
     for plot in plots:
         with open(os.path.join(out, "plots", plot), "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n", plot
-    # One file per finished run: 3 tasks × 3 models × 2 seeds.
-    assert len(os.listdir(os.path.join(out, "runs"))) == 18
+    # One file per finished run: 4 tasks × 3 models × 2 seeds, and the sweep's 2 variants × 2
+    # tasks × 2 seeds.
+    assert len(os.listdir(os.path.join(out, "runs"))) == 24 + 8
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved == json.loads(json.dumps(results))
     keys = {(r["task"], r["model"], r["seed"]) for r in saved["records"]}
-    assert len(keys) == 18
+    assert len(keys) == 32
     assert {"task", "model", "seed", "metric", "slice", "value"} <= set(saved["records"][0])
     metrics = {(r["task"], r["metric"]) for r in saved["records"]}
     assert ("fact_base", "knowledge_bits") in metrics and ("mqar", "exact_match") in metrics
@@ -126,8 +68,9 @@ def test_micro_suite_writes_every_output_file(finished):
     rows = next(i for i in saved["injection"] if i["model"] == "umv2")["modes"]["rows"]
     assert 1 <= rows["rows_trained"] <= 2 * 6  # 10% of 64 rows, per each of 2 layers
     table = open(os.path.join(out, "results.md")).read()
-    assert "| split | metric | slice | dense | moe | umv2 |" in table
+    assert "| split | metric | slice | dense | moe | umv2 | umv2 − dense | umv2 − moe |" in table
     assert "± " in table  # two seeds: mean ± sd
+    assert "| steps to exact match | dense | moe | umv2 |" in table  # mqar's learning speed
 
 
 def test_decode_bytes_are_measured_on_the_trained_models(finished):
@@ -201,7 +144,8 @@ def test_second_invocation_skips_finished_runs(finished):
     os.remove(decode_path(out, "umv2"))  # its decode bytes need the trained seed-0 model again
     lines = []
     run_suite(MICRO, out, progress=False, echo=lines.append)
-    assert lines[0] == f"16 finished run(s) in {out} skipped"
+    assert lines[1] == f"30 finished run(s) in {out} skipped"  # after the FLOPs line
+    assert lines[0].startswith("training: ")
     assert os.stat(path).st_mtime_ns == stamp  # not rerun
     assert os.path.exists(run_path(out, "fact_base", "dense", 0))  # the missing one was rerun
     assert os.path.exists(decode_path(out, "umv2"))
@@ -248,10 +192,13 @@ def test_regression_predictions_read_the_answer_positions():
 def test_timing_extrapolates_every_run_linearly_in_tokens():
     from umv2_jax.compare.timing import extrapolate
 
-    # MICRO: 3 tasks of 3 steps at 4 × 24 tokens, 2 seeds; injection 1 seed of 3 pretraining
-    # steps + 2 finetuning steps per mode (umv2: 2 modes, the others none), also 4 × 24 tokens.
+    # MICRO: 4 tasks of 3 steps at 4 × 24 tokens, 2 seeds; umv2's 2 sweep variants on 2 of them
+    # (at umv2's speed); injection 1 seed of 3 pretraining steps + 2 finetuning steps per mode
+    # (umv2: 2 modes, the others none), also 4 × 24 tokens.
     total = extrapolate(MICRO, "mqar", {"dense": 1.0, "umv2": 2.0})
-    assert total == pytest.approx({"dense": 3 * 3 * 2 + 3, "umv2": 2.0 * (3 * 3 * 2 + 3 + 2 * 2)})
+    assert total == pytest.approx(
+        {"dense": 4 * 3 * 2 + 3, "umv2": 2.0 * (4 * 3 * 2 + 2 * 2 * 3 * 2 + 3 + 2 * 2)}
+    )
 
 
 def test_sparse_layer_bytes_in_the_report_count_the_layers_dense_parts():
@@ -310,3 +257,107 @@ def test_device_batches_carry_a_packed_batchs_document_ids():
     packed = runner.device_batch({**plain, "segment_ids": ones, "positions": 0 * ones})
     assert set(packed) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
     np.testing.assert_array_equal(packed["positions"], 0 * ones)
+
+
+def test_seed_pairing_same_batches_for_every_model_different_init_per_seed(finished):
+    """Every model of a seed (the sweep's variants too) read the same training batches; every
+    seed read other batches and started from other weights; the recorded batch digest is that of
+    the task's own batches (recomputed here), so a runner feeding anything else fails."""
+    out, _ = finished
+    runs = [
+        json.load(open(os.path.join(out, "runs", name)))
+        for name in sorted(os.listdir(os.path.join(out, "runs")))
+    ]
+    batch_digests, init_digests = {}, {}
+    for run in runs:
+        batch_digests.setdefault((run["task"], run["seed"]), set()).add(run["batch_digest"])
+        init_digests.setdefault((run["model"], run["seed"]), set()).add(run["init_digest"])
+    assert len(batch_digests) == 4 * 2
+    for key, digests in batch_digests.items():
+        assert len(digests) == 1, key  # one digest for every model of (task, seed)
+    for task in {task for task, _ in batch_digests}:
+        assert batch_digests[task, 0] != batch_digests[task, 1], task
+    for model in {model for model, _ in init_digests}:
+        # One model and seed: the same initial weights on every task (one shape); seeds differ.
+        assert len(init_digests[model, 0]) == 1 and len(init_digests[model, 1]) == 1, model
+        assert init_digests[model, 0] != init_digests[model, 1], model
+    assert len({init_digests["dense", 0].pop(), init_digests["moe", 0].pop()}) == 2
+    spec = MICRO.task("shakespeare_lm")
+    task = make_task(spec.task, spec.params)
+    digest = hashlib.sha1()
+    for index in range(spec.steps):
+        batch = task.batch(spec.batch_size, spec.seq_len, seed=1, index=index)
+        digest.update(batch["inputs"].astype(np.int32).tobytes())
+        digest.update(batch["targets"].astype(np.int32).tobytes())
+    assert batch_digests["shakespeare_lm", 1] == {digest.hexdigest()}
+
+
+def test_lm_task_reports_bits_per_byte_curves_and_the_equal_flops_view(finished):
+    out, results = finished
+    lm = [run for run in results["runs"] if run["task"] == "shakespeare_lm"]
+    assert len(lm) == 5 * 2  # 3 models and 2 sweep variants, 2 seeds
+    for run in lm:
+        # eval_every 1: a held-out probe at every step, FLOPs and wall-clock on every point.
+        assert [("test/bits_per_byte" in p) for p in run["curve"]] == [True] * 3
+        assert run["curve"][-1]["flops"] == pytest.approx(
+            3 * 4 * 24 * run["accounting"]["training_flops_per_token"]
+        )
+    values = {
+        (r["model"], r["seed"], r["metric"]): r["value"]
+        for r in results["records"]
+        if r["task"] == "shakespeare_lm" and r["slice"] == "all"
+    }
+    for (model, seed, metric), value in values.items():
+        if metric == "bits_per_byte":
+            assert value == pytest.approx(values[model, seed, "answer_loss"] / np.log(2))
+            assert 1.0 < value < 12.0  # an untrained byte model: near log2(259)
+    # Equal FLOPs: each suite model's held-out curve at the smallest final FLOPs of its seed.
+    for seed in (0, 1):
+        runs = {r["model"]: r for r in lm if r["seed"] == seed}
+        budget = min(runs[m]["curve"][-1]["flops"] for m in ("dense", "moe", "umv2"))
+        for model in ("dense", "moe", "umv2"):
+            xs = [p["flops"] for p in runs[model]["curve"]]
+            ys = [p["test/bits_per_byte"] for p in runs[model]["curve"]]
+            expected = np.interp(budget, xs, ys)
+            got = values[model, seed, "bits_per_byte_at_equal_flops"]
+            assert got == pytest.approx(expected), (model, seed)
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| test | bits_per_byte | all |" in table
+    assert "| test | bits_per_byte_at_equal_flops | all |" in table
+
+
+def test_density_sweep_runs_variants_on_its_tasks_and_reports_them(finished):
+    out, results = finished
+    sweep_runs = {(r["task"], r["model"]) for r in results["runs"] if r["sweep"]}
+    assert sweep_runs == {
+        (task, model)
+        for task in ("fact_base", "shakespeare_lm")
+        for model in ("umv2.topk2", "umv2.keys6")
+    }
+    counts = {r["model"]: r["accounting"] for r in results["runs"] if r["task"] == "fact_base"}
+    # topk at a fixed table: the same parameters; a smaller table: fewer.
+    assert counts["umv2.topk2"]["total_params"] == counts["umv2"]["total_params"]
+    assert counts["umv2.keys6"]["total_params"] < counts["umv2"]["total_params"]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "## Activation density vs table size" in table
+    assert "| umv2 |" in table and "| umv2.topk2 |" in table and "| umv2.keys6 |" in table
+    assert "fact_base knowledge_bits | Δ vs base" in table
+    assert "shakespeare_lm bits_per_byte | Δ vs base" in table
+    # The main tables compare the suite's models only.
+    assert "| split | metric | slice | dense | moe | umv2 | umv2 − dense |" in table
+    assert "umv2.topk2 − " not in table
+    # fact_base's capacity measures, derived from knowledge bits and the accounting.
+    for r in results["records"]:
+        if r["metric"] == "knowledge_bits_per_param":
+            run = next(
+                x
+                for x in results["runs"]
+                if (x["task"], x["model"], x["seed"]) == (r["task"], r["model"], r["seed"])
+            )
+            bits = next(
+                x["value"]
+                for x in results["records"]
+                if (x["task"], x["model"], x["seed"], x["metric"], x["slice"], x["split"])
+                == (r["task"], r["model"], r["seed"], "knowledge_bits", "all", "test")
+            )
+            assert r["value"] == pytest.approx(bits / run["accounting"]["total_params"])

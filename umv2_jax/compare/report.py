@@ -4,20 +4,25 @@ results.json: {"suite", "machine", "matches": {task: accounting match rows}, "mo
 accounting + mean wall time}, "records": [{task, model, seed, metric, slice, split, value}],
 "runs": [{task, model, seed, wall_s, train_s, first_step_s, curve}], "decode": {...},
 "injection": [...]}.
-results.md: per task, mean ± sd over seeds of each metric slice per model (paired seeds), the
-accounting (activated / total params, FLOPs per token, decode bytes) and wall times.
+results.md: per task, mean ± sd over seeds of each metric slice per model (paired seeds) with
+the UltraMemV2 model's paired differences (compare.tables), learning speed where the task has
+curves, the density sweep's table, the accounting (activated / total params, FLOPs per token,
+decode bytes) and wall times. Records derived from curves and the accounting (knowledge bits
+per parameter and per GFLOP, bits/byte at equal FLOPs: compare.curves) join the runs' own.
+Reads only the result files (compare.files); never imports the runner.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+from umv2_jax.compare import curve_plots, curves, tables
+from umv2_jax.compare.files import load_json, write_json, write_text
 
 # Metrics shown in results.md (every record is in results.json).
 TABLE_METRICS = (
@@ -25,6 +30,10 @@ TABLE_METRICS = (
     "answer_exact_match",
     "stale_answer_rate",
     "knowledge_bits",
+    "knowledge_bits_per_param",
+    "knowledge_bits_per_gflop",
+    "bits_per_byte",
+    "bits_per_byte_at_equal_flops",
     "normalized_mse",
     "ols_normalized_mse",
     "ridge_normalized_mse",
@@ -33,12 +42,12 @@ TABLE_METRICS = (
 
 
 def collect(out: str, suite, matches: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
-    runs = [_load(path) for path in sorted(glob.glob(os.path.join(out, "runs", "*.json")))]
+    runs = [load_json(path) for path in sorted(glob.glob(os.path.join(out, "runs", "*.json")))]
     decode = {
         data["model"]: data
-        for data in (_load(p) for p in sorted(glob.glob(os.path.join(out, "decode", "*.json"))))
+        for data in (load_json(p) for p in sorted(glob.glob(os.path.join(out, "decode", "*.json"))))
     }
-    injection = [_load(p) for p in sorted(glob.glob(os.path.join(out, "injection", "*.json")))]
+    injection = [load_json(p) for p in sorted(glob.glob(os.path.join(out, "injection", "*.json")))]
     records, models = [], {}
     for run in runs:
         for record in run["records"]:
@@ -50,6 +59,7 @@ def collect(out: str, suite, matches: dict[str, Any], machine: dict[str, Any]) -
         )
         entry["accounting"][run["task"]] = run["accounting"]
         entry["wall_s"].append(run["wall_s"])
+    records += curves.derived_records(runs, {m.name for m in suite.models})
     return {
         "suite": suite.fingerprint(),
         "machine": machine,
@@ -68,7 +78,12 @@ def collect(out: str, suite, matches: dict[str, Any], machine: dict[str, Any]) -
                     "first_step_s",
                     "steps",
                     "curve",
+                    "accounting",
+                    "batch_digest",
+                    "init_digest",
+                    "sweep",
                 )
+                if k in run
             }
             for run in runs
         ],
@@ -78,15 +93,14 @@ def collect(out: str, suite, matches: dict[str, Any], machine: dict[str, Any]) -
 
 
 def write(out: str, results: dict[str, Any]) -> None:
-    from umv2_jax.compare.run import _write_json
-
-    _write_json(os.path.join(out, "results.json"), results)
-    with open(os.path.join(out, "results.md.tmp"), "w") as handle:
-        handle.write(markdown(results))
-    os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
+    write_json(os.path.join(out, "results.json"), results)
+    write_text(os.path.join(out, "results.md"), markdown(results))
     plot_dir = os.path.join(out, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     plots(results, plot_dir)
+
+
+SWEEP_METRICS = ("exact_match", "knowledge_bits", "bits_per_byte")
 
 
 def mean_sd(values: list[float]) -> str:
@@ -111,12 +125,13 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     lines += _accounting_table(results, models)
-    grouped: dict[tuple, list[float]] = defaultdict(list)
-    for r in results["records"]:
-        grouped[r["task"], r["split"], r["metric"], r["slice"], r["model"]].append(r["value"])
+    reference = next((m for m in models if results["models"][m]["kind"] == "ultramem_v2"), None)
+    if reference is not None and len(models) > 1:
+        lines += ["", tables.MARK_NOTE + f" Reference: {reference}."]
+    values = tables.by_seed(results["records"])
     for task in [t["name"] for t in suite["tasks"]]:
         keys = sorted(
-            {k[1:4] for k in grouped if k[0] == task and k[2] in TABLE_METRICS},
+            {k[1:4] for k in values if k[0] == task and k[2] in TABLE_METRICS and k[4] in models},
             key=lambda k: (k[0], TABLE_METRICS.index(k[1]), _slice_order(k[2])),
         )
         if not keys:
@@ -126,13 +141,26 @@ def markdown(results: dict[str, Any]) -> str:
         if match.get("rows"):
             verdict = "confirmed" if match["ok"] else "NOT confirmed"
             lines += [f"Accounting matches within 3%: {verdict}.", ""]
+        lines += tables.metric_table(values, task, models, reference, keys)
+        speed = tables.speed_table(results["runs"], task, models, reference)
+        if speed:
+            lines += ["", "Learning speed (held-out exact match on the probe batches):", ""]
+            lines += speed
+    sweep = suite.get("sweep")
+    if sweep:
+        variants = [f"{sweep['model']}.{label}" for label, _ in sweep["variants"]]
         lines += [
-            "| split | metric | slice | " + " | ".join(models) + " |",
-            "|---|---|---|" + "---:|" * len(models),
+            "",
+            "## Activation density vs table size",
+            "",
+            f"{sweep['model']} and its variants ({', '.join(label for label, _ in sweep['variants'])}"
+            "), paired seeds; Δ: the variant minus the base, mean [95% t-interval], `*` where the "
+            "interval excludes 0.",
+            "",
         ]
-        for split, metric, slice_name in keys:
-            cells = [mean_sd(grouped.get((task, split, metric, slice_name, m), [])) for m in models]
-            lines.append(f"| {split} | {metric} | {slice_name} | " + " | ".join(cells) + " |")
+        lines += tables.sweep_table(
+            values, results["runs"], sweep["model"], variants, sweep["tasks"], SWEEP_METRICS
+        )
     if results["injection"]:
         lines += ["", "## Continual fact injection (A, then B)", ""]
         lines += [
@@ -244,7 +272,7 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written = curve_plots.plots(results, directory)
     tasks = sorted({run["task"] for run in results["runs"]})
     for axis, filename in (("flops", "loss_vs_flops.png"), ("wall_s", "loss_vs_wall.png")):
         figure, axes = plt.subplots(
@@ -337,8 +365,3 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
         plt.close(figure)
         written.append(path)
     return written
-
-
-def _load(path: str) -> dict[str, Any]:
-    with open(path) as handle:
-        return json.load(handle)

@@ -1,7 +1,10 @@
 """Running a suite into a results directory: resumable, one file per finished run.
 
     DIR/suite.json                       the suite's fingerprint (a DIR of another suite is refused)
-    DIR/runs/<task>__<model>__seed<k>.json   one finished run: curve, metric records, wall time
+    DIR/runs/<task>__<model>__seed<k>.json   one finished run: curve (with held-out probes every
+                                         TaskSpec.eval_every steps), metric records, wall time,
+                                         batch and init digests (seed pairing); sweep variants
+                                         are models <base>.<label>
     DIR/decode/<model>.json              measured decode bytes per batch: the seed-0 model trained
                                          on the suite's decode_task (else the first task)
     DIR/injection/<model>__seed<k>.json  continual fact injection curves (umv2_jax.eval.injection)
@@ -15,6 +18,7 @@ before that run's file: a run file without its model's decode file is run again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -26,7 +30,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from umv2_jax.compare import runner
+from umv2_jax.compare import cost, report, runner
+from umv2_jax.compare.files import decode_path, injection_path, run_path, write_json
 from umv2_jax.compare.suites import ModelSpec, Suite, TaskSpec
 from umv2_jax.config import Config, load_config
 from umv2_jax.data.tasks import TASKS, make_task
@@ -35,6 +40,9 @@ from umv2_jax.eval import accounting
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECODE_PROMPT, DECODE_STEPS = 8, 4
+# Held-out metrics recorded on the learning curves (TaskSpec.eval_every), slice "all".
+PROBE_METRICS = ("exact_match", "answer_loss", "bits_per_byte")
+__all__ = ["decode_path", "injection_path", "run_path", "run_suite", "select"]
 
 
 class ResultsDirError(UserError):
@@ -58,6 +66,13 @@ def select(suite: Suite, tasks: Sequence[str] | None, seeds: int | None) -> tupl
             f"--tasks: unknown task {', '.join(unknown)} for suite {suite.name}{hint}; "
             f"choose from {', '.join(names)}"
         )
+    if suite.sweep is not None:
+        missing = [name for name in suite.sweep.tasks if name not in names]
+        if missing or suite.sweep.model not in [model.name for model in suite.models]:
+            raise ConfigError(
+                f"suite {suite.name}: its sweep names task(s) {', '.join(missing) or '-'} or "
+                f"model {suite.sweep.model} that the suite does not have; fix SweepSpec"
+            )
     seeds = suite.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} is not a positive number of seeds; pass e.g. 3")
@@ -164,10 +179,9 @@ def run_suite(
     """Runs what is missing in `out`, then writes results.json, results.md and the plots.
 
     Everything that can be refused (unknown task, a foreign --out, failed matches) is refused
-    before anything is written.
+    before anything is written. The suite's training FLOPs and their time on one H100 at
+    cost.ASSUMED_MFU are echoed first (umv2_jax.compare.cost).
     """
-    from umv2_jax.compare import report
-
     chosen, seeds = select(suite, tasks, seeds)
     check_out_dir(out, suite)
     task_objects = {spec.name: make_task(spec.task, spec.params) for spec in chosen}
@@ -188,7 +202,7 @@ def run_suite(
             lr=spec.learning_rate,
         )
         for spec in chosen
-        for model in suite.models
+        for model in suite.models_for(spec.name)
     }
     matches = {}
     for spec in chosen:
@@ -200,27 +214,36 @@ def run_suite(
             )
         matches[spec.name] = match
 
+    flops = cost.suite_flops(suite, chosen, seeds, configs)
+    echo(cost.flops_line(flops, cost.suite_gpu_seconds(suite, chosen, seeds, flops)))
     for sub in ("runs", "decode", "injection"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-    _write_json(os.path.join(out, "suite.json"), suite.fingerprint())
+    write_json(os.path.join(out, "suite.json"), suite.fingerprint())
 
     decode_spec = decode_task(suite, chosen)
 
     def measures_decode(spec: TaskSpec, model: ModelSpec, seed: int) -> bool:
         """Seed 0 of the decode task measures decode bytes on its trained weights."""
         return (
-            spec is decode_spec and seed == 0 and not os.path.exists(decode_path(out, model.name))
+            spec is decode_spec
+            and seed == 0
+            and model in suite.models
+            and not os.path.exists(decode_path(out, model.name))
         )
 
-    jobs = [
+    everything = [
         (spec, model, seed)
         for spec in chosen
-        for model in suite.models
+        for model in suite.models_for(spec.name)
         for seed in range(seeds)
+    ]
+    jobs = [
+        (spec, model, seed)
+        for spec, model, seed in everything
         if not os.path.exists(run_path(out, spec.name, model.name, seed))
         or measures_decode(spec, model, seed)
     ]
-    skipped = len(chosen) * len(suite.models) * seeds - len(jobs)
+    skipped = len(everything) - len(jobs)
     injection_jobs = _injection_jobs(suite, out, seeds) if suite.injection else []
     total = sum(spec.steps for spec, _, _ in jobs) + sum(
         suite.injection.pretrain_steps
@@ -251,14 +274,14 @@ def run_suite(
             if measures_decode(spec, model, seed):
                 # Written before the run file: a run file whose decode file is missing is rerun.
                 bar.set_postfix_str(f"decode bytes {model.name}", refresh=False)
-                _write_json(
+                write_json(
                     decode_path(out, model.name),
                     _decode_bytes(
                         model_programs, params, rest, spec, task, model, suite.decode_batches
                     ),
                 )
             del params, rest
-            _write_json(run_path(out, spec.name, model.name, seed), record)
+            write_json(run_path(out, spec.name, model.name, seed), record)
         if injection_jobs:
             from umv2_jax.eval import injection
 
@@ -272,7 +295,7 @@ def run_suite(
                     on_step=bar.update,
                     programs=programs,
                 )
-                _write_json(injection_path(out, model.name, seed), result)
+                write_json(injection_path(out, model.name, seed), result)
     finally:
         bar.close()
     results = report.collect(out, suite, matches, machine())
@@ -281,11 +304,37 @@ def run_suite(
     return results
 
 
+def params_digest(params: dict) -> str:
+    """sha1 of every parameter's bytes in tree order: equal exactly when the weights are equal."""
+    import jax
+
+    digest = hashlib.sha1()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(params)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
 def _one_run(programs, config, spec: TaskSpec, task, model, seed, suite, on_step):
     start = time.perf_counter()
     params, rest = programs.init(seed)
+    init_digest = params_digest(params)
     state = programs.initial_state(params)
     counts = accounting.account(config)
+    test_task = make_task(spec.task, spec.test_params) if spec.test_params else task
+    probe_batches = [
+        test_task.batch(spec.batch_size, spec.seq_len, seed=seed, index=i, split="test")
+        for i in range(spec.probe_batches if spec.eval_every > 0 else 0)
+    ]
+
+    def probe(params) -> dict[str, float]:
+        records = runner.evaluate(programs, params, rest, test_task, probe_batches, "test")
+        return {
+            r["metric"]: r["value"]
+            for r in records
+            if r["slice"] == "all" and r["metric"] in PROBE_METRICS
+        }
+
+    batch_digest = hashlib.sha1()
     state, curve, train_s, first_s = runner.train(
         programs,
         state,
@@ -295,8 +344,10 @@ def _one_run(programs, config, spec: TaskSpec, task, model, seed, suite, on_step
         log_every=suite.log_every,
         flops_per_token=counts.training_flops_per_token,
         on_step=on_step,
+        probe=probe if probe_batches else None,
+        probe_every=spec.eval_every,
+        digest=batch_digest,
     )
-    test_task = make_task(spec.task, spec.test_params) if spec.test_params else task
     records = []
     for split in [s for s in test_task.splits() if s != "train"]:
         count = spec.eval_batches
@@ -323,6 +374,11 @@ def _one_run(programs, config, spec: TaskSpec, task, model, seed, suite, on_step
         "train_s": train_s,
         "first_step_s": first_s,
         "accounting": counts.to_json(),
+        # Seed pairing, checkable from the files: every model of a seed reads the same batches
+        # (batch_digest), every seed starts from different weights (init_digest).
+        "batch_digest": batch_digest.hexdigest(),
+        "init_digest": init_digest,
+        "sweep": model not in suite.models,
     }
     return record, state["params"], rest
 
@@ -395,18 +451,6 @@ def _injection_jobs(suite: Suite, out: str, seeds: int) -> list[tuple[ModelSpec,
     ]
 
 
-def run_path(out: str, task: str, model: str, seed: int) -> str:
-    return os.path.join(out, "runs", f"{task}__{model}__seed{seed}.json")
-
-
-def decode_path(out: str, model: str) -> str:
-    return os.path.join(out, "decode", f"{model}.json")
-
-
-def injection_path(out: str, model: str, seed: int) -> str:
-    return os.path.join(out, "injection", f"{model}__seed{seed}.json")
-
-
 def machine() -> dict[str, Any]:
     import jax
 
@@ -419,18 +463,3 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "jax": jax.__version__,
     }
-
-
-def _write_json(path: str, data: Any) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=1, default=_jsonable)
-    os.replace(temporary, path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value)} is not JSON serializable")

@@ -14,7 +14,6 @@ as an argument, so the seeds of one model share one compilation.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -48,8 +47,8 @@ class Programs:
     init(seed) → (params, rest) pure dicts; optimizer: the config's update rule;
     train_step(state, rest, batch) → (state, metrics) with the state donated;
     evaluate(params, rest, batch) → (predictions int32 [B, S], losses fp32 [B, S] in nats,
-    range_bits fp32 [B, S]: cross entropy in bits over the static `token_range=(lo, hi)` tokens
-    only (default: the whole vocabulary),
+    range_bits fp32 [B, S]: cross entropy in bits over the `token_range=(lo, hi)` tokens only
+    (default: the whole vocabulary; the range is data, one compilation serves every range),
     aux metrics {name: fp32 scalar}).
     """
 
@@ -83,22 +82,30 @@ class Programs:
         )
         parts = self.parts
 
-        @functools.partial(jax.jit, static_argnames=("token_range",))
-        def evaluate(params, rest, batch, token_range=None):
-            lo, hi = token_range if token_range is not None else (0, vocab_size)
+        @jax.jit
+        def evaluate(params, rest, batch, bounds):
+            # bounds: int32[2], the [lo, hi) token range as data, so every range (the fact
+            # base's objects, the whole vocabulary) shares one compilation.
             model = parts.build(params, rest)
             logits, aux = model(
                 batch["inputs"], deterministic=True, diagnostics=True, **document_kwargs(batch)
             )
             logits = logits[..., :vocab_size]  # the padded vocabulary is never a prediction
             losses = token_losses(logits, batch["targets"])
-            ranged = logits[..., lo:hi]
-            in_range = jnp.clip(batch["targets"] - lo, 0, hi - lo - 1)
+            ids = jnp.arange(vocab_size)
+            inside = (ids >= bounds[0]) & (ids < bounds[1])
+            ranged = jnp.where(inside, logits.astype(jnp.float32), -1e30)  # exp() → 0 outside
+            in_range = jnp.clip(batch["targets"], bounds[0], bounds[1] - 1)
             range_bits = token_losses(ranged, in_range) / jnp.log(2.0)
             predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             return predictions, losses, range_bits, aux.metrics, aux.row_hits
 
-        self.evaluate = evaluate
+        self._evaluate = evaluate
+
+    def evaluate(self, params, rest, batch, token_range=None):
+        """(predictions, losses, range_bits, aux metrics, row hits) of one batch (class doc)."""
+        lo, hi = token_range if token_range is not None else (0, self.vocab_size)
+        return self._evaluate(params, rest, batch, jnp.asarray([lo, hi], jnp.int32))
 
     def init(self, seed: int) -> tuple[dict, dict]:
         return self._init(jnp.int32(seed))
@@ -151,13 +158,25 @@ def train(
     flops_per_token: float,
     on_step: Callable[[int], None] | None = None,
     start_step: int = 0,
+    probe: Callable[[dict], dict[str, float]] | None = None,
+    probe_every: int = 0,
+    digest: Any = None,
 ) -> tuple[dict, list[dict[str, float]], float, float]:
-    """`steps` train steps on `batches(i)`; (state, curve, train seconds, first-step seconds)."""
+    """`steps` train steps on `batches(i)`; (state, curve, train seconds, first-step seconds).
+
+    Every `log_every` steps (and the last) the curve gets {step, loss, lm_loss, tokens, flops,
+    wall_s}. With `probe` (params → {name: value}, e.g. held-out metrics) and `probe_every` > 0,
+    the points at multiples of `probe_every` and the last step also get the probe's values under
+    "test/<name>"; the probe's own time is left out of wall_s and of the returned train seconds
+    (the curves are against training time). `digest`: a hashlib object updated with every
+    batch's inputs and targets, in order (seed pairing is checked with it).
+    """
     curve: list[dict[str, float]] = []
     pending: list[tuple[int, Any]] = []
     tokens = 0
     start = time.perf_counter()
     first_step_s = 0.0
+    probe_s = 0.0
 
     def flush() -> None:
         for (step, seen, elapsed, _), values in zip(
@@ -180,19 +199,29 @@ def train(
 
     for index in range(start_step, start_step + steps):
         batch = batches(index)
+        if digest is not None:
+            digest.update(np.ascontiguousarray(batch["inputs"], np.int32).tobytes())
+            digest.update(np.ascontiguousarray(batch["targets"], np.int32).tobytes())
         tokens += int(batch["inputs"].size)
         state, metrics = programs.train_step(state, rest, device_batch(batch))
         step = index + 1
         if index == start_step:
             jax.block_until_ready(metrics)
             first_step_s = time.perf_counter() - start
-        if step % log_every == 0 or step == start_step + steps:
+        last = step == start_step + steps
+        probing = probe is not None and probe_every > 0 and (step % probe_every == 0 or last)
+        if step % log_every == 0 or last or probing:
             jax.block_until_ready(metrics)
-            pending.append((step, tokens, time.perf_counter() - start, metrics))
+            pending.append((step, tokens, time.perf_counter() - start - probe_s, metrics))
             flush()
+        if probing:
+            probe_start = time.perf_counter()
+            values = probe(state["params"])
+            curve[-1].update({f"test/{name}": float(v) for name, v in values.items()})
+            probe_s += time.perf_counter() - probe_start
         if on_step is not None:
             on_step(1)
-    return state, curve, time.perf_counter() - start, first_step_s
+    return state, curve, time.perf_counter() - start - probe_s, first_step_s
 
 
 def evaluate(
@@ -252,6 +281,8 @@ def evaluate(
     if stale[1]:
         add("stale_answer_rate", "all", stale[0] / stale[1])
     add("answer_loss", "all", loss_sum / max(answers, 1.0))
+    if getattr(task, "bits_per_byte", False):  # byte-level LM: every position is one byte
+        add("bits_per_byte", "all", loss_sum / max(answers, 1.0) / np.log(2.0))
     if regression["y"]:
         y, x = np.concatenate(regression["y"]), np.concatenate(regression["x"])
         references = {

@@ -1,7 +1,8 @@
 """The comparison suites: which models, which tasks, how long, how many seeds.
 
     suite = SUITES["quick"]            # T family (EVAL.md), minutes on a 2-core CPU
-    suite = SUITES["full"]             # S family, sized for one GPU (hours on a CPU)
+    suite = SUITES["density"]          # T-umv2's topk / table-size sweep (fact_base, LM)
+    suite = SUITES["full"]             # S family + its density sweep, sized for one GPU
 
 A suite is plain data; its `fingerprint()` is written to DIR/suite.json so that a results directory
 is only ever resumed by the same suite with the same settings. Every model of a suite is trained on
@@ -56,6 +57,11 @@ class TaskSpec:
     eval_batches: int = 4
     learning_rate: float | None = None  # None: the model config's
     test_params: dict[str, Any] | None = None
+    # Learning curves: every `eval_every` steps (0: only at the end) the model is scored on the
+    # first `probe_batches` test batches (exact match, answer loss, bits/byte for LM), so the
+    # report has metric vs step and steps to 0.5 / 0.9 exact match.
+    eval_every: int = 0
+    probe_batches: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +87,28 @@ class InjectionSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """Variants of one of the suite's models, trained on some of its tasks with the same seeds.
+
+    The activation density vs table size sweep (the paper's 60B-top768 vs 120B-top256 claim):
+    `topk` at a fixed table and the table (`n_keys`) at a fixed `topk`. model: the base model's
+    name in `Suite.models`; variants: (label, dotted overrides applied after the base model's
+    own); a variant runs as model `<model>.<label>` on each of `tasks` (names of the suite's
+    tasks), with the base model's runs as the reference point of the paired differences.
+    """
+
+    model: str
+    variants: tuple[tuple[str, tuple[str, ...]], ...]
+    tasks: tuple[str, ...]
+
+    def models(self, base: ModelSpec) -> tuple[ModelSpec, ...]:
+        return tuple(
+            ModelSpec(f"{base.name}.{label}", base.config, (*base.overrides, *overrides))
+            for label, overrides in self.variants
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Suite:
     name: str
     models: tuple[ModelSpec, ...]
@@ -93,10 +121,25 @@ class Suite:
     # Decode bytes are measured on the seed-0 models trained on this task (None or a task not
     # chosen with --tasks: the first chosen task), on that task's test data.
     decode_task: str | None = "fact_base"
+    sweep: SweepSpec | None = None
     description: str = ""
 
     def task(self, name: str) -> TaskSpec:
         return next(task for task in self.tasks if task.name == name)
+
+    def models_for(self, task_name: str) -> tuple[ModelSpec, ...]:
+        """The models trained on task `task_name`: the suite's, then the sweep's variants where
+        the sweep has that task."""
+        if self.sweep is not None and task_name in self.sweep.tasks:
+            return self.models + self.sweep_models()
+        return self.models
+
+    def sweep_models(self) -> tuple[ModelSpec, ...]:
+        """The sweep's variant models (none without a sweep)."""
+        if self.sweep is None:
+            return ()
+        base = next(model for model in self.models if model.name == self.sweep.model)
+        return self.sweep.models(base)
 
     def fingerprint(self) -> dict[str, Any]:
         """Plain data that identifies the suite's settings (what DIR/suite.json holds)."""
@@ -115,23 +158,50 @@ def _family(models) -> tuple[ModelSpec, ...]:
     return tuple(ModelSpec(name, path) for name, path in models)
 
 
-# Quick: 3 models × 4 tasks × 3 seeds + injection, sized from single-step timings on a busy 2-core
-# machine. Measured end to end (README "Results"): 707 s on a shared 2-core VM at load 5-6.
+# Quick: the T family × 5 tasks × 3 seeds + injection. The task sizes are plain data below (the
+# issue-19 placeholders: MQAR at seq 32 / 4 pairs / batch 64 / 800 steps, fact_base 16,384 facts
+# × 20 exposures): `python -m umv2_jax.compare --suite quick --estimate` prints the measured cost.
 QUICK = Suite(
     name="quick",
     models=_family(T_FAMILY),
     tasks=(
-        TaskSpec("mqar", "mqar", {"mix": [[64, 4]]}, seq_len=64, batch_size=16, steps=200),
+        TaskSpec(
+            "mqar",
+            "mqar",
+            {"mix": [[32, 4]]},
+            seq_len=32,
+            batch_size=64,
+            steps=800,
+            eval_every=50,
+        ),
         TaskSpec(
             "overwrite", "overwrite", {}, seq_len=128, batch_size=16, steps=150, eval_batches=2
         ),
-        # 512 facts, 16 per row, 16 rows a batch: 200 steps show each fact 100 times.
+        # 16,384 facts, 16 per row, 32 rows a batch: 640 steps show each fact 20 times.
         TaskSpec(
-            "fact_base", "fact_base", {"num_facts": 512}, seq_len=96, batch_size=16, steps=200
+            "fact_base",
+            "fact_base",
+            {"num_facts": 16384, "exposures": 20},
+            seq_len=96,
+            batch_size=32,
+            steps=640,
+            eval_every=80,
         ),
         # The cheapest ICL task (66 tokens a row); 150 steps are far too few to learn regression
         # in context: expect normalized MSE near 1 (predicting the mean), a smoke result.
         TaskSpec("icl_regression", "icl_regression", {}, seq_len=66, batch_size=16, steps=150),
+        # EVAL.md task 6 at equal training tokens for every model (600 × 16 × 128 bytes).
+        TaskSpec(
+            "shakespeare_lm",
+            "shakespeare_lm",
+            {},
+            seq_len=128,
+            batch_size=16,
+            steps=600,
+            eval_batches=16,
+            eval_every=100,
+            probe_batches=4,
+        ),
     ),
     seeds=3,
     injection=InjectionSpec(
@@ -145,7 +215,32 @@ QUICK = Suite(
         modes={"T-umv2": ("all", "values", "rows"), "T-moe": ("all",), "T-dense": ("all",)},
         seeds=1,
     ),
-    description="T family (EVAL.md), a short run per task: a CPU smoke comparison",
+    description="T family (EVAL.md), a short run per task: a CPU comparison",
+)
+
+# Activation density vs table size (the paper's 60B-top768 vs 120B-top256 claim) for T-umv2
+# (n_keys 68 → a 4,624-row table, topk 8): topk 4 / 16 at that table, and a 2,304 / 9,216-row
+# table at topk 8, on the quick suite's fact_base and LM tasks, 3 paired seeds.
+T_DENSITY = SweepSpec(
+    model="T-umv2",
+    variants=(
+        ("topk4", ("model.memory.topk=4",)),
+        ("topk16", ("model.memory.topk=16",)),
+        ("keys48", ("model.memory.n_keys=48",)),
+        ("keys96", ("model.memory.n_keys=96",)),
+    ),
+    tasks=("fact_base", "shakespeare_lm"),
+)
+DENSITY = Suite(
+    name="density",
+    models=tuple(model for model in _family(T_FAMILY) if model.name == "T-umv2"),
+    tasks=tuple(task for task in QUICK.tasks if task.name in T_DENSITY.tasks),
+    seeds=3,
+    check_match=False,  # one model and its variants: nothing to match
+    decode_task=None,
+    decode_batches=(),
+    sweep=T_DENSITY,
+    description="T-umv2: topk at a fixed table and the table at a fixed topk (density sweep)",
 )
 
 FULL = Suite(
@@ -161,6 +256,7 @@ FULL = Suite(
             steps=3000,
             eval_batches=8,
             test_params={"mix": [[256, 16], [512, 32]]},
+            eval_every=250,
         ),
         TaskSpec("overwrite", "overwrite", {}, seq_len=256, batch_size=32, steps=3000),
         TaskSpec("needle_passkey", "needle_passkey", {}, seq_len=512, batch_size=16, steps=2000),
@@ -168,7 +264,9 @@ FULL = Suite(
         TaskSpec(
             "variable_tracking", "variable_tracking", {}, seq_len=512, batch_size=16, steps=2000
         ),
-        TaskSpec("fact_base", "fact_base", {}, seq_len=96, batch_size=32, steps=3000),
+        TaskSpec(
+            "fact_base", "fact_base", {}, seq_len=96, batch_size=32, steps=3000, eval_every=250
+        ),
         # EVAL.md 5a: d = 5, 11 points; the infinite pool here (finite pools: --tasks with a
         # suite of your own, e.g. pool_size 16 … 4096).
         TaskSpec("icl_regression", "icl_regression", {}, seq_len=66, batch_size=64, steps=3000),
@@ -179,6 +277,17 @@ FULL = Suite(
             seq_len=128,
             batch_size=32,
             steps=3000,
+        ),
+        TaskSpec(
+            "shakespeare_lm",
+            "shakespeare_lm",
+            {},
+            seq_len=256,
+            batch_size=32,
+            steps=3000,
+            eval_batches=32,
+            eval_every=250,
+            probe_batches=8,
         ),
     ),
     seeds=3,
@@ -192,7 +301,113 @@ FULL = Suite(
         eval_batches=4,
         modes={"S-umv2": ("all", "values", "rows"), "S-moe": ("all",), "S-dense": ("all",)},
     ),
+    # S-umv2 (n_keys 146 → 21,316 rows, topk 16): topk 8 / 32 at that table, the table halved /
+    # doubled (n_keys 103 / 206) at topk 16.
+    sweep=SweepSpec(
+        model="S-umv2",
+        variants=(
+            ("topk8", ("model.memory.topk=8",)),
+            ("topk32", ("model.memory.topk=32",)),
+            ("keys103", ("model.memory.n_keys=103",)),
+            ("keys206", ("model.memory.n_keys=206",)),
+        ),
+        tasks=("fact_base", "shakespeare_lm"),
+    ),
     description="S family (EVAL.md), sized for one GPU",
 )
 
-SUITES = {suite.name: suite for suite in (QUICK, FULL)}
+# Micro: tiny shapes of the T configs, 3 steps per run, for the end-to-end test (tests/eval/
+# test_compare.py) and a smoke run (`--suite micro`). Every task and the injection have one shape,
+# so each model compiles once; 2 seeds (the fewest that give an sd and an interval); the density
+# sweep has one variant per axis (topk at the table, the table at topk).
+_SHRINK = ("model.d_model=32", "model.num_heads=2", "model.max_seq_len=64")
+MICRO = Suite(
+    name="micro",
+    models=(
+        ModelSpec("dense", "configs/eval/t_dense.yaml", (*_SHRINK, "model.d_ff=64")),
+        ModelSpec(
+            "moe",
+            "configs/eval/t_moe.yaml",
+            (*_SHRINK, "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=16"),
+        ),
+        ModelSpec(
+            "umv2",
+            "configs/eval/t_umv2.yaml",
+            (
+                *_SHRINK,
+                "model.d_ff=48",
+                "model.memory.n_keys=8",
+                "model.memory.key_dim=8",
+                "model.memory.rc_topk=4",
+                "model.memory.topk=4",
+                "model.memory.value_dim=8",
+                "model.memory.pre_value_dim=4",
+                "model.memory.calibration_tokens=64",
+            ),
+        ),
+    ),
+    tasks=(
+        TaskSpec(
+            "mqar",
+            "mqar",
+            {"mix": [[24, 4]]},
+            seq_len=24,
+            batch_size=4,
+            steps=3,
+            eval_every=1,
+            probe_batches=1,
+        ),
+        TaskSpec(
+            "fact_base",
+            "fact_base",
+            {"num_facts": 32, "facts_per_sequence": 4},
+            seq_len=24,
+            batch_size=4,
+            steps=3,
+        ),
+        TaskSpec(
+            "icl_regression",
+            "icl_regression",
+            {"dim": 2, "points": 4},
+            seq_len=24,
+            batch_size=4,
+            steps=3,
+        ),
+        TaskSpec(
+            "shakespeare_lm",
+            "shakespeare_lm",
+            {},
+            seq_len=24,
+            batch_size=4,
+            steps=3,
+            eval_batches=2,
+            eval_every=1,
+            probe_batches=1,
+        ),
+    ),
+    seeds=2,
+    injection=InjectionSpec(
+        params={"num_facts": 32, "facts_per_sequence": 4},
+        seq_len=24,
+        batch_size=4,
+        pretrain_steps=3,
+        finetune_steps=2,
+        eval_every=1,
+        eval_batches=1,
+        modes={"umv2": ("values", "rows")},
+        rows_fraction=0.1,
+        seeds=1,
+    ),
+    log_every=1,
+    check_match=False,  # tiny shapes: not EVAL.md's matched models
+    decode_batches=(2,),  # one batch size: a decoder compile per batch size
+    decode_task="fact_base",
+    sweep=SweepSpec(
+        model="umv2",
+        variants=(("topk2", ("model.memory.topk=2",)), ("keys6", ("model.memory.n_keys=6",))),
+        tasks=("fact_base", "shakespeare_lm"),
+    ),
+    description="micro test suite",
+)
+
+SUITES = {suite.name: suite for suite in (QUICK, DENSITY, FULL, MICRO)}

@@ -1,4 +1,4 @@
-"""Synthetic and small-corpus evaluation tasks (EVAL.md, tasks 1–5): seeded numpy generators.
+"""Synthetic and small-corpus evaluation tasks (EVAL.md, tasks 1–6): seeded numpy generators.
 
     from umv2_jax.data.tasks import TASKS, make_task
     task = make_task("mqar", {"mix": [[256, 16]]})   # ConfigError for unknown / impossible params
@@ -21,6 +21,7 @@ Tasks (one module each; each class docstring documents its parameters, tokens an
     fact_base              n1 n2 n3 r o ; fact memorization, disjoint bases A / B     fact_base.py
     icl_regression         in-context linear regression, finite or infinite pools     icl_regression.py
     bursty_classification  Reddy-style bursty few-shot classification (ICL vs IWL)    bursty.py
+    shakespeare_lm         next-byte LM on Shakespeare windows, held-out works test   lm.py
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from umv2_jax.data.tasks.base import SPLIT_STREAMS, Task, from_params
 from umv2_jax.data.tasks.bursty import BurstyClassification
 from umv2_jax.data.tasks.fact_base import FactBase
 from umv2_jax.data.tasks.icl_regression import ICLRegression
+from umv2_jax.data.tasks.lm import ShakespeareLM
 from umv2_jax.data.tasks.mqar import MQAR
 from umv2_jax.data.tasks.needles import MultiKeyNeedle, PasskeyNeedle, VariableTracking
 from umv2_jax.data.tasks.overwrite import OverwriteRecall
@@ -47,6 +49,7 @@ TASKS: dict[str, type[Task]] = {
         FactBase,
         ICLRegression,
         BurstyClassification,
+        ShakespeareLM,
     )
 }
 
