@@ -21,15 +21,55 @@ from typing import Any, Literal
 
 import yaml
 
+# The package's floor: this module imports nothing of umv2_jax but `errors` (a leaf that imports
+# nothing). What validation needs from higher floors is data owned here (the op and sharding
+# vocabularies below, which `ops.registry` and `parallel.rules` re-export) or a check those floors
+# register at import (`register_check`: the synthetic tasks' own checks).
 from umv2_jax.errors import ConfigError, show
-from umv2_jax.ops import registry
 
 SparseKind = Literal["none", "ultramem_v2", "moe", "ultramem", "memory_plus", "pkm", "peer"]
 # The sparse kinds whose layers hold memory value tables (`ValueParam`s).
 _MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer")
-# The op registry's vocabulary (umv2_jax.ops.registry), one for every op.
-Implementation = Literal[registry.IMPLEMENTATIONS]
+# The op registry's vocabulary (umv2_jax.ops.registry re-exports it), one for every op.
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "ragged_dot")
+# Names earlier versions accepted (grouped_matmul's own vocabulary) → the name now.
+RENAMED_IMPLEMENTATIONS = {"block_padded": "xla", "megablox": "pallas"}
+Implementation = Literal[IMPLEMENTATIONS]
 DType = Literal["float32", "bfloat16"]
+# Mesh axes that carry distinct tokens (every axis but `tensor`; umv2_jax.parallel.mesh re-exports it).
+BATCH_AXES = ("data", "fsdp", "expert")
+MeshAxes = str | tuple[str, ...] | None
+# Logical axis → mesh axis (or a tuple of mesh axes, or None): the sharding table that
+# umv2_jax.parallel.rules applies and re-exports; `mesh.rules` overrides entries (`resolve_rules`).
+LOGICAL_RULES: dict[str, MeshAxes] = {
+    "batch": BATCH_AXES,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv": None,
+    "mlp": "tensor",
+    "norm": None,
+    "experts": "expert",
+    "layers": None,
+    "mem_rows": "fsdp",
+    "mem_dim": "tensor",
+}
+
+# Checks that higher floors add at import, for what only they know (a synthetic task's vocabulary
+# and sequence-length needs: umv2_jax.data.tasks registers them). "data": f(DataConfig) from
+# DataConfig.validate when data.source is task:NAME; "config": f(Config) from Config.validate.
+_CHECKS: dict[str, list[Any]] = {"data": [], "config": []}
+
+
+def register_check(section: str, check: Any) -> None:
+    """Run `check(section_config)` in every later validation of `section` ("data" or "config");
+    it raises ConfigError. Registering the same function twice keeps one."""
+    if section not in _CHECKS:
+        raise ValueError(f"unknown section {section!r}; use one of {', '.join(_CHECKS)}")
+    if check not in _CHECKS[section]:
+        _CHECKS[section].append(check)
+
+
 # `model.scan_layers: auto` scans over the blocks from this depth on (shallower models compile fast
 # as a loop, and their checkpoints keep one entry per block).
 SCAN_MIN_LAYERS = 8
@@ -866,9 +906,8 @@ class DataConfig:
             f"'{self.tokenizer}' is not one of bytes, sentencepiece:PATH, hf:PATH",
         )
         if kind == "task":
-            from umv2_jax.data.tasks import make_task
-
-            make_task(self.task_name, self.task_params()).check_seq_len(self.seq_len)
+            for check in _CHECKS.get("data", ()):
+                check(self)
 
 
 @dataclass(frozen=True)
@@ -1002,8 +1041,6 @@ class MeshConfig:
         for axis, size in zip(self.AXES, sizes):
             _require(size == -1 or size >= 1, f"{prefix}.{axis}", "must be >= 1 or -1")
         _require(sizes.count(-1) <= 1, prefix, "at most one axis may be -1")
-        from umv2_jax.parallel.rules import resolve_rules  # the table lives with the sharding code
-
         resolve_rules(self.rules)
 
     def shape(self, device_count: int) -> tuple[int, ...]:
@@ -1023,6 +1060,29 @@ class MeshConfig:
                 f"{device_count} are available; set one axis to -1 or match the device count"
             )
         return tuple(sizes)
+
+
+def resolve_rules(
+    overrides: typing.Mapping[str, Any] | typing.Sequence[tuple[str, Any]] = (),
+) -> dict[str, MeshAxes]:
+    """LOGICAL_RULES with the config's overrides applied; ConfigError for an unknown name or axis."""
+    rules = dict(LOGICAL_RULES)
+    items = overrides.items() if isinstance(overrides, typing.Mapping) else overrides
+    for name, target in items:
+        if name not in LOGICAL_RULES:
+            raise ConfigError(
+                f"config 'mesh.rules.{name}': unknown logical axis; known: "
+                f"{', '.join(sorted(LOGICAL_RULES))}"
+            )
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        for axis in axes:
+            if axis not in MeshConfig.AXES:
+                raise ConfigError(
+                    f"config 'mesh.rules.{name}': {axis!r} is not a mesh axis; use one of "
+                    f"{', '.join(MeshConfig.AXES)} (a list of them, or null to replicate)"
+                )
+        rules[name] = axes[0] if len(axes) == 1 else (axes or None)
+    return rules
 
 
 @dataclass(frozen=True)
@@ -1054,16 +1114,8 @@ class Config:
             "data.seq_len",
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
-        if self.data.task_name is not None:
-            from umv2_jax.data.tasks import make_task
-
-            task = make_task(self.data.task_name, self.data.task_params())
-            _require(
-                task.vocab_size <= self.model.vocab_size,
-                "model.vocab_size",
-                f"{self.model.vocab_size} is too small for task {task.name}, whose tokens go up "
-                f"to {task.vocab_size - 1}; set model.vocab_size={task.vocab_size}",
-            )
+        for check in _CHECKS.get("config", ()):
+            check(self)
         return self
 
     def check_trainable(self) -> None:
@@ -1110,8 +1162,6 @@ class Config:
                 f"{expert_axis} does not divide model.moe.num_experts={self.model.moe.num_experts}",
             )
         if self.model.sparse == "ultramem_v2" and tensor_axis > 1:
-            from umv2_jax.parallel.rules import resolve_rules  # the table lives with the sharding
-
             target = resolve_rules(self.mesh.rules)["mem_dim"]
             if "tensor" in ((target,) if isinstance(target, str) else tuple(target or ())):
                 memory = self.model.memory
@@ -1187,9 +1237,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[-1])
     if origin is Literal:
-        if args == registry.IMPLEMENTATIONS and value in registry.RENAMED:
+        if args == IMPLEMENTATIONS and value in RENAMED_IMPLEMENTATIONS:
             raise ConfigError(
-                f"config '{key}': {show(value)} was renamed; use {registry.RENAMED[value]!r}"
+                f"config '{key}': {show(value)} was renamed; use {RENAMED_IMPLEMENTATIONS[value]!r}"
             )
         if value not in args:
             allowed = ", ".join(str(a) for a in args)

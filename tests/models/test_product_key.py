@@ -22,7 +22,8 @@ from umv2_jax.config import ModelConfig, ProductKeyConfig, UltraMemConfig, load_
 from umv2_jax.errors import ConfigError
 from umv2_jax.models import product_key as pk_lib
 from umv2_jax.models.init import ValueParam
-from umv2_jax.models.sparse import SparseContext, get_sparse_builder
+from umv2_jax.models.kinds import get_sparse_builder
+from umv2_jax.models.sparse import SparseContext
 from umv2_jax.models.transformer import Transformer
 
 HIDDEN = 16

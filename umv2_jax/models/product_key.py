@@ -54,9 +54,9 @@ from jax import lax
 
 from umv2_jax.config import ModelConfig, UltraMemConfig
 from umv2_jax.models import init as init_lib
+from umv2_jax.models.layers import dtype_of
 from umv2_jax.models.retrieval import RetrievalInit, TuckerRetrieval, rms_normalize
 from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
-from umv2_jax.models.transformer import dtype_of
 from umv2_jax.models.ultramem_v2 import GridPermutation, map_virtual_rows
 from umv2_jax.ops.product_key_topk import product_key_topk
 from umv2_jax.ops.value_bag import value_bag

@@ -127,6 +127,7 @@ def _main(argv: list[str] | None) -> int:
                 detect=args.distributed,
             )
         )
+        import umv2_jax.data.tasks  # noqa: F401 (registers the task checks load_config runs)
         from umv2_jax.config import load_config
 
         overrides = list(args.overrides)

@@ -255,7 +255,7 @@ def corpus_bytes(split: str) -> bytes:
     """The embedded Shakespeare split ("train" or "validation") as one UTF-8 byte string."""
     import tensorflow_datasets as tfds
 
-    from umv2_jax.data.pipeline import EMBEDDED_VERSION_DIR
+    from umv2_jax.data.sources import EMBEDDED_VERSION_DIR
 
     if not (EMBEDDED_VERSION_DIR / "dataset_info.json").is_file():
         raise DataError(
