@@ -6,7 +6,7 @@
 
 The floors, lowest first (`FLOORS`; a module imports only from its own floor or lower ones):
 
-    0  errors, config          config imports nothing of the package but errors (a leaf)
+    0  errors, config, backends   config imports nothing of the package but errors (a leaf)
     1  paths, hardware, reference_numpy, data
     2  parallel (mesh, rules, distributed)
     3  ops
@@ -261,6 +261,7 @@ def test_nothing_imports_the_facade():
 # Module prefix → floor (module docstring); the longest matching prefix decides.
 FLOORS = {
     "umv2_jax.errors": 0,
+    "umv2_jax.backends": 0,
     "umv2_jax.config": 0,
     "umv2_jax.paths": 1,
     "umv2_jax.hardware": 1,

@@ -1330,18 +1330,63 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def packaged_configs_dir() -> str:
+    """The folder of the configs shipped with the package: `umv2_jax/configs/` in an installed
+    wheel (pyproject maps the repository's `configs/` there), else the repository's `configs/`
+    beside the package (a clone or an editable install)."""
+    from importlib import resources
+
+    shipped = resources.files(__package__) / "configs"  # __package__: "umv2_jax"
+    if shipped.is_dir():
+        return str(shipped)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_configs() -> list[str]:
+    """The packaged configs' names, e.g. ["default", "eval/t_umv2", "paper/ultramem_v2_227m", …]."""
+    root = packaged_configs_dir()
+    names = []
+    for folder, _dirs, files in os.walk(root):
+        for file in files:
+            if file.endswith(".yaml"):
+                relative = os.path.relpath(os.path.join(folder, file), root)
+                names.append(relative.removesuffix(".yaml").replace(os.sep, "/"))
+    return sorted(names)
+
+
+def resolve_config_path(path: str | os.PathLike) -> str:
+    """A config's file: `path` itself when it exists, else the packaged config it names —
+    "paper/ultramem_v2_227m", "tiny_umv2.yaml" or "configs/eval/t_umv2.yaml" (the repository
+    layout, so a command written for a clone also runs from an installed wheel). A path that
+    is neither comes back unchanged (load_config reports it)."""
+    text = os.fspath(path)
+    if os.path.exists(text):
+        return text
+    name = text.replace(os.sep, "/").removeprefix("./").removeprefix("configs/")
+    candidate = os.path.join(packaged_configs_dir(), *name.removesuffix(".yaml").split("/"))
+    candidate += ".yaml"
+    return candidate if os.path.isfile(candidate) and ".." not in name.split("/") else text
+
+
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> Config:
-    """Reads a YAML config (or the defaults when `path` is None), applies overrides, validates."""
+    """Reads a YAML config (or the defaults when `path` is None), applies overrides, validates.
+
+    `path`: a YAML file, or a packaged config's name ("tiny_umv2", "paper/ultramem_v2_227m",
+    "eval/t_umv2"; `packaged_configs()` lists them), found through the installed package."""
     data: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config_path(path)
         if os.path.isdir(path):
             raise ConfigError(
                 f"config file '{path}' is a directory; pass --config PATH to a .yaml file"
             )
         if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' does not exist; pass --config PATH to a .yaml")
+            raise ConfigError(
+                f"config file '{path}' does not exist; pass --config PATH to a .yaml file or a "
+                f"packaged config's name (one of {', '.join(packaged_configs())})"
+            )
         try:
             with open(path, encoding="utf-8") as handle:
                 data = yaml.safe_load(handle)

@@ -33,7 +33,6 @@ from umv2_jax.data.tasks import TASKS, make_task
 from umv2_jax.errors import ConfigError, UserError
 from umv2_jax.eval import accounting
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECODE_PROMPT, DECODE_STEPS = 8, 4
 
 
@@ -109,7 +108,7 @@ def run_config(
     extra: Sequence[str] = (),
 ) -> Config:
     """The model's config for one task: its file, the suite's overrides and the task's shapes."""
-    path = model.config if os.path.isabs(model.config) else os.path.join(REPO_ROOT, model.config)
+    path = model.config  # a file, or a packaged config's name ("eval/t_umv2"): load_config finds it
     overrides = [
         *model.overrides,
         f"data.seq_len={seq_len}",

@@ -14,16 +14,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Paths are relative to the repository root (the configs ship with the repo).
+# Packaged config names (`umv2_jax.config.load_config` finds them in the installed package; in a
+# clone they are the files configs/eval/*.yaml).
 T_FAMILY = (
-    ("T-dense", "configs/eval/t_dense.yaml"),
-    ("T-moe", "configs/eval/t_moe.yaml"),
-    ("T-umv2", "configs/eval/t_umv2.yaml"),
+    ("T-dense", "eval/t_dense"),
+    ("T-moe", "eval/t_moe"),
+    ("T-umv2", "eval/t_umv2"),
 )
 S_FAMILY = (
-    ("S-dense", "configs/eval/s_dense.yaml"),
-    ("S-moe", "configs/eval/s_moe.yaml"),
-    ("S-umv2", "configs/eval/s_umv2.yaml"),
+    ("S-dense", "eval/s_dense"),
+    ("S-moe", "eval/s_moe"),
+    ("S-umv2", "eval/s_umv2"),
 )
 
 

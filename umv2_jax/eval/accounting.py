@@ -83,10 +83,10 @@ MATCH_TOLERANCE = 0.03
 # SPEC §7: the paper's 227M family (activated, total in the paper's convention), and the tolerance
 # the project's counter must reproduce them to.
 PAPER_227M = {
-    "configs/paper/olmoe_227m.yaml": ("OLMoE-227M/1.2B", 227e6, 1.18e9),
-    "configs/paper/memory_plus_227m.yaml": ("Memory+-227M/1.2B", 227e6, 1.18e9),
-    "configs/paper/ultramem_227m.yaml": ("UltraMem-227M/1.2B", 227e6, 1.18e9),
-    "configs/paper/ultramem_v2_227m.yaml": ("UltraMemV2-227M/1.2B", 227e6, 1.18e9),
+    "paper/olmoe_227m": ("OLMoE-227M/1.2B", 227e6, 1.18e9),
+    "paper/memory_plus_227m": ("Memory+-227M/1.2B", 227e6, 1.18e9),
+    "paper/ultramem_227m": ("UltraMem-227M/1.2B", 227e6, 1.18e9),
+    "paper/ultramem_v2_227m": ("UltraMemV2-227M/1.2B", 227e6, 1.18e9),
 }
 PAPER_TOLERANCE = 0.05
 
@@ -433,18 +433,19 @@ def match_table(rows: list[MatchRow], tolerance: float = MATCH_TOLERANCE) -> str
 def paper_table(root: str | None = None) -> tuple[str, list[tuple[str, float, float]]]:
     """The 227M family against SPEC §7's numbers: (Markdown table, [(name, Δactivated, Δtotal)]).
 
-    root: the directory holding configs/ (default: the repository this module lives in).
+    root: a directory holding configs/ to read them from (default: the packaged configs).
     """
     import os
 
-    root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [
         "| model | activated | total | paper activated | paper total | Δ activated | Δ total |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     differences = []
     for path, (name, paper_activated, paper_total) in PAPER_227M.items():
-        result = account(load_config(os.path.join(root, path)))
+        result = account(
+            load_config(os.path.join(root, "configs", f"{path}.yaml") if root else path)
+        )
         d_act = result.activated_params / paper_activated - 1.0
         d_tot = result.total_params / paper_total - 1.0
         differences.append((name, d_act, d_tot))

@@ -337,13 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from umv2_jax.errors import UserError
 
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {}
     tokens = None
     try:
         for kind in FAMILY_MODELS:
-            path = os.path.join(root, "configs", "eval", f"{args.family.lower()}_{kind}.yaml")
+            path = f"eval/{args.family.lower()}_{kind}"  # a packaged config's name
             config = load_config(path)
             began = time.perf_counter()
             model = _trained_or_init(config, args.train_steps, args.out)

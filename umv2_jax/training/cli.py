@@ -20,19 +20,16 @@ import logging
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from umv2_jax.errors import UserError
 from umv2_jax.training import signals
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 def default_config_path() -> str:
-    for candidate in (Path("configs/default.yaml"), REPO_ROOT / "configs" / "default.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    return "configs/default.yaml"
+    """configs/default.yaml of the working directory when there is one, else the packaged one."""
+    from umv2_jax.config import resolve_config_path
+
+    return resolve_config_path("configs/default.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
