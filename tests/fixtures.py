@@ -1,9 +1,9 @@
 """Shared test helpers: where the release reference cases live (`load_release_case`), and a fresh
 interpreter run that reads back a JSON line (`run_fresh`: multi-device and libtpu programs).
 
-The cases ship beside the repository (`../shared/fixtures/release/`, SPEC §9.7), not in it. Outside
-CI a checkout without them skips those tests; under CI (`CI` set) a missing case fails, so the
-release-compatibility tests can never pass by being skipped.
+The cases live in the repository (`tests/release_cases/`, docs/model.md §9.7; 440 kB);
+UMV2_RELEASE_FIXTURES points elsewhere. A missing case skips its tests outside CI and fails them under
+CI (`CI` set), so the release-compatibility tests can never pass by being skipped.
 """
 
 import json
@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 RELEASE_FIXTURES = Path(
-    os.environ.get("UMV2_RELEASE_FIXTURES")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "release"
+    os.environ.get("UMV2_RELEASE_FIXTURES") or Path(__file__).resolve().parent / "release_cases"
 )
 
 

@@ -136,7 +136,7 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 @dataclass(frozen=True)
 class ValueShare:
-    """`model.memory.value_share` (SPEC §3): `none` | `ring:g` | `noring:g` | `block:g`.
+    """`model.memory.value_share` (docs/model.md §3): `none` | `ring:g` | `noring:g` | `block:g`.
 
     topology: which g tables a memory layer's window spans; window: g (1 for `none`).
     """
@@ -181,7 +181,7 @@ class ValueShare:
 
 @dataclass(frozen=True)
 class LrMultiplier:
-    """`model.memory.value_lr` (SPEC §5): `decay:F` (F× decaying linearly to 1×) | `constant:F`."""
+    """`model.memory.value_lr` (docs/model.md §5): `decay:F` (F× decaying linearly to 1×) | `constant:F`."""
 
     kind: Literal["decay", "constant"] = "decay"
     factor: float = 4.0
@@ -295,7 +295,7 @@ def _parse_languages(section: Any, prefix: str) -> None:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """UltraMemV2 memory layer (SPEC §2–§6). Names follow the paper; see SPEC §2 for the release's."""
+    """UltraMemV2 memory layer (docs/model.md §2–§6). Names follow the paper; see docs/model.md §2 for the release's."""
 
     n_keys: int = 32  # n: row keys = column keys; n² value rows per layer
     key_dim: int = 32  # D_k
@@ -309,7 +309,7 @@ class MemoryConfig:
     key_expand: int = 1  # E: virtual grid (E·n)² aliasing onto n² rows
     value_share: ValueShare = _language(ValueShare(), _typed(ValueShare))  # none | ring:g | …
     pre_score_act: Literal["identity", "gelu"] = "identity"
-    per_rank_query: bool = True  # SPEC §9.1; false reproduces the release's shared query
+    per_rank_query: bool = True  # docs/model.md §9.1; false reproduces the release's shared query
     dropout: float = 0.0
     init: Literal["paper", "release"] = "paper"
     calibration_tokens: int = 512  # Monte-Carlo tokens for the `paper` init calibration
@@ -325,7 +325,7 @@ class MemoryConfig:
         _parse_languages(self, "model.memory")
 
     def validate(self, prefix: str, memory_layers: int) -> None:
-        """memory_layers: how many blocks hold a memory (they stack their tables, SPEC §3)."""
+        """memory_layers: how many blocks hold a memory (they stack their tables, docs/model.md §3)."""
         for name in ("n_keys", "key_dim", "tucker_rank", "n_cores", "rc_topk", "topk", "heads"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
         _require(self.value_dim >= 1, f"{prefix}.value_dim", "must be >= 1")
@@ -343,7 +343,7 @@ class MemoryConfig:
             f"window {window} is larger than the number of layers holding a memory "
             f"({memory_layers}); lower the window or add memory layers (model.sparse_layers)",
         )
-        # SPEC §9.7: with key_expand > 1 the release splits virtual groups by n_eff² rows, this
+        # docs/model.md §9.7: with key_expand > 1 the release splits virtual groups by n_eff² rows, this
         # project by the window's g·n² rows; they agree only when g·n² is a square (g is). The
         # release-compatible layer (per_rank_query false) refuses the rest rather than silently
         # giving ported release weights other outputs; per-rank queries keep this project's split.
@@ -352,7 +352,7 @@ class MemoryConfig:
             f"{prefix}.key_expand",
             f"key_expand {self.key_expand} with value_share {self.value_share} and per_rank_query "
             f"false: the release splits virtual groups by floor(sqrt({window})·n)² rows, this "
-            f"project by {window}·n² (SPEC §9.7), so release weights would give other outputs; "
+            f"project by {window}·n² (docs/model.md §9.7), so release weights would give other outputs; "
             "use key_expand 1, a square window (1, 4, 9, …) or per_rank_query true",
         )
         side = self.key_expand * self.effective_keys()
@@ -390,13 +390,13 @@ class MemoryConfig:
         _require(self.key_balance >= 0, f"{prefix}.key_balance", "must be >= 0")
 
     def effective_keys(self) -> int:
-        """Keys per side n_eff = floor(sqrt(g)·n) for the sharing window g (SPEC §3)."""
+        """Keys per side n_eff = floor(sqrt(g)·n) for the sharing window g (docs/model.md §3)."""
         return int(math.floor(math.sqrt(self.value_share.window) * self.n_keys + 1e-9))
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """OLMoE-style mixture of experts replacing the FFN (SPEC §7)."""
+    """OLMoE-style mixture of experts replacing the FFN (docs/model.md §7)."""
 
     num_experts: int = 8
     top_k: int = 2
@@ -438,7 +438,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ProductKeyConfig:
-    """Product-key memory baselines (SPEC §7): `memory_plus`, `pkm`, `peer` (v1: `UltraMemConfig`).
+    """Product-key memory baselines (docs/model.md §7): `memory_plus`, `pkm`, `peer` (v1: `UltraMemConfig`).
 
     Each head scores n row sub-keys and n column sub-keys; a grid cell (i, j) addresses row i·n + j of
     an n²-row table (PEER: n² single-neuron experts). Equations: umv2_jax.models.product_key.
@@ -491,7 +491,7 @@ class ProductKeyConfig:
 
 @dataclass(frozen=True)
 class UltraMemConfig:
-    """UltraMem v1 (`sparse: ultramem`, arXiv 2411.12364; SPEC §7): TDQKR retrieval with multi-core
+    """UltraMem v1 (`sparse: ultramem`, arXiv 2411.12364; docs/model.md §7): TDQKR retrieval with multi-core
     scoring over a virtual (E·n)² grid (E² = G = `value_expand`), one query projection shared by the
     heads, no pre-values, optional skip-layer wiring. Equations: umv2_jax.models.product_key.
     """
@@ -576,7 +576,7 @@ class UltraMemConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only transformer (SPEC §1) with an optional sparse layer in each block."""
+    """Decoder-only transformer (docs/model.md §1) with an optional sparse layer in each block."""
 
     vocab_size: int = 259  # 256 bytes + BOS/EOS/PAD; padded to a multiple of 128 when built
     d_model: int = 128
@@ -589,7 +589,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     max_seq_len: int = 2048  # longest sequence RoPE and generation support
-    # Backbone init (SPEC §4; umv2_jax.models.init): paper = N(0, sqrt(2/(5h))) with the
+    # Backbone init (docs/model.md §4; umv2_jax.models.init): paper = N(0, sqrt(2/(5h))) with the
     # 1/sqrt(2L) output scaling; release = the OLMo recipe the authors' release trains with.
     init: Literal["paper", "release"] = "paper"
     compute_dtype: DType = "float32"
@@ -912,7 +912,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimization (SPEC §5) and the loop's cadence."""
+    """Optimization (docs/model.md §5) and the loop's cadence."""
 
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences

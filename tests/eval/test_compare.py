@@ -72,7 +72,7 @@ MICRO = Suite(
         seeds=1,
     ),
     log_every=1,
-    check_match=False,  # tiny shapes: not EVAL.md's matched models
+    check_match=False,  # tiny shapes: not docs/evaluation.md's matched models
     decode_batches=(2,),  # one batch size: a decoder compile per batch size
     decode_task="fact_base",
     description="micro test suite",

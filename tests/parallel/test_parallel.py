@@ -114,7 +114,7 @@ def test_memory_value_tables_are_split_along_the_value_dimension(sparse_sharding
     assert sparse_shardings["umv2"]["devices"] == 8
     tables = {path: p for path, p in params.items() if p["values"]}
     assert set(tables) == {"['shared']['values']", "['shared']['pre_values']"}
-    # SPEC dimension-wise memory parallelism: [layers, rows, D] with D over `tensor`, rows over fsdp.
+    # docs/model.md: dimension-wise memory parallelism: [layers, rows, D] with D over `tensor`, rows over fsdp.
     values, pre_values = tables["['shared']['values']"], tables["['shared']['pre_values']"]
     assert values["axes"] == pre_values["axes"] == ["layers", "mem_rows", "mem_dim"]
     assert values["spec"] == pre_values["spec"] == [None, "fsdp", "tensor"]

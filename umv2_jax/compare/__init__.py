@@ -2,7 +2,7 @@
 
     python -m umv2_jax.compare --suite quick [--tasks mqar fact_base] [--seeds 3] [--out DIR]
 
-trains the suite's models (EVAL.md: the T family for `quick`, S for `full`) on each of its tasks,
+trains the suite's models (docs/evaluation.md: the T family for `quick`, S for `full`) on each of its tasks,
 evaluates them, runs the continual fact injection experiment, and writes DIR (default
 results/<suite>): results.md (mean ± sd per task slice, with the accounting), results.json (every
 record {task, model, seed, metric, slice, split, value}, each model's accounting and wall time)
@@ -12,7 +12,7 @@ injection curves). A tqdm bar shows the ETA over all remaining steps. Finished r
 
 Refused with one line and exit status 2, before anything is written: an unknown task, a DIR that
 holds another suite's results (or this suite's with other settings), models whose accounting does
-not confirm EVAL.md's 3% matches.
+not confirm docs/evaluation.md's 3% matches.
 
 `python -m umv2_jax.compare.timing --suite full` times a few steps of each model and extrapolates
 the suite's training time from them (umv2_jax.compare.timing).

@@ -123,7 +123,7 @@ def run_config(
 
 
 def check_matches(suite: Suite, configs: dict[str, Config]) -> dict[str, Any]:
-    """EVAL.md's 3% matches of the suite's models (dense, moe, umv2 by kind), from the accounting.
+    """docs/evaluation.md's 3% matches of the suite's models (dense, moe, umv2 by kind), from the accounting.
     Returns {"rows": [...], "ok": bool, "table": markdown}."""
     by_kind = {config.model.sparse: config for config in configs.values()}
     if not {"none", "moe", "ultramem_v2"} <= set(by_kind):

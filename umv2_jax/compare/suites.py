@@ -1,6 +1,6 @@
 """The comparison suites: which models, which tasks, how long, how many seeds.
 
-    suite = SUITES["quick"]            # T family (EVAL.md), minutes on a 2-core CPU
+    suite = SUITES["quick"]            # T family (docs/evaluation.md), minutes on a 2-core CPU
     suite = SUITES["full"]             # S family, sized for one GPU (hours on a CPU)
 
 A suite is plain data; its `fingerprint()` is written to DIR/suite.json so that a results directory
@@ -89,7 +89,7 @@ class Suite:
     seeds: int = 3
     injection: InjectionSpec | None = None
     log_every: int = 10
-    check_match: bool = True  # the accounting must confirm EVAL.md's 3% matches first
+    check_match: bool = True  # the accounting must confirm docs/evaluation.md's 3% matches first
     decode_batches: tuple[int, ...] = (1, 8, 64, 512)  # measured decode bytes at these batches
     # Decode bytes are measured on the seed-0 models trained on this task (None or a task not
     # chosen with --tasks: the first chosen task), on that task's test data.
@@ -146,7 +146,7 @@ QUICK = Suite(
         modes={"T-umv2": ("all", "values", "rows"), "T-moe": ("all",), "T-dense": ("all",)},
         seeds=1,
     ),
-    description="T family (EVAL.md), a short run per task: a CPU smoke comparison",
+    description="T family (docs/evaluation.md), a short run per task: a CPU smoke comparison",
 )
 
 FULL = Suite(
@@ -170,7 +170,7 @@ FULL = Suite(
             "variable_tracking", "variable_tracking", {}, seq_len=512, batch_size=16, steps=2000
         ),
         TaskSpec("fact_base", "fact_base", {}, seq_len=96, batch_size=32, steps=3000),
-        # EVAL.md 5a: d = 5, 11 points; the infinite pool here (finite pools: --tasks with a
+        # docs/evaluation.md 5a: d = 5, 11 points; the infinite pool here (finite pools: --tasks with a
         # suite of your own, e.g. pool_size 16 … 4096).
         TaskSpec("icl_regression", "icl_regression", {}, seq_len=66, batch_size=64, steps=3000),
         TaskSpec(
@@ -193,7 +193,7 @@ FULL = Suite(
         eval_batches=4,
         modes={"S-umv2": ("all", "values", "rows"), "S-moe": ("all",), "S-dense": ("all",)},
     ),
-    description="S family (EVAL.md), sized for one GPU",
+    description="S family (docs/evaluation.md), sized for one GPU",
 )
 
 SUITES = {suite.name: suite for suite in (QUICK, FULL)}

@@ -1,4 +1,4 @@
-"""OLMoE-style mixture of experts replacing the FFN (SPEC §7).
+"""OLMoE-style mixture of experts replacing the FFN (docs/model.md §7).
 
     out = MoE(config, rngs)(u, context)      # u: [batch, seq, embed] → out.y: [batch, seq, embed]
 

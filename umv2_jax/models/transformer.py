@@ -1,4 +1,4 @@
-"""The decoder-only backbone of SPEC §1 in Flax NNX.
+"""The decoder-only backbone of docs/model.md §1 in Flax NNX.
 
     x_mid  = x + Attn(RMSNorm_attn(x))
     u      = RMSNorm_ffn(x_mid)
@@ -231,7 +231,7 @@ class Block(nnx.Module):
         out = self.sparse(u if sparse_input is None else sparse_input, context)
         x_next = x_next + out.y.astype(x.dtype)
         metrics = dict(out.metrics)
-        if ffn_out is not None:  # SPEC §6: memory vs FFN output std, side by side
+        if ffn_out is not None:  # docs/model.md §6: memory vs FFN output std, side by side
             metrics["ffn_output_std"] = jnp.std(jax.lax.stop_gradient(ffn_out).astype(jnp.float32))
         return x_next, u, dataclasses.replace(out, y=None, metrics=metrics), cache
 

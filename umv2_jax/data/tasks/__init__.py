@@ -1,4 +1,4 @@
-"""Synthetic and small-corpus evaluation tasks (EVAL.md, tasks 1–5): seeded numpy generators.
+"""Synthetic and small-corpus evaluation tasks (docs/evaluation.md, tasks 1–5): seeded numpy generators.
 
     from umv2_jax.data.tasks import TASKS, make_task
     task = make_task("mqar", {"mix": [[256, 16]]})   # ConfigError for unknown / impossible params

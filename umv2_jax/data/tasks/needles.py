@@ -1,4 +1,4 @@
-"""Needles in real text (EVAL.md task 3): byte-level Shakespeare haystacks with planted facts.
+"""Needles in real text (docs/evaluation.md task 3): byte-level Shakespeare haystacks with planted facts.
 
 A row is one example of length L (a context length from `lengths`), left-aligned, PAD after:
 
