@@ -38,7 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train an UltraMemV2 / MoE / dense transformer (resumes from WORKDIR).",
     )
     parser.add_argument(
-        "--config", default=None, help="YAML config (default: configs/default.yaml)"
+        "--config",
+        default=None,
+        help="YAML config file, or a packaged config's name such as tiny_umv2 or "
+        "paper/ultramem_v2_227m (default: configs/default.yaml)",
     )
     parser.add_argument(
         "--set",
