@@ -1,4 +1,4 @@
-"""Decode step latency and tokens/s of EVAL.md's matched dense / MoE / UltraMemV2, ratios to dense.
+"""Decode step latency and tokens/s of docs/evaluation.md's matched dense / MoE / UltraMemV2, ratios to dense.
 
     python benchmarks/decode.py [--family T|S] [--batch-sizes 1,8,64,512] [--prompt-len 32]
                                 [--reps 20] [--json]

@@ -4,7 +4,7 @@
     python benchmarks/layer_step.py --json          # one JSON object: umv2_over_dense,
                                                     # moe_over_dense, umv2_over_moe, peaks in bytes
 
-The blocks are the FFN slot of the S-size models of EVAL.md (d = 128), fed the same normalized input
+The blocks are the FFN slot of the S-size models of docs/evaluation.md (d = 128), fed the same normalized input
 u: [tokens, d] and differentiated w.r.t. every parameter and u, as in a training step:
 
     dense   SwiGLU 512
@@ -71,7 +71,7 @@ class Block:
 
 
 def small_config(d_ff: int, **memory: Any) -> ModelConfig:
-    """The S-size backbone of EVAL.md with a given FFN width and memory fields."""
+    """The S-size backbone of docs/evaluation.md with a given FFN width and memory fields."""
     return ModelConfig(
         d_model=D_MODEL,
         num_layers=4,

@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from tests.fixtures import run_fresh
+
 TINY_MODEL = [
     "model.sparse=none",  # aot's default config is configs/default.yaml (UltraMemV2): a dense one
     "model.d_model=32",
@@ -77,15 +79,7 @@ def cpu_report():
         "mesh.tensor=2",
         "train.batch_size=8",
     ]
-    completed = _python(
-        "-c",
-        PROGRAM,
-        json.dumps(argv),
-        json.dumps(config_overrides),
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_fresh(PROGRAM, json.dumps(argv), json.dumps(config_overrides))
 
 
 def test_json_report_holds_the_per_device_plan(cpu_report):
@@ -179,9 +173,7 @@ def tpu_report():
     ]
     big = [item for override in big for item in ("--set", override)]
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    completed = _python("-c", TPU_PROGRAM, json.dumps(tiny), json.dumps(big), env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_fresh(TPU_PROGRAM, json.dumps(tiny), json.dumps(big), env=env)
 
 
 def test_compiles_for_a_tpu_topology_from_this_host(tpu_report):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures import run_fresh
 from tests.training.conftest import SPARSE, TINY
 from umv2_jax import export
 from umv2_jax import reference_numpy as ref
@@ -467,15 +466,7 @@ def on_four_devices(exports, tmp_path_factory):
         "data2_tensor2": ["mesh.data=2", "mesh.tensor=2", "model.scan_layers=true"],
     }
     cache = jax.config.jax_compilation_cache_dir or str(tmp_path_factory.mktemp("xla"))
-    completed = subprocess.run(
-        [sys.executable, "-c", MESH_PROGRAM, exports["loop"], json.dumps(meshes), cache],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_fresh(MESH_PROGRAM, exports["loop"], json.dumps(meshes), cache)
 
 
 def test_import_onto_four_devices_is_bitwise_and_split(on_four_devices):

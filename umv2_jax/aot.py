@@ -272,6 +272,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
     """Does the fit check for parsed arguments; returns the JSON report (UserError on bad input)."""
+    import umv2_jax.data.tasks  # noqa: F401 (registers the task checks load_config runs)
     from umv2_jax.config import MeshConfig, load_config
 
     if args.batch_per_device < 1:

@@ -21,15 +21,55 @@ from typing import Any, Literal
 
 import yaml
 
+# The package's floor: this module imports nothing of umv2_jax but `errors` (a leaf that imports
+# nothing). What validation needs from higher floors is data owned here (the op and sharding
+# vocabularies below, which `ops.registry` and `parallel.rules` re-export) or a check those floors
+# register at import (`register_check`: the synthetic tasks' own checks).
 from umv2_jax.errors import ConfigError, show
-from umv2_jax.ops import registry
 
 SparseKind = Literal["none", "ultramem_v2", "moe", "ultramem", "memory_plus", "pkm", "peer"]
 # The sparse kinds whose layers hold memory value tables (`ValueParam`s).
 _MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer")
-# The op registry's vocabulary (umv2_jax.ops.registry), one for every op.
-Implementation = Literal[registry.IMPLEMENTATIONS]
+# The op registry's vocabulary (umv2_jax.ops.registry re-exports it), one for every op.
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "ragged_dot")
+# Names earlier versions accepted (grouped_matmul's own vocabulary) → the name now.
+RENAMED_IMPLEMENTATIONS = {"block_padded": "xla", "megablox": "pallas"}
+Implementation = Literal[IMPLEMENTATIONS]
 DType = Literal["float32", "bfloat16"]
+# Mesh axes that carry distinct tokens (every axis but `tensor`; umv2_jax.parallel.mesh re-exports it).
+BATCH_AXES = ("data", "fsdp", "expert")
+MeshAxes = str | tuple[str, ...] | None
+# Logical axis → mesh axis (or a tuple of mesh axes, or None): the sharding table that
+# umv2_jax.parallel.rules applies and re-exports; `mesh.rules` overrides entries (`resolve_rules`).
+LOGICAL_RULES: dict[str, MeshAxes] = {
+    "batch": BATCH_AXES,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv": None,
+    "mlp": "tensor",
+    "norm": None,
+    "experts": "expert",
+    "layers": None,
+    "mem_rows": "fsdp",
+    "mem_dim": "tensor",
+}
+
+# Checks that higher floors add at import, for what only they know (a synthetic task's vocabulary
+# and sequence-length needs: umv2_jax.data.tasks registers them). "data": f(DataConfig) from
+# DataConfig.validate when data.source is task:NAME; "config": f(Config) from Config.validate.
+_CHECKS: dict[str, list[Any]] = {"data": [], "config": []}
+
+
+def register_check(section: str, check: Any) -> None:
+    """Run `check(section_config)` in every later validation of `section` ("data" or "config");
+    it raises ConfigError. Registering the same function twice keeps one."""
+    if section not in _CHECKS:
+        raise ValueError(f"unknown section {section!r}; use one of {', '.join(_CHECKS)}")
+    if check not in _CHECKS[section]:
+        _CHECKS[section].append(check)
+
+
 # `model.scan_layers: auto` scans over the blocks from this depth on (shallower models compile fast
 # as a loop, and their checkpoints keep one entry per block).
 SCAN_MIN_LAYERS = 8
@@ -96,7 +136,7 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 @dataclass(frozen=True)
 class ValueShare:
-    """`model.memory.value_share` (SPEC §3): `none` | `ring:g` | `noring:g` | `block:g`.
+    """`model.memory.value_share` (docs/model.md §3): `none` | `ring:g` | `noring:g` | `block:g`.
 
     topology: which g tables a memory layer's window spans; window: g (1 for `none`).
     """
@@ -141,7 +181,7 @@ class ValueShare:
 
 @dataclass(frozen=True)
 class LrMultiplier:
-    """`model.memory.value_lr` (SPEC §5): `decay:F` (F× decaying linearly to 1×) | `constant:F`."""
+    """`model.memory.value_lr` (docs/model.md §5): `decay:F` (F× decaying linearly to 1×) | `constant:F`."""
 
     kind: Literal["decay", "constant"] = "decay"
     factor: float = 4.0
@@ -255,7 +295,7 @@ def _parse_languages(section: Any, prefix: str) -> None:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """UltraMemV2 memory layer (SPEC §2–§6). Names follow the paper; see SPEC §2 for the release's."""
+    """UltraMemV2 memory layer (docs/model.md §2–§6). Names follow the paper; see docs/model.md §2 for the release's."""
 
     n_keys: int = 32  # n: row keys = column keys; n² value rows per layer
     key_dim: int = 32  # D_k
@@ -269,7 +309,7 @@ class MemoryConfig:
     key_expand: int = 1  # E: virtual grid (E·n)² aliasing onto n² rows
     value_share: ValueShare = _language(ValueShare(), _typed(ValueShare))  # none | ring:g | …
     pre_score_act: Literal["identity", "gelu"] = "identity"
-    per_rank_query: bool = True  # SPEC §9.1; false reproduces the release's shared query
+    per_rank_query: bool = True  # docs/model.md §9.1; false reproduces the release's shared query
     dropout: float = 0.0
     init: Literal["paper", "release"] = "paper"
     calibration_tokens: int = 512  # Monte-Carlo tokens for the `paper` init calibration
@@ -292,7 +332,7 @@ class MemoryConfig:
         _parse_languages(self, "model.memory")
 
     def validate(self, prefix: str, memory_layers: int) -> None:
-        """memory_layers: how many blocks hold a memory (they stack their tables, SPEC §3)."""
+        """memory_layers: how many blocks hold a memory (they stack their tables, docs/model.md §3)."""
         for name in ("n_keys", "key_dim", "tucker_rank", "n_cores", "rc_topk", "topk", "heads"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
         _require(self.value_dim >= 1, f"{prefix}.value_dim", "must be >= 1")
@@ -310,7 +350,7 @@ class MemoryConfig:
             f"window {window} is larger than the number of layers holding a memory "
             f"({memory_layers}); lower the window or add memory layers (model.sparse_layers)",
         )
-        # SPEC §9.7: with key_expand > 1 the release splits virtual groups by n_eff² rows, this
+        # docs/model.md §9.7: with key_expand > 1 the release splits virtual groups by n_eff² rows, this
         # project by the window's g·n² rows; they agree only when g·n² is a square (g is). The
         # release-compatible layer (per_rank_query false) refuses the rest rather than silently
         # giving ported release weights other outputs; per-rank queries keep this project's split.
@@ -319,7 +359,7 @@ class MemoryConfig:
             f"{prefix}.key_expand",
             f"key_expand {self.key_expand} with value_share {self.value_share} and per_rank_query "
             f"false: the release splits virtual groups by floor(sqrt({window})·n)² rows, this "
-            f"project by {window}·n² (SPEC §9.7), so release weights would give other outputs; "
+            f"project by {window}·n² (docs/model.md §9.7), so release weights would give other outputs; "
             "use key_expand 1, a square window (1, 4, 9, …) or per_rank_query true",
         )
         side = self.key_expand * self.effective_keys()
@@ -362,13 +402,13 @@ class MemoryConfig:
         )
 
     def effective_keys(self) -> int:
-        """Keys per side n_eff = floor(sqrt(g)·n) for the sharing window g (SPEC §3)."""
+        """Keys per side n_eff = floor(sqrt(g)·n) for the sharing window g (docs/model.md §3)."""
         return int(math.floor(math.sqrt(self.value_share.window) * self.n_keys + 1e-9))
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """OLMoE-style mixture of experts replacing the FFN (SPEC §7)."""
+    """OLMoE-style mixture of experts replacing the FFN (docs/model.md §7)."""
 
     num_experts: int = 8
     top_k: int = 2
@@ -410,7 +450,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ProductKeyConfig:
-    """Product-key memory baselines (SPEC §7): `memory_plus`, `pkm`, `peer` (v1: `UltraMemConfig`).
+    """Product-key memory baselines (docs/model.md §7): `memory_plus`, `pkm`, `peer` (v1: `UltraMemConfig`).
 
     Each head scores n row sub-keys and n column sub-keys; a grid cell (i, j) addresses row i·n + j of
     an n²-row table (PEER: n² single-neuron experts). Equations: umv2_jax.models.product_key.
@@ -472,7 +512,7 @@ class ProductKeyConfig:
 
 @dataclass(frozen=True)
 class UltraMemConfig:
-    """UltraMem v1 (`sparse: ultramem`, arXiv 2411.12364; SPEC §7): TDQKR retrieval with multi-core
+    """UltraMem v1 (`sparse: ultramem`, arXiv 2411.12364; docs/model.md §7): TDQKR retrieval with multi-core
     scoring over a virtual (E·n)² grid (E² = G = `value_expand`), one query projection shared by the
     heads, no pre-values, optional skip-layer wiring. Equations: umv2_jax.models.product_key.
     """
@@ -557,7 +597,7 @@ class UltraMemConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only transformer (SPEC §1) with an optional sparse layer in each block."""
+    """Decoder-only transformer (docs/model.md §1) with an optional sparse layer in each block."""
 
     vocab_size: int = 259  # 256 bytes + BOS/EOS/PAD; padded to a multiple of 128 when built
     d_model: int = 128
@@ -570,7 +610,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     max_seq_len: int = 2048  # longest sequence RoPE and generation support
-    # Backbone init (SPEC §4; umv2_jax.models.init): paper = N(0, sqrt(2/(5h))) with the
+    # Backbone init (docs/model.md §4; umv2_jax.models.init): paper = N(0, sqrt(2/(5h))) with the
     # 1/sqrt(2L) output scaling; release = the OLMo recipe the authors' release trains with.
     init: Literal["paper", "release"] = "paper"
     compute_dtype: DType = "float32"
@@ -887,14 +927,13 @@ class DataConfig:
             f"'{self.tokenizer}' is not one of bytes, sentencepiece:PATH, hf:PATH",
         )
         if kind == "task":
-            from umv2_jax.data.tasks import make_task
-
-            make_task(self.task_name, self.task_params()).check_seq_len(self.seq_len)
+            for check in _CHECKS.get("data", ()):
+                check(self)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimization (SPEC §5) and the loop's cadence."""
+    """Optimization (docs/model.md §5) and the loop's cadence."""
 
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences
@@ -1061,8 +1100,6 @@ class MeshConfig:
         for axis, size in zip(self.AXES, sizes):
             _require(size == -1 or size >= 1, f"{prefix}.{axis}", "must be >= 1 or -1")
         _require(sizes.count(-1) <= 1, prefix, "at most one axis may be -1")
-        from umv2_jax.parallel.rules import resolve_rules  # the table lives with the sharding code
-
         resolve_rules(self.rules)
 
     def shape(self, device_count: int) -> tuple[int, ...]:
@@ -1082,6 +1119,29 @@ class MeshConfig:
                 f"{device_count} are available; set one axis to -1 or match the device count"
             )
         return tuple(sizes)
+
+
+def resolve_rules(
+    overrides: typing.Mapping[str, Any] | typing.Sequence[tuple[str, Any]] = (),
+) -> dict[str, MeshAxes]:
+    """LOGICAL_RULES with the config's overrides applied; ConfigError for an unknown name or axis."""
+    rules = dict(LOGICAL_RULES)
+    items = overrides.items() if isinstance(overrides, typing.Mapping) else overrides
+    for name, target in items:
+        if name not in LOGICAL_RULES:
+            raise ConfigError(
+                f"config 'mesh.rules.{name}': unknown logical axis; known: "
+                f"{', '.join(sorted(LOGICAL_RULES))}"
+            )
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        for axis in axes:
+            if axis not in MeshConfig.AXES:
+                raise ConfigError(
+                    f"config 'mesh.rules.{name}': {axis!r} is not a mesh axis; use one of "
+                    f"{', '.join(MeshConfig.AXES)} (a list of them, or null to replicate)"
+                )
+        rules[name] = axes[0] if len(axes) == 1 else (axes or None)
+    return rules
 
 
 @dataclass(frozen=True)
@@ -1113,16 +1173,8 @@ class Config:
             "data.seq_len",
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
-        if self.data.task_name is not None:
-            from umv2_jax.data.tasks import make_task
-
-            task = make_task(self.data.task_name, self.data.task_params())
-            _require(
-                task.vocab_size <= self.model.vocab_size,
-                "model.vocab_size",
-                f"{self.model.vocab_size} is too small for task {task.name}, whose tokens go up "
-                f"to {task.vocab_size - 1}; set model.vocab_size={task.vocab_size}",
-            )
+        for check in _CHECKS.get("config", ()):
+            check(self)
         return self
 
     def check_trainable(self) -> None:
@@ -1169,8 +1221,6 @@ class Config:
                 f"{expert_axis} does not divide model.moe.num_experts={self.model.moe.num_experts}",
             )
         if self.model.sparse == "ultramem_v2" and tensor_axis > 1:
-            from umv2_jax.parallel.rules import resolve_rules  # the table lives with the sharding
-
             target = resolve_rules(self.mesh.rules)["mem_dim"]
             if "tensor" in ((target,) if isinstance(target, str) else tuple(target or ())):
                 memory = self.model.memory
@@ -1246,9 +1296,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[-1])
     if origin is Literal:
-        if args == registry.IMPLEMENTATIONS and value in registry.RENAMED:
+        if args == IMPLEMENTATIONS and value in RENAMED_IMPLEMENTATIONS:
             raise ConfigError(
-                f"config '{key}': {show(value)} was renamed; use {registry.RENAMED[value]!r}"
+                f"config '{key}': {show(value)} was renamed; use {RENAMED_IMPLEMENTATIONS[value]!r}"
             )
         if value not in args:
             allowed = ", ".join(str(a) for a in args)
@@ -1339,18 +1389,63 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def packaged_configs_dir() -> str:
+    """The folder of the configs shipped with the package: `umv2_jax/configs/` in an installed
+    wheel (pyproject maps the repository's `configs/` there), else the repository's `configs/`
+    beside the package (a clone or an editable install)."""
+    from importlib import resources
+
+    shipped = resources.files(__package__) / "configs"  # __package__: "umv2_jax"
+    if shipped.is_dir():
+        return str(shipped)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_configs() -> list[str]:
+    """The packaged configs' names, e.g. ["default", "eval/t_umv2", "paper/ultramem_v2_227m", …]."""
+    root = packaged_configs_dir()
+    names = []
+    for folder, _dirs, files in os.walk(root):
+        for file in files:
+            if file.endswith(".yaml"):
+                relative = os.path.relpath(os.path.join(folder, file), root)
+                names.append(relative.removesuffix(".yaml").replace(os.sep, "/"))
+    return sorted(names)
+
+
+def resolve_config_path(path: str | os.PathLike) -> str:
+    """A config's file: `path` itself when it exists, else the packaged config it names —
+    "paper/ultramem_v2_227m", "tiny_umv2.yaml" or "configs/eval/t_umv2.yaml" (the repository
+    layout, so a command written for a clone also runs from an installed wheel). A path that
+    is neither comes back unchanged (load_config reports it)."""
+    text = os.fspath(path)
+    if os.path.exists(text):
+        return text
+    name = text.replace(os.sep, "/").removeprefix("./").removeprefix("configs/")
+    candidate = os.path.join(packaged_configs_dir(), *name.removesuffix(".yaml").split("/"))
+    candidate += ".yaml"
+    return candidate if os.path.isfile(candidate) and ".." not in name.split("/") else text
+
+
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> Config:
-    """Reads a YAML config (or the defaults when `path` is None), applies overrides, validates."""
+    """Reads a YAML config (or the defaults when `path` is None), applies overrides, validates.
+
+    `path`: a YAML file, or a packaged config's name ("tiny_umv2", "paper/ultramem_v2_227m",
+    "eval/t_umv2"; `packaged_configs()` lists them), found through the installed package."""
     data: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config_path(path)
         if os.path.isdir(path):
             raise ConfigError(
                 f"config file '{path}' is a directory; pass --config PATH to a .yaml file"
             )
         if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' does not exist; pass --config PATH to a .yaml")
+            raise ConfigError(
+                f"config file '{path}' does not exist; pass --config PATH to a .yaml file or a "
+                f"packaged config's name (one of {', '.join(packaged_configs())})"
+            )
         try:
             with open(path, encoding="utf-8") as handle:
                 data = yaml.safe_load(handle)

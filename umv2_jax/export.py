@@ -468,7 +468,7 @@ def _readme(config, workdir, step, shapes, weight_map, layout, tokenizer_note) -
     if model.sparse == "ultramem_v2":
         memory = model.memory
         lines += [
-            "- UltraMemV2 (SPEC §2–3): `shared.values` [memory layers, n², D_v] and "
+            "- UltraMemV2 (docs/model.md §2–3): `shared.values` [memory layers, n², D_v] and "
             "`shared.pre_values` [memory layers, n², D_p] are stacked over the memory layers; "
             "layer `blocks…sparse` reads the tables `rest.…sparse.window` lists, row "
             "`π(cell) mod (g·n²)` with π = `rest.…sparse.permutation`. Retrieval: "

@@ -6,11 +6,11 @@
 
 It reads only NumPy, json and safetensors, and follows the tensor layout the export's README.md
 states, so a reader can check that layout (and port it) without this project's JAX code. What it
-computes, per block (SPEC §1), in float64 by default:
+computes, per block (docs/model.md §1), in float64 by default:
 
     x_mid  = x + Attn(RMSNorm(x))            causal MHA, RoPE (rotate-half), QK-norm where present
     u      = RMSNorm(x_mid)
-    x_next = x_mid + SwiGLU(u) + Sparse(u)   Sparse: UltraMemV2 (SPEC §2–3), dropless MoE, or none
+    x_next = x_mid + SwiGLU(u) + Sparse(u)   Sparse: UltraMemV2 (docs/model.md §2–3), dropless MoE, or none
 
 then the final RMSNorm and the head (`embed.T` when tied, else `lm_head`). Other sparse layers
 (pkm, peer, memory_plus, ultramem v1) and capacity-limited MoE raise `Unsupported`.
@@ -200,7 +200,7 @@ def _top(scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _ultramem_v2(x, p, shared, memory) -> tuple[np.ndarray, float, np.ndarray]:
-    """One UltraMemV2 layer on tokens x [T, h] (SPEC §2): y [T, h], min selection gap, rows.
+    """One UltraMemV2 layer on tokens x [T, h] (docs/model.md §2): y [T, h], min selection gap, rows.
 
     Retrieval per head n: queries W_q [h, H, 2, r_q, D_k] (r_q = 1 broadcasts to every rank),
     RMS-normalized over D_k with γ_q; keys [H, 2, N, r, D_k] RMS-normalized with γ_k; per-rank

@@ -33,7 +33,7 @@ def _account(path: str, *overrides: str) -> acc.Accounting:
 
 
 def test_227m_family_reproduces_the_papers_counts_within_5_percent():
-    # SPEC §7: ≈ 227M activated and ≈ 1.18B total (paper convention) for all four 227M configs.
+    # docs/model.md §7: ≈ 227M activated and ≈ 1.18B total (paper convention) for all four 227M configs.
     table, differences = acc.paper_table()
     assert len(differences) == 4
     for name, d_activated, d_total in differences:
@@ -82,7 +82,7 @@ def test_param_counts_equal_a_hand_count_from_eval_md_shapes():
     assert umv2.ffn_params == ffn
     assert umv2.sparse_table_params == tables
     assert umv2.sparse_dense_params == memory_dense
-    # Activated: m·(D_v + D_p) per layer and head (SPEC §7), everything else dense.
+    # Activated: m·(D_v + D_p) per layer and head (docs/model.md §7), everything else dense.
     touched = layers * m * (d_v + d_p)
     assert umv2.sparse_activated_params == memory_dense + touched
     assert umv2.activated_params == vocab * h + attention_and_norms + ffn + memory_dense + touched
@@ -158,7 +158,7 @@ def test_training_flops_are_three_forwards():
 
 
 # --------------------------------------------------------------------------------------------------
-# Matches (EVAL.md)
+# Matches (docs/evaluation.md)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -204,7 +204,7 @@ def test_memory_reads_far_less_than_moe_at_decode():
         values = list(result.decode_bytes.values())
         assert values == sorted(values)  # more tokens never read less
         assert all(result.decode_bytes[b] <= result.decode_bytes_bound[b] for b in (1, 8, 64, 512))
-    # SPEC §8: MoE reads min(B·k, E) experts of 3·h·d_e per layer; memory at most B·m·(D_v + D_p).
+    # docs/model.md §8: MoE reads min(B·k, E) experts of 3·h·d_e per layer; memory at most B·m·(D_v + D_p).
     assert sparse["moe"][0] > 20 * sparse["umv2"][0]
 
 

@@ -15,11 +15,11 @@ from umv2_jax.ops.retrieval_topk import retrieval_topk
 
 # T = 16384 tokens (the benchmark's), except T_pad: a count that is not a multiple of the tile.
 SHAPES = {
-    "T": (16384, 68, 16, 2, 8, 8, 2, 1),  # EVAL.md T-umv2
-    "S": (16384, 146, 32, 2, 16, 16, 2, 1),  # EVAL.md S-umv2
+    "T": (16384, 68, 16, 2, 8, 8, 2, 1),  # docs/evaluation.md T-umv2
+    "S": (16384, 146, 32, 2, 16, 16, 2, 1),  # docs/evaluation.md S-umv2
     "227M": (16384, 360, 192, 2, 32, 32, 2, 1),  # paper 227M
     "1B7B": (16384, 528, 512, 2, 128, 128, 2, 1),  # paper 1B / 7B
-    "2.5B_top768": (16384, 964, 512, 2, 128, 768, 2, 1),  # rc_topk capped at 128 (SPEC §5)
+    "2.5B_top768": (16384, 964, 512, 2, 128, 768, 2, 1),  # rc_topk capped at 128 (docs/model.md §5)
     "2.5B_top256": (16384, 964, 512, 2, 128, 256, 2, 1),
     "ring16": (16384, 3856, 512, 2, 128, 128, 2, 1),  # ring:16 of n 964: n_eff 3856
     "memory_plus": (16384, 1138, 384, 1, 80, 80, 0, 2),  # Memory+ 227M, product keys, 2 heads

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from pallas_kernels.value_bag import tpu
 
 SHAPES = {
-    # EVAL.md S-umv2: n 146 (n² rows), m 16, D_v 48, D_p 16.
+    # docs/evaluation.md S-umv2: n 146 (n² rows), m 16, D_v 48, D_p 16.
     "S": (2048, 16, 1, 146 * 146, 48, 16, jnp.float32),
     # Paper 227M: D_v = D_p = 192, m 32, one head; the stacked pool of 20 layers' tables.
     "227M_pool20": (4096, 32, 2, 20 * 256 * 256, 192, 192, jnp.float32),

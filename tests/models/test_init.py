@@ -1,4 +1,4 @@
-"""`model.init` (SPEC §4): `release` is the OLMo/OLMoE backbone init the authors' release trains with."""
+"""`model.init` (docs/model.md §4): `release` is the OLMo/OLMoE backbone init the authors' release trains with."""
 
 import dataclasses
 import math

@@ -1,4 +1,4 @@
-"""Memory-layer initialization (SPEC §4): the `paper` calibration and the `release` constants."""
+"""Memory-layer initialization (docs/model.md §4): the `paper` calibration and the `release` constants."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MoE layer (SPEC §7) against a per-token loop over each token's chosen experts."""
+"""The MoE layer (docs/model.md §7) against a per-token loop over each token's chosen experts."""
 
 from __future__ import annotations
 

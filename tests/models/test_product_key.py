@@ -1,7 +1,7 @@
-"""The product-key baselines (SPEC §7) against naive per-token references written from the papers.
+"""The product-key baselines (docs/model.md §7) against naive per-token references written from the papers.
 
 Each reference picks the selected rows token by token in numpy (brute force over the whole n × n grid
-for product keys; SPEC §2 steps 1–6 written out for UltraMem v1), then evaluates the layer's equation
+for product keys; docs/model.md §2 steps 1–6 written out for UltraMem v1), then evaluates the layer's equation
 in plain jax.numpy on those fixed rows, so `jax.grad` of the reference gives independent gradients
 (the selection carries no gradient in either). Inputs are fresh random fp32.
 Tolerances (fp32, sums taken in a different order): outputs rtol 1e-5, gradients rtol 1e-4, each
@@ -22,7 +22,8 @@ from umv2_jax.config import ModelConfig, ProductKeyConfig, UltraMemConfig, load_
 from umv2_jax.errors import ConfigError
 from umv2_jax.models import product_key as pk_lib
 from umv2_jax.models.init import ValueParam
-from umv2_jax.models.sparse import SparseContext, get_sparse_builder
+from umv2_jax.models.kinds import get_sparse_builder
+from umv2_jax.models.sparse import SparseContext
 from umv2_jax.models.transformer import Transformer
 
 HIDDEN = 16
@@ -306,7 +307,7 @@ def test_peer_matches_per_token_reference():
 
 
 # --------------------------------------------------------------------------------------------------
-# UltraMem v1: SPEC §2 steps 1–6 per token, value groups kept side by side, W_o: G·D_v → h.
+# UltraMem v1: docs/model.md §2 steps 1–6 per token, value groups kept side by side, W_o: G·D_v → h.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -327,7 +328,7 @@ def _v1_selection(params, permutation, x, config):
         core_sum = p["cores"][head].sum(0)
         left, _, right_t = np.linalg.svd(core_sum)
         u_star, t_star = left[:, 0], right_t[0]
-        if u_star[np.argmax(np.abs(u_star))] < 0:  # SPEC step 4's sign rule
+        if u_star[np.argmax(np.abs(u_star))] < 0:  # docs/model.md §2 step 4's sign rule
             u_star, t_star = -u_star, -t_star
         for t in range(tokens):
             s_row = np.einsum("ad,nad->an", q[t, 0], keys[0])  # [r, N]

@@ -1,6 +1,6 @@
-"""Release compatibility (SPEC §9.7): the layer reproduces the authors' own layer on two stored cases.
+"""Release compatibility (docs/model.md §9.7): the layer reproduces the authors' own layer on two stored cases.
 
-The fixtures (../shared/fixtures/release/, see its README) hold the release layer's weights, input,
+The fixtures (tests/release_cases/, see its README) hold the release layer's weights, input,
 intermediate scores, selected indices, output and the gradients of sum(out²). Built with
 `per_rank_query: false`, one head, two cores, rc_topk = topk = knn and the file's permutation and
 rank-1 vectors, the layer must select exactly the same slots and match output and gradients to float32
@@ -43,7 +43,7 @@ def load_case(name: str):
 
 
 def build_layer(data, meta):
-    """The layer configured as SPEC §9.7 says, with every array of the file loaded into it."""
+    """The layer configured as docs/model.md §9.7 says, with every array of the file loaded into it."""
     kdim, hidden = meta["kdim"], meta["hidden"]
     config = ModelConfig(
         d_model=hidden,
@@ -164,7 +164,7 @@ def test_every_gradient_matches(case):
     assert_close(grad_x, data["grad/x"], "x")
     query_grad = data[q + "query_proj.weight"]
     assert_close(retrieval["query"][...].reshape(hidden, 2 * kdim).T, query_grad[: 2 * kdim], "W_q")
-    # The release's projection has rows no head reads (SPEC §9.1); they get exactly zero gradient.
+    # The release's projection has rows no head reads (docs/model.md §9.1); they get exactly zero gradient.
     np.testing.assert_array_equal(query_grad[2 * kdim :], 0.0)
     assert_close(retrieval["query_gain"][...][0], data[q + "query_norm.weight"], "γ_q")
     assert_close(retrieval["key_gain"][...][0], data[q + "keys_norm.weight"], "γ_k")

@@ -1,4 +1,4 @@
-"""Tucker retrieval (SPEC §3) against brute force over the grid, and the rank-1 vectors of the core."""
+"""Tucker retrieval (docs/model.md §3) against brute force over the grid, and the rank-1 vectors of the core."""
 
 from __future__ import annotations
 

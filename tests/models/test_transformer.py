@@ -1,4 +1,4 @@
-"""The backbone (SPEC §1) against plain numpy references."""
+"""The backbone (docs/model.md §1) against plain numpy references."""
 
 import dataclasses
 import math

@@ -1,8 +1,8 @@
-"""The UltraMemV2 layer against SPEC §2–§6, written out independently in this file.
+"""The UltraMemV2 layer against docs/model.md §2–§6, written out independently in this file.
 
-The reference selects slots in float64 numpy straight from the SPEC equations (per token, per head),
+The reference selects slots in float64 numpy straight from the docs/model.md equations (per token, per head),
 then recomputes the layer's output with those slots fixed in differentiable jax code (a Python loop
-over tokens), so its gradients are autodiff of the SPEC formulas with no gradient through the top-k.
+over tokens), so its gradients are autodiff of the docs/model.md formulas with no gradient through the top-k.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def random_layer(config: ModelConfig, block: int, seed: int) -> tuple[UltraMemV2
 
 
 def layer_params(layer: UltraMemV2, tables: MemoryTables) -> dict[str, np.ndarray]:
-    """The layer's parameters under SPEC names (float64 copies)."""
+    """The layer's parameters under docs/model.md names (float64 copies)."""
     r = layer.retrieval
     p = {
         "query": r.query[...],
@@ -119,7 +119,7 @@ def layer_params(layer: UltraMemV2, tables: MemoryTables) -> dict[str, np.ndarra
 
 
 # ---------------------------------------------------------------------------------------------------
-# The reference: SPEC §2 steps 1–9.
+# The reference: docs/model.md §2 steps 1–9.
 
 
 def rms(x, gain, eps, xp=np):
@@ -127,7 +127,7 @@ def rms(x, gain, eps, xp=np):
 
 
 def reference_window(topology: str, g: int, layer: int, num_layers: int) -> list[int]:
-    """SPEC §3, written as the list of windows a topology offers."""
+    """docs/model.md §3, written as the list of windows a topology offers."""
     if topology == "ring":
         return [(layer + i) % num_layers for i in range(g)]
     if topology == "noring":  # windows starting at each layer, the last ones clamped to the end
@@ -199,7 +199,7 @@ def reference_balance_constants(p, x, memory: MemoryConfig, keys_per_side):
 def reference_forward(p, x, selection, memory: MemoryConfig, keys_per_side, balance_constants=None):
     """y [T, h] and the aux losses, differentiable in p and x, with the selected slots fixed.
 
-    `token_output` is SPEC steps 1–9 for one token; it is vmapped over the tokens so that it compiles
+    `token_output` is docs/model.md §2 steps 1–9 for one token; it is vmapped over the tokens so that it compiles
     once instead of being unrolled per token.
     """
     heads, r, n_cores = memory.heads, memory.tucker_rank, memory.n_cores
@@ -264,7 +264,7 @@ def reference_forward(p, x, selection, memory: MemoryConfig, keys_per_side, bala
 # (per_rank_query, key_expand, heads, pre_value_dim, extra memory fields, num_layers, block)
 CASES = {
     "rank_queries-E1-H1-pre": (True, 1, 1, 4, {}, 2, 0),
-    # The release-compatible layer with key_expand 2 needs a square window (SPEC §9.7): ring:4.
+    # The release-compatible layer with key_expand 2 needs a square window (docs/model.md §9.7): ring:4.
     "shared_query-E2-H2-pre-ring-losses": (
         False,
         2,
@@ -277,7 +277,7 @@ CASES = {
     # Per-rank queries keep this project's split by g·n² rows at a non-square window (ring:2).
     "rank_queries-E2-H2-no_pre": (True, 2, 2, 0, {"value_share": "ring:2"}, 2, 1),
     "shared_query-E1-H1-pre-gelu": (False, 1, 1, 4, {"pre_score_act": "gelu"}, 2, 1),
-    # The other two sharing topologies, at windows that slide back inside the network (SPEC §3):
+    # The other two sharing topologies, at windows that slide back inside the network (docs/model.md §3):
     # noring:3 at memory layer 2 of 4 reads tables [1, 2, 3] (ring would wrap to [2, 3, 0]);
     # block:2 at layer 3 of 5 reads [2, 3] (noring would read [3, 4]).
     "rank_queries-E1-H1-pre-noring": (True, 1, 1, 4, {"value_share": "noring:3"}, 4, 2),
@@ -377,7 +377,7 @@ def test_layer_matches_spec_reference_outputs_and_gradients(case, optimized):
     for name, value in got.items():
         rel_close(value[...], g_ref[name])
 
-    # Diagnostics (SPEC §6) against the reference's selection and scores.
+    # Diagnostics (docs/model.md §6) against the reference's selection and scores.
     window_rows = {int(w) for per_head in selection for sel in per_head for w in sel[4]}
     addressable = min(len(window) * memory.n_keys**2, keys_per_side**2)
     np.testing.assert_allclose(aux["rows_hit_fraction"], len(window_rows) / addressable, rtol=1e-6)
@@ -553,7 +553,9 @@ def test_transformer_holds_the_tables_once_and_every_block_its_layer():
     logits, aux = jax.eval_shape(lambda s, t: nnx.merge(graphdef, s)(t), state, tokens)
     assert logits.shape == (2, 4, config.padded_vocab_size)
     expected = {"top1_score", "topm_score", "output_std", "lambda1", "lambda2"}
-    expected.add("ffn_output_std")  # the block reports the FFN's beside the memory's (SPEC §6)
+    expected.add(
+        "ffn_output_std"
+    )  # the block reports the FFN's beside the memory's (docs/model.md §6)
     assert set(aux.metrics) == {f"layer{b}/{name}" for b in range(3) for name in expected}
     assert aux.row_hits == {}  # the per-row hit scatter is evaluation-only
     # With diagnostics (what evaluation asks for) the row-hit masks and fractions come too.
@@ -583,7 +585,7 @@ def test_transformer_holds_the_tables_once_and_every_block_its_layer():
             {"key_expand": 2, "value_share": "ring:2", "per_rank_query": False},
             4,
             r"config 'model.memory.key_expand': key_expand 2 with value_share ring:2 and "
-            r"per_rank_query false: .*SPEC §9.7.*use key_expand 1, a square window",
+            r"per_rank_query false: .*docs/model.md §9.7.*use key_expand 1, a square window",
         ),
         ({"n_keys": 8000}, 40, "int32"),
         ({"heads": 0}, 4, "heads"),
@@ -605,7 +607,7 @@ def test_invalid_memory_configs_fail_with_a_config_error(fields, num_layers, mes
 
 
 def _release_rows(virtual, n_keys, g):
-    """The authors' release: virtual groups of n_eff² rows, n_eff = floor(sqrt(g)·n) (SPEC §9.7)."""
+    """The authors' release: virtual groups of n_eff² rows, n_eff = floor(sqrt(g)·n) (docs/model.md §9.7)."""
     split = math.floor(math.sqrt(g) * n_keys + 1e-9) ** 2
     return virtual % split, virtual // split
 
@@ -631,6 +633,6 @@ def test_release_compatible_key_expand_accepts_only_windows_where_the_release_sp
         if accepted:
             model_config(max(g, 2), **fields)
         else:
-            with pytest.raises(ConfigError, match="SPEC §9.7"):
+            with pytest.raises(ConfigError, match="docs/model.md §9.7"):
                 model_config(max(g, 3), **fields)
         model_config(max(g, 2), **{**fields, "per_rank_query": True})  # our split: accepted

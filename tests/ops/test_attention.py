@@ -2,11 +2,7 @@
 without holding the [batch, heads, seq, seq] scores, and `auto` reaches cuDNN / splash when lowered
 for CUDA / TPU. With segment_ids (packed documents) every path equals each document run alone."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures import run_fresh
 from umv2_jax.ops.attention import (
     attention,
     chunked_attention,
@@ -379,15 +376,7 @@ MESH_PROGRAM = textwrap.dedent(
 @pytest.fixture(scope="module")
 def on_a_mesh() -> dict:
     """One subprocess with 8 fake CPU devices, mesh (data 2, fsdp 2, tensor 2)."""
-    completed = subprocess.run(
-        [sys.executable, "-c", MESH_PROGRAM],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_fresh(MESH_PROGRAM)
 
 
 def test_attention_on_a_mesh_equals_one_device(on_a_mesh):

@@ -1,11 +1,7 @@
 """ops.cross_entropy: the vocabulary-chunked head + loss equals optax on full logits (forward and
 gradients) without an f32 [tokens, vocab] buffer; the train / eval steps' losses use it."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests.fixtures import run_fresh
 from umv2_jax.ops.cross_entropy import chunk_count, chunked_cross_entropy
 
 
@@ -218,15 +215,7 @@ MESH_PROGRAM = textwrap.dedent(
 def on_a_mesh() -> dict:
     """One subprocess with 8 fake CPU devices, mesh (data 2, fsdp 2, tensor 2); the head sharded
     as the rules shard it (embed on fsdp, vocab on tensor), tokens over the batch axes."""
-    completed = subprocess.run(
-        [sys.executable, "-c", MESH_PROGRAM],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_fresh(MESH_PROGRAM)
 
 
 def test_chunked_cross_entropy_on_a_mesh_equals_one_device(on_a_mesh):

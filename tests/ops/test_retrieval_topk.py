@@ -1,4 +1,4 @@
-"""retrieval_topk: two-stage Tucker retrieval (SPEC §2 steps 3–5) against independent references."""
+"""retrieval_topk: two-stage Tucker retrieval (docs/model.md §2 steps 3–5) against independent references."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _rms_normalized(rng: np.random.Generator, shape) -> jnp.ndarray:
 
 
 def _rank1_vectors(cores: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Leading singular pair of Σ_c C^c with SPEC step 4's sign rule (largest |u| entry positive)."""
+    """Leading singular pair of Σ_c C^c with docs/model.md §2 step 4's sign rule (largest |u| entry positive)."""
     u, _, vt = np.linalg.svd(np.asarray(cores, np.float64).sum(0))
     sign = np.sign(u[np.argmax(np.abs(u[:, 0])), 0])
     return jnp.asarray(sign * u[:, 0], jnp.float32), jnp.asarray(sign * vt[0], jnp.float32)

@@ -1,4 +1,4 @@
-"""value_bag: weighted gather-sum with pre-values (SPEC §2 steps 7–8), custom VJP vs autodiff."""
+"""value_bag: weighted gather-sum with pre-values (docs/model.md §2 steps 7–8), custom VJP vs autodiff."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_forward_matches_reference_and_direct_loop(implementation, interpret):
     out, pre_scores = jax.jit(
         functools.partial(value_bag, token_chunk=CHUNK, return_pre_scores=True, **options)
     )(values, pre_values, rows, core_scores, x_p)
-    # Straight from SPEC step 8, one slot at a time, in float64.
+    # Straight from docs/model.md §2 step 8, one slot at a time, in float64.
     v, p, x, s, r = (
         np.asarray(a, np.float64) for a in (values, pre_values, x_p, core_scores, rows)
     )
@@ -285,7 +285,7 @@ def test_reproduces_release_lookup_and_table_gradients(case):
     values = jnp.asarray(data["param/value_layer/values_for_look_up"])
     pre_values = jnp.asarray(data["param/value_layer/pre_values_for_look_up"])
     w_out = jnp.asarray(data["param/query_layer/values_proj.weight"])  # torch [out, in]
-    # The release's slots: permuted grid index mod n² (key_expand groups are summed, SPEC step 8).
+    # The release's slots: permuted grid index mod n² (key_expand groups are summed, docs/model.md §2 step 8).
     rows = jnp.asarray(data["tdqkr/shuffled_indices"] % values.shape[0], jnp.int32)
     core_scores = jnp.asarray(data["tdqkr/best_scores"])
     x_p = jnp.asarray(data["trace/XperfGlu/p_input"])

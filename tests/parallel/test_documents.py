@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.parallel.test_parallel import _run
+from tests.fixtures import run_fresh
 from tests.training.conftest import SPARSE, TINY
 
 OVERRIDES = TINY + ["train.batch_size=8", "model.attention_chunk=8"]
@@ -92,7 +92,7 @@ PROGRAM = textwrap.dedent(
     ids=["dense", "umv2"],
 )
 def test_packed_step_on_a_mesh_equals_the_single_device_step(overrides):
-    case = _run(PROGRAM, json.dumps(overrides))
+    case = run_fresh(PROGRAM, json.dumps(overrides))
     assert case["ids_spec"] == [["data", "fsdp", "expert"]]  # rows over the batch axes, as "inputs"
     np.testing.assert_allclose(case["loss"], case["ref_loss"], rtol=1e-5)
     assert case["worst_gradient"] < 2e-5

@@ -23,7 +23,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.parallel.test_parallel import _run
+from tests.fixtures import run_fresh
 from tests.training.conftest import TINY
 
 PRODUCT_KEY = [
@@ -129,12 +129,12 @@ PROGRAM = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def default_meshes():
-    return _run(PROGRAM, json.dumps(KINDS), json.dumps(DEFAULT_MESHES))
+    return run_fresh(PROGRAM, json.dumps(KINDS), json.dumps(DEFAULT_MESHES))
 
 
 @pytest.fixture(scope="module")
 def slow_meshes():
-    return _run(PROGRAM, json.dumps(KINDS), json.dumps(SLOW_MESHES))
+    return run_fresh(PROGRAM, json.dumps(KINDS), json.dumps(SLOW_MESHES))
 
 
 CASES = [
@@ -316,7 +316,7 @@ OTHER_MESH = "data2_tensor2_expert2"
 
 @pytest.fixture(scope="module")
 def other_kinds():
-    return _run(
+    return run_fresh(
         PROGRAM, json.dumps(OTHER_KINDS), json.dumps({OTHER_MESH: DEFAULT_MESHES[OTHER_MESH]})
     )
 

@@ -8,14 +8,13 @@ the tests assert on its JSON report.
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures import run_fresh
 from umv2_jax.ops.moe_dispatch import moe_dispatch, moe_dispatch_reference
 
 TOKENS, TOP_K, HIDDEN, EXPERTS = 128, 2, 32, 8
@@ -188,14 +187,7 @@ SLOW_JOBS = {
 
 
 def _run(jobs: dict, *flags: str) -> dict:
-    completed = subprocess.run(
-        [sys.executable, "-c", PROGRAM, json.dumps(jobs), *flags],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_fresh(PROGRAM, json.dumps(jobs), *flags, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -373,11 +365,7 @@ def test_ragged_path_compiles_for_a_tpu_topology():
         pytest.skip("no Python with libtpu")
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     env.update(testing.TPU_COMPILE_ENV)
-    completed = subprocess.run(
-        [python, "-c", TPU_PROGRAM], capture_output=True, text=True, timeout=900, env=env
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    report = run_fresh(TPU_PROGRAM, timeout=900, env=env, python=python)
     for name in ("expert4", "expert2_tensor2"):
         # Out, back, and both again in the backward, per layer: the dropless exchange on TPU.
         assert report[name]["ragged"] >= 2 * 4, report

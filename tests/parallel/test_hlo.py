@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from jax.sharding import AbstractMesh
 
-from tests.parallel.test_parallel import _run
+from tests.fixtures import run_fresh
 from umv2_jax.parallel import hlo
 
 # Mesh (data 2, fsdp 1, tensor 2, expert 2): partition id = 4·data + 2·tensor + expert.
@@ -67,7 +67,7 @@ PROGRAMS = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def compiled():
-    return _run(PROGRAMS)
+    return run_fresh(PROGRAMS)
 
 
 def test_psum_over_data_is_one_all_reduce_over_data(compiled):

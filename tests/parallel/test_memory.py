@@ -5,13 +5,12 @@ starts), which prints one JSON report; the tests below assert on its parts.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+
+from tests.fixtures import run_fresh
 
 BASE = [
     "model.d_model=32",
@@ -192,20 +191,12 @@ PROGRAM = textwrap.dedent(
 
 
 def _run(cases, hlo_cases, with_temporaries) -> dict:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            PROGRAM,
-            json.dumps([BASE, cases, hlo_cases, with_temporaries, ROWS, LAYERS, D_V]),
-        ],
-        capture_output=True,
-        text=True,
+    return run_fresh(
+        PROGRAM,
+        json.dumps([BASE, cases, hlo_cases, with_temporaries, ROWS, LAYERS, D_V]),
         timeout=1200,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stderr_tail=4000,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

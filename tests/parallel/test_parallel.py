@@ -5,27 +5,18 @@ has long done, so the multi-device checks run in a fresh interpreter."""
 
 import json
 import re
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from tests.fixtures import run_fresh
 from tests.training.conftest import SPARSE, TINY
 from umv2_jax import parallel
 from umv2_jax.training import loop
 
 MESH = ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2"]
-
-
-def _run(program: str, *args: str) -> dict:
-    completed = subprocess.run(
-        [sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=600
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def _one_device_losses(overrides: list[str], tmp_path) -> list[float]:
@@ -60,7 +51,7 @@ PROGRAM = textwrap.dedent(
 
 def test_eight_device_mesh_matches_one_device(tmp_path):
     overrides = TINY + ["train.steps=3", "train.batch_size=8", "train.eval_every=3"]
-    report = _run(PROGRAM, json.dumps(overrides), str(tmp_path / "mesh"))
+    report = run_fresh(PROGRAM, json.dumps(overrides), str(tmp_path / "mesh"))
     assert report["devices"] == 8
     # embed [vocab, embed] → (tensor, fsdp); SwiGLU gate [embed, mlp] → (fsdp, tensor).
     assert report["specs"] == {
@@ -115,7 +106,7 @@ SHARDINGS = textwrap.dedent(
 @pytest.fixture(scope="module")
 def sparse_shardings():
     configs = {name: TINY + SPARSE[name] + MESH for name in ("umv2", "moe")}
-    return _run(SHARDINGS, json.dumps(configs))
+    return run_fresh(SHARDINGS, json.dumps(configs))
 
 
 def test_memory_value_tables_are_split_along_the_value_dimension(sparse_shardings):
@@ -123,7 +114,7 @@ def test_memory_value_tables_are_split_along_the_value_dimension(sparse_sharding
     assert sparse_shardings["umv2"]["devices"] == 8
     tables = {path: p for path, p in params.items() if p["values"]}
     assert set(tables) == {"['shared']['values']", "['shared']['pre_values']"}
-    # SPEC dimension-wise memory parallelism: [layers, rows, D] with D over `tensor`, rows over fsdp.
+    # docs/model.md: dimension-wise memory parallelism: [layers, rows, D] with D over `tensor`, rows over fsdp.
     values, pre_values = tables["['shared']['values']"], tables["['shared']['pre_values']"]
     assert values["axes"] == pre_values["axes"] == ["layers", "mem_rows", "mem_dim"]
     assert values["spec"] == pre_values["spec"] == [None, "fsdp", "tensor"]
@@ -219,7 +210,7 @@ def test_scanned_memory_model_on_eight_devices_matches_one_device(tmp_path):
             "train.eval_every=3",
         ]
     )
-    report = _run(SCANNED, json.dumps(overrides), str(tmp_path / "mesh"))
+    report = run_fresh(SCANNED, json.dumps(overrides), str(tmp_path / "mesh"))
     # gate [layers, embed, mlp]; query [layers, embed, heads, kv]
     assert report["specs"] == {
         "gate": [None, "fsdp", "tensor"],

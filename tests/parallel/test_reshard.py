@@ -10,10 +10,7 @@ hold stops with one CheckpointError naming the array and both shapes, and stays 
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from types import SimpleNamespace
 
@@ -21,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.fixtures import run_fresh
 from tests.training.conftest import SPARSE, TINY
 from umv2_jax.config import load_config
 from umv2_jax.errors import CheckpointError
@@ -114,15 +112,7 @@ PROGRAM = textwrap.dedent(
 def resharded(tmp_path_factory):
     root = tmp_path_factory.mktemp("reshard")
     cache = jax.config.jax_compilation_cache_dir or str(root / "xla_cache")
-    completed = subprocess.run(
-        [sys.executable, "-c", PROGRAM, json.dumps(BASE), str(root), cache, json.dumps(MEMORY)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    report = run_fresh(PROGRAM, json.dumps(BASE), str(root), cache, json.dumps(MEMORY))
     with np.load(root / "values.npz") as saved:
         values = [saved[f"arr_{i}"] for i in range(report["leaves"])]
     return SimpleNamespace(report=report, values=values, root=root)

@@ -5,14 +5,12 @@ The warnings read only the mesh's axis sizes, so an AbstractMesh (no devices) st
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 from jax.sharding import AbstractMesh
 
+from tests.fixtures import run_fresh
 from tests.training.conftest import SPARSE, TINY
 from umv2_jax.config import load_config
 from umv2_jax.errors import ConfigError
@@ -99,15 +97,7 @@ LOOP = textwrap.dedent(
 
 def test_the_training_loop_prints_the_warnings_at_start_up(tmp_path):
     overrides = TINY + ["train.steps=1", "train.eval_every=1", "mesh.data=1", "mesh.expert=2"]
-    completed = subprocess.run(
-        [sys.executable, "-c", LOOP, json.dumps(overrides), str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    lines = json.loads(completed.stdout.strip().splitlines()[-1])
+    lines = run_fresh(LOOP, json.dumps(overrides), str(tmp_path / "run"))
     warnings = [line for line in lines if line.startswith("warning: ")]
     assert warnings == [
         "warning: mesh.expert=2: model.sparse='none' has no experts, so 'expert' acts as data "

@@ -1,4 +1,4 @@
-"""Schedules and parameter groups (SPEC §5)."""
+"""Schedules and parameter groups (docs/model.md §5)."""
 
 import jax
 import jax.numpy as jnp

@@ -17,7 +17,7 @@ from .conftest import TINY
 def _reference_adamw(config, params, grads, moments, count):
     """One AdamW step in float64 numpy on gradients clipped to global norm `train.grad_clip`.
 
-    SPEC §5: clip first, then Adam moments, bias correction, decoupled weight decay on every
+    docs/model.md §5: clip first, then Adam moments, bias correction, decoupled weight decay on every
     parameter with two or more dimensions, all scaled by the cosine schedule's LR (no warmup here).
     """
     train = config.train

@@ -3,7 +3,7 @@
     python -m umv2_jax.compare --suite quick [--tasks mqar fact_base] [--seeds 3] [--out DIR]
     python -m umv2_jax.compare --suite quick --estimate     # time every shape, print the cost
 
-trains the suite's models (EVAL.md: the T family for `quick`, S for `full`; `density`: T-umv2's
+trains the suite's models (docs/evaluation.md: the T family for `quick`, S for `full`; `density`: T-umv2's
 topk / table-size sweep; `micro`: tiny shapes for the tests) on each of its tasks, evaluates them,
 runs the continual fact injection experiment, and writes DIR (default results/<suite>):
 results.md (mean ± sd per task slice, the paired difference of UltraMemV2 and each other model
@@ -16,7 +16,7 @@ injection curves). A tqdm bar shows the ETA over all remaining steps. Finished r
 
 Refused with one line and exit status 2, before anything is written: an unknown task, a DIR that
 holds another suite's results (or this suite's with other settings), models whose accounting does
-not confirm EVAL.md's 3% matches.
+not confirm docs/evaluation.md's 3% matches.
 
 Modules: suites (plain data), run (the resumable loop), runner (one model's jitted programs,
 training, evaluation), files (result paths, JSON), report / tables / curves / curve_plots (read

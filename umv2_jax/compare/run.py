@@ -38,7 +38,6 @@ from umv2_jax.data.tasks import TASKS, make_task
 from umv2_jax.errors import ConfigError, UserError
 from umv2_jax.eval import accounting
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECODE_PROMPT, DECODE_STEPS = 8, 4
 # Held-out metrics recorded on the learning curves (TaskSpec.eval_every), slice "all".
 PROBE_METRICS = ("exact_match", "answer_loss", "bits_per_byte")
@@ -124,7 +123,7 @@ def run_config(
     extra: Sequence[str] = (),
 ) -> Config:
     """The model's config for one task: its file, the suite's overrides and the task's shapes."""
-    path = model.config if os.path.isabs(model.config) else os.path.join(REPO_ROOT, model.config)
+    path = model.config  # a file, or a packaged config's name ("eval/t_umv2"): load_config finds it
     overrides = [
         *model.overrides,
         f"data.seq_len={seq_len}",
@@ -139,7 +138,7 @@ def run_config(
 
 
 def check_matches(suite: Suite, configs: dict[str, Config]) -> dict[str, Any]:
-    """EVAL.md's 3% matches of the suite's models (dense, moe, umv2 by kind), from the accounting.
+    """docs/evaluation.md's 3% matches of the suite's models (dense, moe, umv2 by kind), from the accounting.
     Returns {"rows": [...], "ok": bool, "table": markdown}."""
     by_kind = {config.model.sparse: config for config in configs.values()}
     if not {"none", "moe", "ultramem_v2"} <= set(by_kind):

@@ -1,6 +1,6 @@
 """The comparison suites: which models, which tasks, how long, how many seeds.
 
-    suite = SUITES["quick"]            # T family (EVAL.md), minutes on a 2-core CPU
+    suite = SUITES["quick"]            # T family (docs/evaluation.md), minutes on a 2-core CPU
     suite = SUITES["density"]          # T-umv2's topk / table-size sweep (fact_base, LM)
     suite = SUITES["full"]             # S family + its density sweep, sized for one GPU
 
@@ -15,16 +15,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Paths are relative to the repository root (the configs ship with the repo).
+# Packaged config names (`umv2_jax.config.load_config` finds them in the installed package; in a
+# clone they are the files configs/eval/*.yaml).
 T_FAMILY = (
-    ("T-dense", "configs/eval/t_dense.yaml"),
-    ("T-moe", "configs/eval/t_moe.yaml"),
-    ("T-umv2", "configs/eval/t_umv2.yaml"),
+    ("T-dense", "eval/t_dense"),
+    ("T-moe", "eval/t_moe"),
+    ("T-umv2", "eval/t_umv2"),
 )
 S_FAMILY = (
-    ("S-dense", "configs/eval/s_dense.yaml"),
-    ("S-moe", "configs/eval/s_moe.yaml"),
-    ("S-umv2", "configs/eval/s_umv2.yaml"),
+    ("S-dense", "eval/s_dense"),
+    ("S-moe", "eval/s_moe"),
+    ("S-umv2", "eval/s_umv2"),
 )
 
 
@@ -116,7 +117,7 @@ class Suite:
     seeds: int = 3
     injection: InjectionSpec | None = None
     log_every: int = 10
-    check_match: bool = True  # the accounting must confirm EVAL.md's 3% matches first
+    check_match: bool = True  # the accounting must confirm docs/evaluation.md's 3% matches first
     decode_batches: tuple[int, ...] = (1, 8, 64, 512)  # measured decode bytes at these batches
     # Decode bytes are measured on the seed-0 models trained on this task (None or a task not
     # chosen with --tasks: the first chosen task), on that task's test data.
@@ -190,7 +191,7 @@ QUICK = Suite(
         # The cheapest ICL task (66 tokens a row); 150 steps are far too few to learn regression
         # in context: expect normalized MSE near 1 (predicting the mean), a smoke result.
         TaskSpec("icl_regression", "icl_regression", {}, seq_len=66, batch_size=16, steps=150),
-        # EVAL.md task 6 at equal training tokens for every model (600 × 16 × 128 bytes).
+        # docs/evaluation.md task 6 at equal training tokens for every model (600 × 16 × 128 bytes).
         TaskSpec(
             "shakespeare_lm",
             "shakespeare_lm",
@@ -215,7 +216,7 @@ QUICK = Suite(
         modes={"T-umv2": ("all", "values", "rows"), "T-moe": ("all",), "T-dense": ("all",)},
         seeds=1,
     ),
-    description="T family (EVAL.md), a short run per task: a CPU comparison",
+    description="T family (docs/evaluation.md), a short run per task: a CPU comparison",
 )
 
 # Activation density vs table size (the paper's 60B-top768 vs 120B-top256 claim) for T-umv2
@@ -267,7 +268,7 @@ FULL = Suite(
         TaskSpec(
             "fact_base", "fact_base", {}, seq_len=96, batch_size=32, steps=3000, eval_every=250
         ),
-        # EVAL.md 5a: d = 5, 11 points; the infinite pool here (finite pools: --tasks with a
+        # docs/evaluation.md 5a: d = 5, 11 points; the infinite pool here (finite pools: --tasks with a
         # suite of your own, e.g. pool_size 16 … 4096).
         TaskSpec("icl_regression", "icl_regression", {}, seq_len=66, batch_size=64, steps=3000),
         TaskSpec(
@@ -313,7 +314,7 @@ FULL = Suite(
         ),
         tasks=("fact_base", "shakespeare_lm"),
     ),
-    description="S family (EVAL.md), sized for one GPU",
+    description="S family (docs/evaluation.md), sized for one GPU",
 )
 
 # Micro: tiny shapes of the T configs, 3 steps per run, for the end-to-end test (tests/eval/
@@ -399,7 +400,7 @@ MICRO = Suite(
         seeds=1,
     ),
     log_every=1,
-    check_match=False,  # tiny shapes: not EVAL.md's matched models
+    check_match=False,  # tiny shapes: not docs/evaluation.md's matched models
     decode_batches=(2,),  # one batch size: a decoder compile per batch size
     decode_task="fact_base",
     sweep=SweepSpec(

@@ -49,7 +49,7 @@ def split_texts(split: str) -> list[str]:
     """The records of a split of the embedded Shakespeare dataset, as text, in order."""
     import tensorflow_datasets as tfds
 
-    from umv2_jax.data.pipeline import EMBEDDED_VERSION_DIR
+    from umv2_jax.data.sources import EMBEDDED_VERSION_DIR
 
     source = tfds.builder_from_directory(str(EMBEDDED_VERSION_DIR)).as_data_source(split=split)
     texts = []

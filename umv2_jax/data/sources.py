@@ -38,6 +38,7 @@ import os
 import re
 import zlib
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,10 @@ from umv2_jax import paths
 from umv2_jax.config import DataConfig, source_kind
 from umv2_jax.errors import ConfigError, DataError
 
-EMBEDDED_VERSION_DIR = Path(__file__).resolve().parent / "prepared" / "shakespeare" / "1.0.0"
+# The embedded dataset ships inside the package (pyproject package-data): found through it, so a
+# wheel installed anywhere reads it (`__package__` is "umv2_jax.data").
+PREPARED_DIR = Path(str(resources.files(__package__) / "prepared"))
+EMBEDDED_VERSION_DIR = PREPARED_DIR / "shakespeare" / "1.0.0"
 MANIFEST = "manifest.json"
 SHARD_PATTERN = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.arrayrecord$")
 # Split name of a pretokenized source that had no splits (files, a single Dataset).

@@ -45,6 +45,7 @@ import importlib
 import json
 import re
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ from umv2_jax.data import tokenizer as byte_level
 from umv2_jax.errors import ConfigError, DataError
 
 KINDS = ("bytes", "sentencepiece", "hf")
-SHIPPED_DIR = Path(__file__).resolve().parent / "prepared" / "tokenizers"
+# Shipped in the package (pyproject package-data); `__package__` is "umv2_jax.data".
+SHIPPED_DIR = Path(str(resources.files(__package__) / "prepared" / "tokenizers"))
 SHAKESPEARE_BPE = str(SHIPPED_DIR / "shakespeare_bpe2048.model")
 
 # Default special tokens of an hf tokenizer: the first one in its vocabulary wins. GPT-2 style

@@ -17,7 +17,7 @@ costs nothing to account). Every `nnx.Param` falls in one class:
     sparse table    value tables (`ValueParam`: values, pre-values, PEER experts) and MoE experts
                     (parameters whose first logical axis is `experts`)
 
-Paper convention (SPEC §7): total = every non-embedding parameter; activated = embedding + dense +
+Paper convention (docs/model.md §7): total = every non-embedding parameter; activated = embedding + dense +
 sparse dense + the table entries one token touches. MoE: its k experts of E per layer (the table times
 k/E). Memory: every memory layer reads H·m rows per token, so a table contributes H·m·(row width) per
 layer reading it (UltraMemV2: m·(D_v + D_p) per layer and head; Memory+'s one table is read by each of
@@ -52,7 +52,7 @@ once, plus the LM head (V·h) and B embedding rows. Sparse tables under uniform 
     memory  expected distinct rows R·(1 − (1 − H·m/R)^B) of R addressable rows, each (row width)
 
 The expectation assumes every token draws its k experts (H·m rows) as a uniform random subset; the
-`decode_bytes_bound` field gives SPEC §8's bound min(B·k, E) experts, min(B·H·m, R) rows, which
+`decode_bytes_bound` field gives docs/model.md §8's bound min(B·k, E) experts, min(B·H·m, R) rows, which
 over-counts once rows repeat. Layers are counted separately even when they share a table (Memory+):
 each layer reads its rows at a different time in the step. Bytes per number: 2 for a `bfloat16`
 compute dtype, 4 for `float32` (override with `--bytes-per-number`).
@@ -80,13 +80,13 @@ DECODE_BATCHES = (1, 8, 64, 512)
 MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer")
 MATCH_TOLERANCE = 0.03
 
-# SPEC §7: the paper's 227M family (activated, total in the paper's convention), and the tolerance
+# docs/model.md §7: the paper's 227M family (activated, total in the paper's convention), and the tolerance
 # the project's counter must reproduce them to.
 PAPER_227M = {
-    "configs/paper/olmoe_227m.yaml": ("OLMoE-227M/1.2B", 227e6, 1.18e9),
-    "configs/paper/memory_plus_227m.yaml": ("Memory+-227M/1.2B", 227e6, 1.18e9),
-    "configs/paper/ultramem_227m.yaml": ("UltraMem-227M/1.2B", 227e6, 1.18e9),
-    "configs/paper/ultramem_v2_227m.yaml": ("UltraMemV2-227M/1.2B", 227e6, 1.18e9),
+    "paper/olmoe_227m": ("OLMoE-227M/1.2B", 227e6, 1.18e9),
+    "paper/memory_plus_227m": ("Memory+-227M/1.2B", 227e6, 1.18e9),
+    "paper/ultramem_227m": ("UltraMem-227M/1.2B", 227e6, 1.18e9),
+    "paper/ultramem_v2_227m": ("UltraMemV2-227M/1.2B", 227e6, 1.18e9),
 }
 PAPER_TOLERANCE = 0.05
 
@@ -114,7 +114,7 @@ class Accounting:
     training_flops_per_token: float
     flops_breakdown: dict[str, float]  # forward FLOPs per token by component
     decode_bytes: dict[int, float]  # batch size → bytes read per decode step (expected, uniform)
-    decode_bytes_bound: dict[int, float]  # the same with SPEC §8's min(...) bound
+    decode_bytes_bound: dict[int, float]  # the same with docs/model.md §8's min(...) bound
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -385,7 +385,7 @@ class MatchRow:
 def match_rows(
     first: Accounting, second: Accounting, dense: Accounting | None = None
 ) -> list[MatchRow]:
-    """EVAL.md's matches: the two sparse models' FFN slots (total params, forward FLOPs per token);
+    """docs/evaluation.md's matches: the two sparse models' FFN slots (total params, forward FLOPs per token);
     the dense model's forward FLOPs per token against each sparse model's (activated compute)."""
     rows = [
         MatchRow(
@@ -431,20 +431,21 @@ def match_table(rows: list[MatchRow], tolerance: float = MATCH_TOLERANCE) -> str
 
 
 def paper_table(root: str | None = None) -> tuple[str, list[tuple[str, float, float]]]:
-    """The 227M family against SPEC §7's numbers: (Markdown table, [(name, Δactivated, Δtotal)]).
+    """The 227M family against docs/model.md §7's numbers: (Markdown table, [(name, Δactivated, Δtotal)]).
 
-    root: the directory holding configs/ (default: the repository this module lives in).
+    root: a directory holding configs/ to read them from (default: the packaged configs).
     """
     import os
 
-    root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [
         "| model | activated | total | paper activated | paper total | Δ activated | Δ total |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     differences = []
     for path, (name, paper_activated, paper_total) in PAPER_227M.items():
-        result = account(load_config(os.path.join(root, path)))
+        result = account(
+            load_config(os.path.join(root, "configs", f"{path}.yaml") if root else path)
+        )
         d_act = result.activated_params / paper_activated - 1.0
         d_tot = result.total_params / paper_total - 1.0
         differences.append((name, d_act, d_tot))
@@ -506,12 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--match",
         nargs=2,
         metavar=("CONFIG_A", "CONFIG_B"),
-        help="check EVAL.md's 3%% matches between two sparse configs (exit 1 if not)",
+        help="check docs/evaluation.md's 3%% matches between two sparse configs (exit 1 if not)",
     )
     parser.add_argument("--dense", help="with --match: the dense config matched on forward FLOPs")
     parser.add_argument("--tolerance", type=float, default=MATCH_TOLERANCE)
     parser.add_argument(
-        "--paper-table", action="store_true", help="the 227M family vs the paper (SPEC §7)"
+        "--paper-table", action="store_true", help="the 227M family vs the paper (docs/model.md §7)"
     )
     args = parser.parse_args(argv)
     try:

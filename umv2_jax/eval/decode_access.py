@@ -1,7 +1,7 @@
 """Decode memory access, measured: bytes read per decode step from the rows actually selected.
 
     python -m umv2_jax.eval.decode_access --family T [--train-steps 0] [--out DIR]
-        # T (or S) dense / moe / umv2 of EVAL.md on Shakespeare validation text: DIR/decode_access.json
+        # T (or S) dense / moe / umv2 of docs/evaluation.md on Shakespeare validation text: DIR/decode_access.json
         # and DIR/decode_access.png (measured bytes beside the accounting module's uniform curve)
 
 Python API (what the comparison runner calls):
@@ -198,7 +198,7 @@ def uniform_routing_curve(
     config: ModelConfig, batch_sizes: Sequence[int] = DECODE_BATCHES, bound: bool = False
 ) -> dict[int, float]:
     """{batch: bytes per decode step} expected under uniform routing (accounting.account; with
-    `bound`, SPEC §8's min(B·k, E) / min(B·H·m, R) bound). Weights only, no KV cache."""
+    `bound`, docs/model.md §8's min(B·k, E) / min(B·H·m, R) bound). Weights only, no KV cache."""
     result = accounting.account(
         config,
         seq_len=config.max_seq_len,
@@ -315,7 +315,7 @@ def plot(results: dict[str, dict[str, Any]], path: str, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m umv2_jax.eval.decode_access",
-        description="Measured decode bytes per step of EVAL.md's matched models (PNG + JSON).",
+        description="Measured decode bytes per step of docs/evaluation.md's matched models (PNG + JSON).",
     )
     parser.add_argument("--family", choices=("T", "S"), default="T")
     parser.add_argument("--batch-sizes", default="1,8,64,512")
@@ -337,13 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from umv2_jax.errors import UserError
 
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {}
     tokens = None
     try:
         for kind in FAMILY_MODELS:
-            path = os.path.join(root, "configs", "eval", f"{args.family.lower()}_{kind}.yaml")
+            path = f"eval/{args.family.lower()}_{kind}"  # a packaged config's name
             config = load_config(path)
             began = time.perf_counter()
             model = _trained_or_init(config, args.train_steps, args.out)

@@ -1,4 +1,4 @@
-"""Task metrics (EVAL.md, tasks 1–5): counts at answer positions, sliced; knowledge bits; ICL MSE.
+"""Task metrics (docs/evaluation.md, tasks 1–5): counts at answer positions, sliced; knowledge bits; ICL MSE.
 
 Everything here runs on host numpy arrays after the model's forward pass, never inside the
 training step. Counts are `(correct, total)` pairs so batches add up (`merge_counts`):
@@ -177,7 +177,7 @@ def cross_entropy_bits(
 
 
 def knowledge_bits(ce_bits: np.ndarray, num_objects: int = 512) -> float:
-    """Σ_facts max(0, log2(num_objects) − CE_bits(fact)) (EVAL.md task 4; 9 bits at 512 objects).
+    """Σ_facts max(0, log2(num_objects) − CE_bits(fact)) (docs/evaluation.md task 4; 9 bits at 512 objects).
 
     ce_bits: float[F], each fact's cross-entropy of its object in bits (one value per distinct
     fact; `cross_entropy_bits(..., token_range=task.object_range)`). A fact the model knows

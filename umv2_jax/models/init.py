@@ -1,9 +1,9 @@
-"""Initialization schemes (SPEC §4) for the backbone (`model.init`) and the parameter dtype.
+"""Initialization schemes (docs/model.md §4) for the backbone (`model.init`) and the parameter dtype.
 
 `paper`: every linear layer and the embedding ~ N(0, sqrt(2/(5h))) truncated at ±3σ; attention-out and
 FFN-down are additionally divided by sqrt(2L).
 
-`release`: the backbone init of the authors' release. SPEC §4 lists the release's constants for the
+`release`: the backbone init of the authors' release. docs/model.md §4 lists the release's constants for the
 memory layer only (`model.memory.init`, umv2_jax.models.memory_init); its backbone is OLMo's, trained
 with OLMoE's `init_fn: normal, init_std: 0.02, init_cutoff_factor: 3`: every linear layer and the
 embedding `trunc_normal_(std=0.02, a=-0.06, b=0.06)`, with no depth scaling of the output
@@ -32,7 +32,7 @@ RELEASE_INIT_STD = 0.02  # OLMoE's init_std: the scale of the normal before its 
 
 
 def backbone_std(config: ModelConfig) -> float:
-    """σ of every backbone linear layer: sqrt(2/(5h)) (`paper`, SPEC §4) or 0.02·0.98664 (`release`)."""
+    """σ of every backbone linear layer: sqrt(2/(5h)) (`paper`, docs/model.md §4) or 0.02·0.98664 (`release`)."""
     if config.init == "release":
         return RELEASE_INIT_STD * _UNIT_TRUNCATED_STD
     return math.sqrt(2.0 / (5.0 * config.d_model))
@@ -71,7 +71,7 @@ def make_param(
 
 class ValueParam(nnx.Param):
     """Memory value and pre-value tables. The optimizer puts every `ValueParam` in the values group
-    (its own LR multiplier schedule, SPEC §5); everything else is an ordinary `nnx.Param`."""
+    (its own LR multiplier schedule, docs/model.md §5); everything else is an ordinary `nnx.Param`."""
 
 
 def make_value_param(

@@ -1,4 +1,4 @@
-"""Initialization of the UltraMemV2 memory layer (SPEC §4): `paper` and `release`.
+"""Initialization of the UltraMemV2 memory layer (docs/model.md §4): `paper` and `release`.
 
     init = memory_initializers(model_config)     # every initializer the layer and its tables need
     calibration = calibrate(model_config)        # `paper` only: the Monte-Carlo gain and σ_s
@@ -6,24 +6,24 @@
 `paper` (the paper's principled initialization):
     W_q, W_p, W_o ~ N(0, sqrt(2/(5h))) truncated at ±3σ, like every backbone projection.
     γ_q = γ_k = g, chosen so that the mean selected score is ≈ 1. The selected score of a slot is the
-    total Σ_c s^c_ℓ by which stage 2 selected it (SPEC step 5). Every such score is a product of two
+    total Σ_c s^c_ℓ by which stage 2 selected it (docs/model.md §2 step 5). Every such score is a product of two
     per-rank dot products, each linear in γ_q·γ_k, so it scales exactly with g⁴: one Monte-Carlo pass
     at g = 1 (random unit-variance inputs through the real retrieval code) gives the mean μ₁ and
     g = μ₁^(-1/4); a second pass at g confirms the mean and measures σ_s, the std of the selected scores.
     V, P ~ N(0, σ_V) truncated, σ_V⁴ = 0.2·k_inner·h / (m·heads·(1+σ_s²)·D_p·D_v·L), k_inner = d_ff/h,
-    which sets the memory output variance to the FFN's (SPEC §4). Why the total and not the per-core
+    which sets the memory output variance to the FFN's (docs/model.md §4). Why the total and not the per-core
     score: the constant 0.2 treats silu(z) as z (E[silu(z)²] is 0.12, not 0.4, for z ~ N(0, 0.4)), so
     the formula overestimates the FFN's variance ≈ 3.3×; with per-core scores of mean 1 the memory
     output std comes out ≈ 2× the FFN's, while with totals of mean 1 each of the C = 2 cores carries
     about half the score and the memory output std is 1.06–1.24× the FFN's at init (measured on the
-    T- and S-umv2 configs of EVAL.md and on small variants; tests/models/test_memory_init.py checks the
+    T- and S-umv2 configs of docs/evaluation.md and on small variants; tests/models/test_memory_init.py checks the
     0.5–2× band). The formula's silu constant is not corrected here, so other core counts drift from
     parity: ≈ 2.3× with C = 1, ≈ 0.5× with C = 4. Without pre-values (D_p = 0) the same derivation gives
     σ_V² = 0.08·k_inner·h / (m·heads·(1+σ_s²)·D_v·L).
     Keys ~ N(0, D_k^-0.5) truncated and cores ~ U[0, 1] as in the release: the paper gives no rule for
     them (keys are RMS-normalized on the fly, so their scale only sets the size of their gradients).
 
-`release` (the authors' constants, SPEC §4): γ_q = γ_k = D_k^-0.4; W_q ~ N(0, D_k^-0.5); keys
+`release` (the authors' constants, docs/model.md §4): γ_q = γ_k = D_k^-0.4; W_q ~ N(0, D_k^-0.5); keys
 N(0, D_k^-0.5); W_p ~ N(0, h^-0.5); W_o ~ N(0, (G·D_v)^-0.5) with G = key_expand²; values and
 pre-values N(0, 0.02); cores U[0, 1].
 """
@@ -76,7 +76,7 @@ class Calibration:
     raw_mean_score: mean selected score Σ_c s^c at g = 1
     mean_score:     mean selected score at g (≈ 1 by construction)
     sigma_s:        std of the selected scores at g
-    value_std:      σ_V of values and pre-values from SPEC §4's formula
+    value_std:      σ_V of values and pre-values from docs/model.md §4's formula
     tokens:         Monte-Carlo tokens used
     """
 
@@ -89,7 +89,7 @@ class Calibration:
 
 
 def memory_initializers(config: ModelConfig) -> MemoryInit:
-    """The initializers `config.memory.init` selects (SPEC §4)."""
+    """The initializers `config.memory.init` selects (docs/model.md §4)."""
     memory = config.memory
     h, key_dim = config.d_model, memory.key_dim
     key_init = init_lib.truncated_normal(key_dim**-0.5)
@@ -124,12 +124,12 @@ def memory_initializers(config: ModelConfig) -> MemoryInit:
 
 
 def projection_std(config: ModelConfig) -> float:
-    """σ = sqrt(2/(5h)) of the memory projections W_q, W_p, W_o under `paper` (SPEC §4)."""
+    """σ = sqrt(2/(5h)) of the memory projections W_q, W_p, W_o under `paper` (docs/model.md §4)."""
     return init_lib.backbone_std(config)
 
 
 def paper_value_std(config: ModelConfig, sigma_s: float) -> float:
-    """σ_V of values and pre-values under `paper` for a selected-score std σ_s (SPEC §4)."""
+    """σ_V of values and pre-values under `paper` for a selected-score std σ_s (docs/model.md §4)."""
     memory = config.memory
     k_inner = config.d_ff / config.d_model
     common = memory.topk * memory.heads * (1.0 + sigma_s**2) * memory.value_dim * config.num_layers
@@ -142,7 +142,7 @@ def paper_value_std(config: ModelConfig, sigma_s: float) -> float:
 
 @functools.lru_cache(maxsize=32)
 def calibrate(config: ModelConfig) -> Calibration:
-    """Monte-Carlo calibration of the q/k gain and σ_s for `init: paper` (SPEC §4). Cached per config.
+    """Monte-Carlo calibration of the q/k gain and σ_s for `init: paper` (docs/model.md §4). Cached per config.
 
     Runs `config.memory.calibration_tokens` random N(0, 1) inputs (the normalized block input has unit
     variance) through a freshly initialized `TuckerRetrieval`, first at gain 1 and then at the

@@ -1,4 +1,4 @@
-"""OLMoE-style mixture of experts replacing the FFN (SPEC §7).
+"""OLMoE-style mixture of experts replacing the FFN (docs/model.md §7).
 
     out = MoE(config, rngs)(u, context)      # u: [batch, seq, embed] → out.y: [batch, seq, embed]
 
@@ -36,8 +36,8 @@ from flax import nnx
 
 from umv2_jax.config import ModelConfig
 from umv2_jax.models import init as init_lib
+from umv2_jax.models.layers import SwiGLU, dtype_of
 from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
-from umv2_jax.models.transformer import SwiGLU, dtype_of
 from umv2_jax.ops.moe_dispatch import moe_dispatch
 from umv2_jax.parallel import experts as experts_lib
 from umv2_jax.parallel import mesh as parallel_mesh

@@ -1,4 +1,4 @@
-"""The product-key memory baselines of SPEC §7, each a sparse layer of the shared backbone.
+"""The product-key memory baselines of docs/model.md §7, each a sparse layer of the shared backbone.
 
     config.sparse = "pkm" | "memory_plus" | "peer"   (fields: config.product_key)
     config.sparse = "ultramem"                        (fields: config.ultramem, UltraMem v1's own)
@@ -26,7 +26,7 @@ choice itself). Heads have their own queries (and keys, except PEER) and add the
 multi-core scoring, raw scores, no softmax) on a virtual grid of (E·n)² cells with E² = G =
 `value_expand`, one query projection shared by the H heads (each head its own keys and cores), no
 pre-values. A fixed random permutation π maps a cell to v = π(cell), virtual group g = v div n² and
-physical row v mod n² (SPEC §2 step 6). The groups are kept side by side (SPEC §2 step 8):
+physical row v mod n² (docs/model.md §2 step 6). The groups are kept side by side (docs/model.md §2 step 8):
 
     o_g = Σ_h Σ_{ℓ: g_ℓ = g} [s¹_ℓ V¹[row_ℓ]; …; s^C_ℓ V^C[row_ℓ]],   y = W_o [o_1; …; o_G],  W_o: G·D_v → h
 
@@ -56,9 +56,9 @@ from jax import lax
 
 from umv2_jax.config import ModelConfig, UltraMemConfig
 from umv2_jax.models import init as init_lib
+from umv2_jax.models.layers import dtype_of
 from umv2_jax.models.retrieval import RetrievalInit, TuckerRetrieval, rms_normalize
 from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
-from umv2_jax.models.transformer import dtype_of
 from umv2_jax.models.ultramem_v2 import GridPermutation, map_virtual_rows
 from umv2_jax.ops.product_key_topk import product_key_topk
 from umv2_jax.ops.value_bag import value_bag

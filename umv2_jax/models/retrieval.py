@@ -1,4 +1,4 @@
-"""Tucker-decomposed query-key retrieval (TDQKR, SPEC §2 steps 1–5) for every head of one memory layer.
+"""Tucker-decomposed query-key retrieval (TDQKR, docs/model.md §2 steps 1–5) for every head of one memory layer.
 
     retrieval = TuckerRetrieval.from_memory(memory, d_model, keys_per_side, initializers, rngs)
     result = retrieval(x)            # x: [T, h]
@@ -6,7 +6,7 @@
     result.core_scores               # [heads, T, m, C] fp32, s^c of the selected cells (differentiable)
 
 Per head: `q = W_q x` reshaped to row / column sub-queries (one pair per Tucker rank, or one shared pair
-with `per_rank_query: false`, SPEC §9.1), RMS-normalized over D_k with gain γ_q; keys `K [2, N, r, D_k]`
+with `per_rank_query: false`, docs/model.md §9.1), RMS-normalized over D_k with gain γ_q; keys `K [2, N, r, D_k]`
 RMS-normalized on the fly with gain γ_k; cores `C^c [r, r]`. The rank-1 pre-selection vectors (u*, t*)
 come from an fp32 SVD of Σ_c C^c with a deterministic sign (`rank_one_vectors`). Scoring and selection
 are `umv2_jax.ops.retrieval_topk`; this module owns the parameters and the query / key preparation.
@@ -50,7 +50,7 @@ class RetrievalResult:
     grid_indices:    [H, T, m] int32, I_row·N + I_col ordered by descending total score
     core_scores:     [H, T, m, C] fp32 per-core scores s^c (differentiable; no softmax)
     singular_values: [H, r] fp32 singular values of Σ_c C^c (differentiable, for the Tucker penalty)
-    key_balance:     scalar fp32 unweighted key-balance term (SPEC §5), or None when not requested
+    key_balance:     scalar fp32 unweighted key-balance term (docs/model.md §5), or None when not requested
     """
 
     grid_indices: jax.Array
@@ -60,11 +60,11 @@ class RetrievalResult:
 
 
 def rank_one_vectors(cores: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Leading singular pair (u*, t*) of C = Σ_c C^c with the SPEC step-4 sign rule; no gradient.
+    """Leading singular pair (u*, t*) of C = Σ_c C^c with the docs/model.md step-4 sign rule; no gradient.
 
     cores: [C, r, r] → (u* [r], t* [r]) fp32. The SVD's sign is arbitrary and flipping (u*, t*)
     together would flip both stage-1 orderings, so the pair is flipped to make u*'s largest-magnitude
-    entry positive (`canonical_sign`). Computed from the current cores every call (SPEC §9.5).
+    entry positive (`canonical_sign`). Computed from the current cores every call (docs/model.md §9.5).
     """
     core_sum = jax.lax.stop_gradient(cores.astype(jnp.float32).sum(0))
     left, _, right_t = jnp.linalg.svd(core_sum, full_matrices=False)
@@ -248,7 +248,7 @@ class TuckerRetrieval(nnx.Module):
         )
 
     def queries(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: [T, h] → normalized (q_row, q_col), each [H, T, r, D_k] fp32 (SPEC step 1).
+        """x: [T, h] → normalized (q_row, q_col), each [H, T, r, D_k] fp32 (docs/model.md §2 step 1).
 
         Without per-rank queries the single row / column pair is broadcast to every Tucker rank, which
         makes the op's per-rank scores identical across ranks, as in the release.
@@ -264,7 +264,7 @@ class TuckerRetrieval(nnx.Module):
         )
 
     def normalized_keys(self) -> tuple[jax.Array, jax.Array]:
-        """RMS-normalized (k_row, k_col), each [H, N, r, D_k] fp32 (SPEC step 2; stored keys stay raw)."""
+        """RMS-normalized (k_row, k_col), each [H, N, r, D_k] fp32 (docs/model.md §2 step 2; stored keys stay raw)."""
         gain = self.key_gain[...][:, None, None, None, :]
         normalized = rms_normalize(self.keys[...], gain, self.eps)  # [H, 2, N, r, D_k]
         return normalized[:, 0], normalized[:, 1]
@@ -273,7 +273,7 @@ class TuckerRetrieval(nnx.Module):
 def _key_balance(
     queries: jax.Array, keys: jax.Array, vector: jax.Array, rc_topk: int, axes: tuple[str, ...] = ()
 ) -> jax.Array:
-    """N·Σ_i f_i·p_i for one side of one head (SPEC §5). queries [T, r, D_k], keys [N, r, D_k].
+    """N·Σ_i f_i·p_i for one side of one head (docs/model.md §5). queries [T, r, D_k], keys [N, r, D_k].
 
     p = mean over tokens of softmax(rank-1 scores) carries the gradient; f = share of the stage-1
     selections that went to key i is a count and carries none. `axes`: mesh axes (inside a

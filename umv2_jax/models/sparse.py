@@ -14,7 +14,8 @@ its window, computed only when `context.diagnostics` asks for it, so a train ste
 A layer must be stackable for scan over layers: everything that differs between two layers of one
 kind (windows, permutations, indices) is an array in an `nnx.Variable`, never a Python attribute.
 
-Later issues add layers with `register_sparse(...)` without touching the block's code.
+Later issues add layers with `register_sparse(...)` (and a line in `umv2_jax.models.kinds`)
+without touching the block's code.
 """
 
 from __future__ import annotations
@@ -90,33 +91,11 @@ class SparseBuilder:
     replaces_ffn: bool = False
 
 
+# kind → builder, filled by the layer modules when imported (`register_sparse`); looked up through
+# `umv2_jax.models.kinds.get_sparse_builder`, which imports a kind's module on first use (so this
+# module, which the layers import, names none of them).
 _REGISTRY: dict[str, SparseBuilder] = {}
-# Modules that register a kind when imported; imported lazily so the backbone does not depend on them.
-_PROVIDERS: dict[str, str] = {
-    "ultramem_v2": "umv2_jax.models.ultramem_v2",
-    "moe": "umv2_jax.models.moe",
-    "ultramem": "umv2_jax.models.product_key",
-    "memory_plus": "umv2_jax.models.product_key",
-    "pkm": "umv2_jax.models.product_key",
-    "peer": "umv2_jax.models.product_key",
-}
 
 
 def register_sparse(name: str, builder: SparseBuilder) -> None:
     _REGISTRY[name] = builder
-
-
-def get_sparse_builder(name: str) -> SparseBuilder:
-    if name not in _REGISTRY and name in _PROVIDERS:
-        import importlib
-
-        try:
-            importlib.import_module(_PROVIDERS[name])
-        except ModuleNotFoundError as error:
-            if error.name != _PROVIDERS[name]:
-                raise
-    if name not in _REGISTRY:
-        available = ", ".join(sorted(_REGISTRY)) or "none yet"
-        # `model.sparse` is checked against SparseKind by the config: an unknown name is a bug here.
-        raise ValueError(f"sparse kind '{name}' is not registered (available: {available})")
-    return _REGISTRY[name]

@@ -1,4 +1,4 @@
-"""The decoder-only backbone of SPEC §1 in Flax NNX.
+"""The decoder-only backbone of docs/model.md §1 in Flax NNX.
 
     x_mid  = x + Attn(RMSNorm_attn(x))
     u      = RMSNorm_ffn(x_mid)
@@ -21,12 +21,10 @@ from flax import nnx
 
 from umv2_jax.config import ModelConfig
 from umv2_jax.models import init as init_lib
-from umv2_jax.models.sparse import SparseContext, SparseOutput, get_sparse_builder
+from umv2_jax.models.kinds import get_sparse_builder
+from umv2_jax.models.layers import SwiGLU, dtype_of  # noqa: F401 (dtype_of: re-exported)
+from umv2_jax.models.sparse import SparseContext, SparseOutput
 from umv2_jax.ops.attention import attention as attention_op
-
-
-def dtype_of(name: str) -> jnp.dtype:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 class RMSNorm(nnx.Module):
@@ -177,26 +175,6 @@ class KVCache:
     window: DecodeWindow
 
 
-class SwiGLU(nnx.Module):
-    """W_down(silu(W_gate u) * (W_up u)), inner width `d_ff`; no biases."""
-
-    def __init__(self, config: ModelConfig, d_ff: int, rngs: nnx.Rngs):
-        h = config.d_model
-        std = init_lib.truncated_normal(init_lib.backbone_std(config))
-        out_std = init_lib.truncated_normal(init_lib.output_std(config))
-        self.compute_dtype = dtype_of(config.compute_dtype)
-        self.gate = init_lib.make_param(rngs, std, (h, d_ff), ("embed", "mlp"))
-        self.up = init_lib.make_param(rngs, std, (h, d_ff), ("embed", "mlp"))
-        self.down = init_lib.make_param(rngs, out_std, (d_ff, h), ("mlp", "embed"))
-
-    def __call__(self, u: jax.Array) -> jax.Array:
-        """u: [..., embed] → [..., embed]."""
-        dtype = self.compute_dtype
-        u = u.astype(dtype)
-        hidden = jax.nn.silu(u @ self.gate[...].astype(dtype)) * (u @ self.up[...].astype(dtype))
-        return hidden @ self.down[...].astype(dtype)
-
-
 class Block(nnx.Module):
     """Pre-norm block: attention, then FFN ∥ sparse layer on the same normalized input.
 
@@ -253,7 +231,7 @@ class Block(nnx.Module):
         out = self.sparse(u if sparse_input is None else sparse_input, context)
         x_next = x_next + out.y.astype(x.dtype)
         metrics = dict(out.metrics)
-        if ffn_out is not None:  # SPEC §6: memory vs FFN output std, side by side
+        if ffn_out is not None:  # docs/model.md §6: memory vs FFN output std, side by side
             metrics["ffn_output_std"] = jnp.std(jax.lax.stop_gradient(ffn_out).astype(jnp.float32))
         return x_next, u, dataclasses.replace(out, y=None, metrics=metrics), cache
 

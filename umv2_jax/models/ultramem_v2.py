@@ -1,18 +1,18 @@
-"""The UltraMemV2 memory layer (SPEC §2–§6) and its model-level value tables (SPEC §3).
+"""The UltraMemV2 memory layer (docs/model.md §2–§6) and its model-level value tables (docs/model.md §3).
 
     tables = MemoryTables(model_config, rngs)              # built once per model: context.shared
     layer = UltraMemV2(model_config, block_index, rngs)    # one per memory block
     y, aux = layer(u, SparseContext(shared=tables))        # u: [batch, seq, h] → y: [batch, seq, h]
 
-One head, two cores, in the SPEC's notation:
+One head, two cores, in the docs/model.md's notation:
 
     y = W_o · Σ_ℓ p_ℓ · [ s¹_ℓ · V¹[row_ℓ] ; s²_ℓ · V²[row_ℓ] ],   p_ℓ = act(<W_p u, P[row_ℓ]>)
 
 Selection (`TuckerRetrieval` → `umv2_jax.ops.retrieval_topk`) gives grid cells I_row·N + I_col of a
 virtual N × N grid (N = key_expand·n_eff). A fixed random permutation π of the grid decorrelates grid
 position from value row: v = π(cell); the virtual group is v div R and the row inside the layer's window
-of tables is v mod R, with R = g·n² the window's rows (R = n² without sharing, as in SPEC step 6).
-The authors' release splits by n_eff² instead (SPEC §9.7): the two agree unless key_expand > 1 and
+of tables is v mod R, with R = g·n² the window's rows (R = n² without sharing, as in docs/model.md §2 step 6).
+The authors' release splits by n_eff² instead (docs/model.md §9.7): the two agree unless key_expand > 1 and
 g·n² is not a square, a combination the release-compatible config (`per_rank_query: false`) refuses
 at validation; with per-rank queries this project's split by g·n² is used. The
 weighted gather-sum over V and P is `umv2_jax.ops.value_bag`. Heads add their contributions: their
@@ -66,7 +66,7 @@ class LayerIndex(nnx.Variable):
 
 
 class WindowTables(nnx.Variable):
-    """Indices of the value tables a layer's window covers, int32 [g], in row order (SPEC §3)."""
+    """Indices of the value tables a layer's window covers, int32 [g], in row order (docs/model.md §3)."""
 
 
 class CalibrationValue(nnx.Variable):
@@ -74,7 +74,7 @@ class CalibrationValue(nnx.Variable):
 
 
 class CalibrationRecord(nnx.Module):
-    """The Monte-Carlo calibration of SPEC §4 as model state: gain, mean score, σ_s, value std."""
+    """The Monte-Carlo calibration of docs/model.md §4 as model state: gain, mean score, σ_s, value std."""
 
     def __init__(self, config: ModelConfig):
         result = calibrate(config)
@@ -87,7 +87,7 @@ class CalibrationRecord(nnx.Module):
 
 
 def value_share_window(topology: str, g: int, layer: int, num_layers: int) -> list[int]:
-    """Indices of the value tables memory layer `layer` addresses (SPEC §3), in row order.
+    """Indices of the value tables memory layer `layer` addresses (docs/model.md §3), in row order.
 
     none:      [layer]                               (g must be 1)
     ring:g     {layer, …, layer+g-1} mod num_layers   (wraps around)
@@ -137,7 +137,7 @@ def map_virtual_rows(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TableWindow:
-    """The value tables one memory layer addresses (its window, SPEC §3), in row order.
+    """The value tables one memory layer addresses (its window, docs/model.md §3), in row order.
 
     values:     [g, n², D_v] (a leading [layers] axis when handed to a scanned `BlockStack`)
     pre_values: [g, n², D_p] or None
@@ -207,7 +207,7 @@ def _take_tables(table: jax.Array, indices: np.ndarray) -> jax.Array:
 
 
 class UltraMemV2(nnx.Module):
-    """One UltraMemV2 layer (SPEC §2). Reads its value tables from `context.shared` (MemoryTables).
+    """One UltraMemV2 layer (docs/model.md §2). Reads its value tables from `context.shared` (MemoryTables).
 
     Parameters: `retrieval` (W_q, γ_q, γ_k, keys, cores per head), W_p `pre_value_proj` [h, D_p],
     W_o `output_proj` [D_v, h]; state: `permutation` π (int32 [N²], not trainable).
@@ -335,7 +335,7 @@ class UltraMemV2(nnx.Module):
         plan: memory_parallel.MemoryPlan = memory_parallel.LOCAL,
         token_mask: jax.Array | None = None,
     ) -> LayerCore:
-        """SPEC steps 1–9 on tokens x [T, h] with the window's tables → LayerCore (y [T, h]).
+        """docs/model.md §2 steps 1–9 on tokens x [T, h] with the window's tables → LayerCore (y [T, h]).
 
         `plan` says which collectives join this device's share to the others' inside a shard_map
         (`umv2_jax.parallel.memory`); the default `LOCAL` is plain single-device code. Under a
@@ -399,7 +399,7 @@ class UltraMemV2(nnx.Module):
     def physical_rows(self, grid_indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Grid cells [...] → (flat rows into the stacked tables, rows in the window, virtual groups).
 
-        v = π(cell) (SPEC step 6), then `map_virtual_rows`. All three are int32 of the input's shape.
+        v = π(cell) (docs/model.md §2 step 6), then `map_virtual_rows`. All three are int32 of the input's shape.
         """
         virtual = jnp.take(self.permutation[...], grid_indices, axis=0)
         return map_virtual_rows(virtual, self.rows_per_table, self.window[...])
@@ -407,7 +407,7 @@ class UltraMemV2(nnx.Module):
     def aggregate(
         self, x: jax.Array, rows: jax.Array, core_scores: jax.Array, tables: MemoryTables
     ) -> jax.Array:
-        """SPEC steps 7–8 for every head: o = Σ_heads Σ_ℓ p_ℓ·[s^c_ℓ·V^c[row_ℓ]]_c.
+        """docs/model.md §2 steps 7–8 for every head: o = Σ_heads Σ_ℓ p_ℓ·[s^c_ℓ·V^c[row_ℓ]]_c.
 
         x: [T, h]; rows: int32 [H, T, m] flat rows of the stacked tables (`physical_rows`'s first);
         core_scores: [H, T, m, C]. Returns o: [T, D_v] fp32. Value chunk c is V[:, c·D_v/C : …].
@@ -489,7 +489,7 @@ class UltraMemV2(nnx.Module):
         return losses
 
     def _metrics(self, result: LayerCore, y: jax.Array) -> dict[str, jax.Array]:
-        """SPEC §6 diagnostics that cost nothing next to the layer (no gradient)."""
+        """docs/model.md §6 diagnostics that cost nothing next to the layer (no gradient)."""
         stop = jax.lax.stop_gradient
         rank = result.singular_values.shape[-1]
         first = stop(result.singular_values[0])

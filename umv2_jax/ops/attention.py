@@ -78,7 +78,7 @@ def attention(
     _check(q, k, v, implementation, chunk, segment_ids)
     run = _per_platform(q, causal, implementation, chunk, documents=segment_ids is not None)
     args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
-    from umv2_jax import parallel  # lazy: parallel imports the config, which imports the ops
+    from umv2_jax import parallel  # lazy: only a traced call under a mesh needs it
 
     mesh = parallel.active_mesh()
     if mesh is None:

@@ -1,4 +1,4 @@
-"""MoE dispatch: stable sort by expert → grouped SwiGLU experts → unsort (SPEC §7).
+"""MoE dispatch: stable sort by expert → grouped SwiGLU experts → unsort (docs/model.md §7).
 
     out, kept = moe_dispatch(x, expert_ids, gate, up, down, capacity=None, valid=None)
 

@@ -54,10 +54,10 @@ import jax
 import jax.extend
 from jax.interpreters import mlir
 
-# The vocabulary shared by every op and every config `implementation` field.
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "ragged_dot")
-# Names earlier versions accepted (grouped_matmul's own vocabulary) → the name now.
-RENAMED = {"block_padded": "xla", "megablox": "pallas"}
+# The vocabulary shared by every op and every config `implementation` field: config data
+# (umv2_jax.config owns it, so that config imports nothing above it), re-exported here.
+from umv2_jax.config import IMPLEMENTATIONS  # noqa: F401
+from umv2_jax.config import RENAMED_IMPLEMENTATIONS as RENAMED  # noqa: F401
 
 # Platform names as `jax.lax.platform_dependent` and `lowering_platforms` spell them.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")

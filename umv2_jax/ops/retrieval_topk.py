@@ -1,4 +1,4 @@
-"""Tucker-decomposed query-key retrieval: score the keys and select the memory slots (SPEC §2, steps 3–5).
+"""Tucker-decomposed query-key retrieval: score the keys and select the memory slots (docs/model.md §2, steps 3–5).
 
     retrieval_topk(q_row, q_col, k_row, k_col, cores, u_star, t_star, rc_topk=k, topk=m)
         → grid_indices [T, m] int32, core_scores [T, m, C]
@@ -95,7 +95,7 @@ def retrieval_topk_reference(
     rc_topk: int,
     topk: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """The test oracle: SPEC steps 3–5 written out token by token, with argsort instead of top_k.
+    """The test oracle: docs/model.md §2 steps 3–5 written out token by token, with argsort instead of top_k.
 
     Same contract as `retrieval_topk`. Slow and memory-hungry (it keeps every core's k × k grid);
     differentiable through plain indexing of the per-rank score matrices.
@@ -106,7 +106,7 @@ def retrieval_topk_reference(
     cores32 = cores.astype(f32)
 
     def one_token(qr, qc):
-        # qr, qc: [r, D_k]; per-rank scores S[a, i] (SPEC step 3).
+        # qr, qc: [r, D_k]; per-rank scores S[a, i] (docs/model.md §2 step 3).
         s_row = jnp.einsum("ad,nad->an", qr.astype(f32), k_row.astype(f32), precision=_PRECISION)
         s_col = jnp.einsum("ad,nad->an", qc.astype(f32), k_col.astype(f32), precision=_PRECISION)
         # Stage 1 (step 4): rank-1 scores, best k per side.

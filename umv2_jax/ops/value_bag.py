@@ -1,4 +1,4 @@
-"""Weighted gather-sum of memory values with PEER-style pre-values (SPEC §2, steps 7–8).
+"""Weighted gather-sum of memory values with PEER-style pre-values (docs/model.md §2, steps 7–8).
 
     value_bag(values, pre_values, rows, core_scores, x_p) → o [T, D_v]
 

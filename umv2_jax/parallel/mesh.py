@@ -23,10 +23,9 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from umv2_jax.config import MeshConfig
-
-# Mesh axes whose devices hold different tokens, in the order the batch dimension is split.
-BATCH_AXES = ("data", "fsdp", "expert")
+# BATCH_AXES: mesh axes whose devices hold different tokens, in the order the batch dimension is
+# split (config data: the sharding table there uses it).
+from umv2_jax.config import BATCH_AXES, MeshConfig
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

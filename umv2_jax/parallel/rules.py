@@ -21,49 +21,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from umv2_jax.config import MeshConfig
-from umv2_jax.errors import ConfigError
-from umv2_jax.parallel.mesh import BATCH_AXES, replicated
+from umv2_jax.config import LOGICAL_RULES, MeshAxes, resolve_rules  # noqa: F401 (re-exported)
+from umv2_jax.parallel.mesh import replicated
 
-MeshAxes = str | tuple[str, ...] | None
-
-# Logical axis → mesh axis (or a tuple of mesh axes, or None).
-LOGICAL_RULES: dict[str, MeshAxes] = {
-    "batch": BATCH_AXES,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv": None,
-    "mlp": "tensor",
-    "norm": None,
-    "experts": "expert",
-    "layers": None,
-    "mem_rows": "fsdp",
-    "mem_dim": "tensor",
-}
-
-
-def resolve_rules(
-    overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] = (),
-) -> dict[str, MeshAxes]:
-    """LOGICAL_RULES with the config's overrides applied; ConfigError for an unknown name or axis."""
-    rules = dict(LOGICAL_RULES)
-    items = overrides.items() if isinstance(overrides, Mapping) else overrides
-    for name, target in items:
-        if name not in LOGICAL_RULES:
-            raise ConfigError(
-                f"config 'mesh.rules.{name}': unknown logical axis; known: "
-                f"{', '.join(sorted(LOGICAL_RULES))}"
-            )
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        for axis in axes:
-            if axis not in MeshConfig.AXES:
-                raise ConfigError(
-                    f"config 'mesh.rules.{name}': {axis!r} is not a mesh axis; use one of "
-                    f"{', '.join(MeshConfig.AXES)} (a list of them, or null to replicate)"
-                )
-        rules[name] = axes[0] if len(axes) == 1 else (axes or None)
-    return rules
+# LOGICAL_RULES and resolve_rules are plain data owned by the config floor (config.py imports nothing
+# above it, and validates `mesh.rules` with them); re-exported here, where sharding applies them.
 
 
 def logical_to_spec(

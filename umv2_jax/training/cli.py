@@ -21,19 +21,16 @@ import logging
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from umv2_jax.errors import UserError
 from umv2_jax.training import signals
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 def default_config_path() -> str:
-    for candidate in (Path("configs/default.yaml"), REPO_ROOT / "configs" / "default.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    return "configs/default.yaml"
+    """configs/default.yaml of the working directory when there is one, else the packaged one."""
+    from umv2_jax.config import resolve_config_path
+
+    return resolve_config_path("configs/default.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,7 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train an UltraMemV2 / MoE / dense transformer (resumes from WORKDIR).",
     )
     parser.add_argument(
-        "--config", default=None, help="YAML config (default: configs/default.yaml)"
+        "--config",
+        default=None,
+        help="YAML config file, or a packaged config's name such as tiny_umv2 or "
+        "paper/ultramem_v2_227m (default: configs/default.yaml)",
     )
     parser.add_argument(
         "--set",
@@ -142,6 +142,7 @@ def _main(argv: list[str] | None) -> int:
                 detect=args.distributed,
             )
         )
+        import umv2_jax.data.tasks  # noqa: F401 (registers the task checks load_config runs)
         from umv2_jax.config import load_config
 
         overrides = list(args.overrides)

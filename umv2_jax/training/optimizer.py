@@ -1,4 +1,4 @@
-"""AdamW with warmup + cosine, gradient clipping, and parameter groups (SPEC §5).
+"""AdamW with warmup + cosine, gradient clipping, and parameter groups (docs/model.md §5).
 
 Groups:
   default  every ordinary parameter, at the schedule's learning rate;

@@ -1,4 +1,4 @@
-"""Synthetic and small-corpus evaluation tasks (EVAL.md, tasks 1–6): seeded numpy generators.
+"""Synthetic and small-corpus evaluation tasks (docs/evaluation.md, tasks 1–6): seeded numpy generators.
 
     from umv2_jax.data.tasks import TASKS, make_task
     task = make_task("mqar", {"mix": [[256, 16]]})   # ConfigError for unknown / impossible params
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from umv2_jax.config import register_check
 from umv2_jax.data.tasks.base import SPLIT_STREAMS, Task, from_params
 from umv2_jax.data.tasks.bursty import BurstyClassification
 from umv2_jax.data.tasks.fact_base import FactBase
@@ -64,3 +65,27 @@ def make_task(name: str, params: dict[str, Any] | None = None) -> Task:
             f"{', '.join(TASKS)}"
         )
     return from_params(TASKS[name], params)
+
+
+def _check_data(data) -> None:
+    """config.DataConfig.validate for `task:NAME`: the parameters and the sequence length."""
+    make_task(data.task_name, data.task_params()).check_seq_len(data.seq_len)
+
+
+def _check_config(config) -> None:
+    """config.Config.validate: the model's vocabulary holds every token the task generates."""
+    if config.data.task_name is None:
+        return
+    task = make_task(config.data.task_name, config.data.task_params())
+    if task.vocab_size > config.model.vocab_size:
+        raise ConfigError(
+            f"config 'model.vocab_size': {config.model.vocab_size} is too small for task "
+            f"{task.name}, whose tokens go up to {task.vocab_size - 1}; set "
+            f"model.vocab_size={task.vocab_size}"
+        )
+
+
+# The config floor cannot import this module; it runs these checks once the module is imported
+# (every entry point that reads a config imports it first: training.cli, compare, aot, evaluate).
+register_check("data", _check_data)
+register_check("config", _check_config)

@@ -1,4 +1,4 @@
-"""Bursty few-shot classification (EVAL.md task 5b; Chan et al. 2022, Reddy 2023), in tokens.
+"""Bursty few-shot classification (docs/evaluation.md task 5b; Chan et al. 2022, Reddy 2023), in tokens.
 
 Items are 3-token strings over a 64-token alphabet. Each class has a fixed prototype string
 (distinct, drawn once from `class_seed`); an exemplar is its prototype with each token replaced

@@ -1,4 +1,4 @@
-"""Fact-base memorization (EVAL.md task 4): `n1 n2 n3 r o ;` facts, loss on the object `o`.
+"""Fact-base memorization (docs/evaluation.md task 4): `n1 n2 n3 r o ;` facts, loss on the object `o`.
 
 A fact is (subject, relation) → object. Subjects are 3-token names over a 64-token alphabet
 (64³ = 262,144 names), relations 8 tokens, objects 512 tokens; each fact's object is uniform random

@@ -1,4 +1,4 @@
-"""In-context linear regression (EVAL.md task 5a; Garg et al. 2022, Raventós et al. 2023).
+"""In-context linear regression (docs/evaluation.md task 5a; Garg et al. 2022, Raventós et al. 2023).
 
 An example: a task vector w ~ N(0, I_d), points x_k ~ N(0, I_d) and y_k = x_k·w / √d + ε_k,
 ε_k ~ N(0, noise_std²), for k = 0 … P-1 (d = 5, P = 11). Finite task pools: `pool_size` vectors
@@ -39,7 +39,7 @@ class ICLRegression(Task):
     """Parameters:
         dim        d (default 5)
         points     P points per example (default 11)
-        pool_size  number of training tasks; 0 = infinite (default 0; EVAL.md: 2^4 … 2^12)
+        pool_size  number of training tasks; 0 = infinite (default 0; docs/evaluation.md: 2^4 … 2^12)
         noise_std  σ of ε (default 0.5)
         pool_seed  seed of the task pool (default 0)
     Slices: examples.

@@ -1,4 +1,4 @@
-"""Byte-level language modelling on the embedded Shakespeare (EVAL.md task 6), as a task.
+"""Byte-level language modelling on the embedded Shakespeare (docs/evaluation.md task 6), as a task.
 
     task = make_task("shakespeare_lm", {})
     batch = task.batch(8, 128, seed=0, index=3, split="test")

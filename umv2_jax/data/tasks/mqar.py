@@ -37,7 +37,7 @@ from umv2_jax.data.tokenizer import PAD
 class MQAR(Task):
     """Parameters:
         mix       ((L, K), …) example lengths and key-value pair counts, one per row in turn;
-                  default ((64, 4), (128, 8), (256, 16)) — EVAL.md's training mix
+                  default ((64, 4), (128, 8), (256, 16)) — docs/evaluation.md's training mix
         vocab     V: content ids are [0, V); keys [1, V/2), values [V/2, V); default 256 (the
                   byte ids, so the default model vocabulary of 259 holds it)
         power_a   the power-law exponent a of the query gaps; default 0.01

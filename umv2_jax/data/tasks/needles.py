@@ -1,4 +1,4 @@
-"""Needles in real text (EVAL.md task 3): byte-level Shakespeare haystacks with planted facts.
+"""Needles in real text (docs/evaluation.md task 3): byte-level Shakespeare haystacks with planted facts.
 
 A row is one example of length L (a context length from `lengths`), left-aligned, PAD after:
 
@@ -255,7 +255,7 @@ def corpus_bytes(split: str) -> bytes:
     """The embedded Shakespeare split ("train" or "validation") as one UTF-8 byte string."""
     import tensorflow_datasets as tfds
 
-    from umv2_jax.data.pipeline import EMBEDDED_VERSION_DIR
+    from umv2_jax.data.sources import EMBEDDED_VERSION_DIR
 
     if not (EMBEDDED_VERSION_DIR / "dataset_info.json").is_file():
         raise DataError(

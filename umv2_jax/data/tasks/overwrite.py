@@ -1,4 +1,4 @@
-"""Multi-round overwrite recall (EVAL.md task 2): the answer is a key's *current* value.
+"""Multi-round overwrite recall (docs/evaluation.md task 2): the answer is a key's *current* value.
 
 A row holds R rounds, each `ROUND, P × (key value), Q × (QUERY key), F × filler` (default P = Q = 4,
 F = 16: 33 tokens a round). An assignment overwrites a key assigned in an earlier round with
