@@ -220,14 +220,6 @@ def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(circles)
 
 
-# Two circles other branches break (`exchange`: the memory layer and its sharded form; `suite`: the
-# comparison report and its runner). TEMPORARY: remove this allow-list once both have merged.
-KNOWN_CIRCLES = [
-    ["umv2_jax.compare.report", "umv2_jax.compare.run"],
-    ["umv2_jax.models.ultramem_v2", "umv2_jax.parallel.memory"],
-]
-
-
 def test_the_circle_finder_finds_circles():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": {"e"}, "f": set()}
     assert import_circles(graph) == [["a", "b", "c"], ["e", "e2"]]
@@ -235,8 +227,7 @@ def test_the_circle_finder_finds_circles():
 
 
 def test_no_import_circles():
-    unexpected = [c for c in import_circles(EXPLICIT) if c not in KNOWN_CIRCLES]
-    assert unexpected == [], "import circles (strongly connected components of the import graph)"
+    assert import_circles(EXPLICIT) == [], "import circles (strongly connected components of the import graph)"
 
 
 def test_config_imports_nothing_of_the_package():
