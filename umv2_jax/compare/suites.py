@@ -19,11 +19,13 @@ T_FAMILY = (
     ("T-dense", "configs/eval/t_dense.yaml"),
     ("T-moe", "configs/eval/t_moe.yaml"),
     ("T-umv2", "configs/eval/t_umv2.yaml"),
+    ("T-engram", "configs/eval/t_engram.yaml"),
 )
 S_FAMILY = (
     ("S-dense", "configs/eval/s_dense.yaml"),
     ("S-moe", "configs/eval/s_moe.yaml"),
     ("S-umv2", "configs/eval/s_umv2.yaml"),
+    ("S-engram", "configs/eval/s_engram.yaml"),
 )
 
 

@@ -19,7 +19,8 @@ tokens selected (`Decoder.step(..., diagnostics=True)`, from the layers' row-hit
 per (batch, step, layer):
 
     {"batch", "step", "layer" (block index), "unit" ("rows" | "experts"), "distinct",
-     "addressable", "unit_bytes", "bytes" = distinct · unit_bytes, "tokens" (distinct input tokens)}
+     "addressable", "unit_bytes", "bytes" = distinct · unit_bytes, "tokens" (distinct input tokens),
+     "prefetchable" (the rows depend only on the step's token ids, known before the step: Engram)}
 
 Bytes per step (`summarize`), with N bytes per number (2 for bf16 compute, 4 for fp32):
 
@@ -131,6 +132,7 @@ def measure_decode_access(
                         "bytes": count * width * size,
                         "tokens": distinct_tokens,
                         "filled": prompt_len + step + 1,
+                        "prefetchable": config.sparse in accounting.PREFETCHABLE_KINDS,
                     }
                 )
             if not counts:  # a dense model: still record the step's tokens (embedding rows)
