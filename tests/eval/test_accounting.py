@@ -261,7 +261,9 @@ def test_engram_counts_flops_and_decode_bytes_equal_a_hand_count():
     h, layers, d_ff, vocab, seq = 128, 4, 448, 384, 256
     engram_layers, tables, head_dim, width, taps = 2, 16, 16, 256, 4
     primes = _primes_from(10673, tables)
-    backbone = layers * (4 * h * h + 2 * h + 3 * h * d_ff) + h  # attention, 2 norms, FFN; final norm
+    backbone = (
+        layers * (4 * h * h + 2 * h + 3 * h * d_ff) + h
+    )  # attention, 2 norms, FFN; final norm
     engram_dense = 2 * width * h + 3 * h + taps * h  # W_K, W_V, three norm gains, the convolution
     engram_table = sum(primes) * head_dim
     assert result.dense_params == backbone
@@ -282,7 +284,9 @@ def test_engram_counts_flops_and_decode_bytes_equal_a_hand_count():
         assert result.decode_bytes[batch] == pytest.approx(expected, rel=1e-12)
         bound = 4 * (fixed + min(batch, vocab) * h + engram_layers * tables * batch * head_dim)
         assert result.decode_bytes_bound[batch] == pytest.approx(bound, rel=1e-12)
-    assert result.sparse_prefetchable and not _account("configs/eval/s_umv2.yaml").sparse_prefetchable
+    assert (
+        result.sparse_prefetchable and not _account("configs/eval/s_umv2.yaml").sparse_prefetchable
+    )
 
 
 @pytest.mark.parametrize("size", ["t", "s"])

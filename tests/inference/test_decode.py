@@ -100,9 +100,7 @@ def _full_logits(model, sequences):
 # The loop-over-layers UltraMemV2 model is slow-marked: the scanned one runs the same memory layer
 # under the cache by default, and dense, MoE and PKM cover the loop path.
 CASES = [
-    pytest.param(family, marks=pytest.mark.slow)
-    if family in ("umv2", "engram_scanned")
-    else family
+    pytest.param(family, marks=pytest.mark.slow) if family in ("umv2", "engram_scanned") else family
     for family in FAMILIES
 ]
 

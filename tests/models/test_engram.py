@@ -52,7 +52,10 @@ def _reference(layer: Engram, config, ids, u, segments=None) -> np.ndarray:
     """One row: ids int [S], u [S, h] → y [S, h], token by token from the equations."""
     engram = config.engram
     table = np.asarray(layer.table[...], np.float64)
-    w_key, w_value = np.asarray(layer.key[...], np.float64), np.asarray(layer.value[...], np.float64)
+    w_key, w_value = (
+        np.asarray(layer.key[...], np.float64),
+        np.asarray(layer.value[...], np.float64),
+    )
     g_key, g_query = np.asarray(layer.key_norm[...]), np.asarray(layer.query_norm[...])
     g_conv, conv = np.asarray(layer.conv_norm[...]), np.asarray(layer.conv[...], np.float64)
     multipliers = [int(m) for m in np.asarray(layer.multipliers[...])]
@@ -113,8 +116,9 @@ def test_the_layer_matches_the_per_token_reference():
     assert out.addressable_rows == sum(table_primes(config.engram)) == int(layer.table.shape[0])
     assert 0.0 < float(out.metrics["engram_gate_mean"]) < 1.0
     # Row hits: exactly the rows the hashes address (max_ngram − 1 orders × heads per token).
-    rows = np.asarray(layer.addresses(layer._lagged_ids(
-        SparseContext(token_ids=jnp.asarray(ids)), *ids.shape)[0]))
+    rows = np.asarray(
+        layer.addresses(layer._lagged_ids(SparseContext(token_ids=jnp.asarray(ids)), *ids.shape)[0])
+    )
     assert set(np.flatnonzero(np.asarray(out.row_hits))) == set(rows.ravel().tolist())
 
 

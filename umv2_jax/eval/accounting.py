@@ -500,7 +500,11 @@ def summary(result: Accounting) -> str:
         f"  FFN-slot FLOPs/tok {_human(result.ffn_slot_flops_per_token):>9}",
         f"  training FLOPs/tok {_human(result.training_flops_per_token):>9}",
         f"  decode bytes/step ({result.bytes_per_number} B/number; expected | bound)"
-        + (": table rows prefetchable (addressed by token ids)" if result.sparse_prefetchable else ":"),
+        + (
+            ": table rows prefetchable (addressed by token ids)"
+            if result.sparse_prefetchable
+            else ":"
+        ),
     ]
     for batch, value in result.decode_bytes.items():
         bound = result.decode_bytes_bound[batch]

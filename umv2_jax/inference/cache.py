@@ -54,7 +54,7 @@ def init_cache(
         if len(indices) > 1:
             shape = (len(indices), *shape)
             if state is not None:
-                state = jax.tree.map(lambda leaf, n=len(indices): jnp.stack([leaf] * n), state)
+                state = _stacked(state, len(indices))
         layers.append(
             LayerCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype), sparse=state)
         )
@@ -62,6 +62,11 @@ def init_cache(
         start = jnp.zeros((batch,), jnp.int32)
     window = DecodeWindow(index=jnp.zeros((), jnp.int32), start=jnp.asarray(start, jnp.int32))
     return KVCache(layers=tuple(layers), window=window)
+
+
+def _stacked(state, copies: int):
+    """`copies` of a layer's decode state along a new leading [layers] axis."""
+    return jax.tree.map(lambda leaf: jnp.stack([leaf] * copies), state)
 
 
 def cache_len_of(cache: KVCache) -> int:

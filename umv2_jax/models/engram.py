@@ -130,13 +130,22 @@ class Engram(nnx.Module):
         out_std = init_lib.truncated_normal(init_lib.output_std(config))
         self.multipliers = HashMultipliers(jnp.asarray(hash_multipliers(engram, block_index)))
         self.table = init_lib.make_value_param(
-            rngs, init_lib.truncated_normal(1.0), (self.rows, self.head_dim), ("mem_rows", "mem_dim")
+            rngs,
+            init_lib.truncated_normal(1.0),
+            (self.rows, self.head_dim),
+            ("mem_rows", "mem_dim"),
         )
         self.key = init_lib.make_param(rngs, std, (width, h), ("mem_dim", "embed"))
         self.value = init_lib.make_param(rngs, out_std, (width, h), ("mem_dim", "embed"))
-        self.key_norm = nnx.Param(jnp.ones((h,), jnp.float32), sharding_names=("norm",), eager_sharding=False)
-        self.query_norm = nnx.Param(jnp.ones((h,), jnp.float32), sharding_names=("norm",), eager_sharding=False)
-        self.conv_norm = nnx.Param(jnp.ones((h,), jnp.float32), sharding_names=("norm",), eager_sharding=False)
+        self.key_norm = nnx.Param(
+            jnp.ones((h,), jnp.float32), sharding_names=("norm",), eager_sharding=False
+        )
+        self.query_norm = nnx.Param(
+            jnp.ones((h,), jnp.float32), sharding_names=("norm",), eager_sharding=False
+        )
+        self.conv_norm = nnx.Param(
+            jnp.ones((h,), jnp.float32), sharding_names=("norm",), eager_sharding=False
+        )
         self.conv = init_lib.make_param(rngs, out_std, (engram.kernel_size, h), (None, "embed"))
 
     # ---------------------------------------------------------------------------------------------
