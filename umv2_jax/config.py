@@ -544,9 +544,7 @@ class EngramConfig:
 
     max_ngram: int = 3  # n-gram orders 2 … max_ngram
     heads: int = 8  # hash heads per order, each with its own prime-sized table
-    embed_dim: int = (
-        128  # numbers retrieved per order (heads · head dim); memory width (max_ngram−1)·this
-    )
+    embed_dim: int = 128  # numbers per order (heads · head dim); retrieved (max_ngram − 1)·this
     table_size: int = 10007  # rows per head: each head takes the next unused prime >= this
     kernel_size: int = 4  # taps of the causal depthwise convolution
     dilation: int = 0  # 0 = max_ngram (the paper's choice)
