@@ -310,3 +310,16 @@ def test_device_batches_carry_a_packed_batchs_document_ids():
     packed = runner.device_batch({**plain, "segment_ids": ones, "positions": 0 * ones})
     assert set(packed) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
     np.testing.assert_array_equal(packed["positions"], 0 * ones)
+
+
+def test_the_engram_baseline_is_matched_beside_moe_and_umv2():
+    from umv2_jax.compare.suites import SUITES
+    from umv2_jax.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    suite = SUITES["quick"]
+    configs = {m.name: load_config(os.path.join(root, m.config)) for m in suite.models}
+    assert "T-engram" in configs
+    match = compare_run.check_matches(suite, configs)
+    engram = [row for row in match["rows"] if "T-engram" in (row["model"], row["reference"])]
+    assert len(match["rows"]) == 7 and len(engram) == 3 and match["ok"], match["table"]
