@@ -27,9 +27,11 @@ import yaml
 # register at import (`register_check`: the synthetic tasks' own checks).
 from umv2_jax.errors import ConfigError, show
 
-SparseKind = Literal["none", "ultramem_v2", "moe", "ultramem", "memory_plus", "pkm", "peer"]
+SparseKind = Literal[
+    "none", "ultramem_v2", "moe", "ultramem", "memory_plus", "pkm", "peer", "engram"
+]
 # The sparse kinds whose layers hold memory value tables (`ValueParam`s).
-_MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer")
+_MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer", "engram")
 # The op registry's vocabulary (umv2_jax.ops.registry re-exports it), one for every op.
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "ragged_dot")
 # Names earlier versions accepted (grouped_matmul's own vocabulary) → the name now.
@@ -596,6 +598,46 @@ class UltraMemConfig:
 
 
 @dataclass(frozen=True)
+class EngramConfig:
+    """Engram conditional memory (`sparse: engram`, arXiv 2601.07372): hashed n-gram embedding
+    tables addressed by token ids, a context-aware gate and a short causal depthwise convolution.
+    Equations: umv2_jax.models.engram."""
+
+    max_ngram: int = 3  # n-gram orders 2 … max_ngram
+    heads: int = 8  # hash heads per order, each with its own prime-sized table
+    embed_dim: int = 128  # numbers per order (heads · head dim); retrieved (max_ngram − 1)·this
+    table_size: int = 10007  # rows per head: each head takes the next unused prime >= this
+    kernel_size: int = 4  # taps of the causal depthwise convolution
+    dilation: int = 0  # 0 = max_ngram (the paper's choice)
+    seed: int = 0  # hash multipliers: drawn per layer from this seed
+    norm_eps: float = 1e-5
+
+    def resolved_dilation(self) -> int:
+        return self.dilation or self.max_ngram
+
+    def validate(self, prefix: str) -> None:
+        _require(
+            2 <= self.max_ngram <= 8,
+            f"{prefix}.max_ngram",
+            f"{self.max_ngram} must be in [2, 8] (orders 2 … max_ngram; the paper uses 3)",
+        )
+        for name in ("heads", "embed_dim", "kernel_size"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+        _require(
+            self.embed_dim % self.heads == 0,
+            f"{prefix}.embed_dim",
+            f"{self.embed_dim} is not divisible by heads={self.heads}; pick a multiple of heads",
+        )
+        _require(
+            2 <= self.table_size < 2**30,
+            f"{prefix}.table_size",
+            f"{self.table_size} must be in [2, 2^30) (rows per head; int32 row indices)",
+        )
+        _require(self.dilation >= 0, f"{prefix}.dilation", "must be >= 0 (0 = max_ngram)")
+        _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer (docs/model.md §1) with an optional sparse layer in each block."""
 
@@ -635,6 +677,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     product_key: ProductKeyConfig = field(default_factory=ProductKeyConfig)
     ultramem: UltraMemConfig = field(default_factory=UltraMemConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -710,6 +753,8 @@ class ModelConfig:
             self.memory.validate(f"{prefix}.memory", len(self.sparse_layer_indices()))
         if self.sparse == "moe":
             self.moe.validate(f"{prefix}.moe")
+        if self.sparse == "engram":
+            self.engram.validate(f"{prefix}.engram")
         if self.sparse in ("memory_plus", "pkm", "peer"):
             self.product_key.validate(f"{prefix}.product_key", self.sparse, self.d_model)
         if self.sparse == "ultramem":

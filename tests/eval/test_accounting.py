@@ -124,8 +124,9 @@ def _xla_flops_per_token(model, batch: int, seq: int) -> float:
                 "model.product_key.topk=8",
             ],
         ),
+        ("configs/eval/t_engram.yaml", []),
     ],
-    ids=["dense", "umv2", "pkm"],
+    ids=["dense", "umv2", "pkm", "engram"],
 )
 def test_forward_flops_agree_with_xla_cost_analysis(path, overrides):
     """XLA counts every op: norms, SiLU, softmax, RoPE, residual adds, the one-hot matmuls that pick
@@ -236,3 +237,62 @@ def test_cli_config_errors_exit_2(capsys):
     config = _path("configs/eval/t_umv2.yaml")
     assert acc.main(["--config", config, "--set", "model.memory.topk=0"]) == 2
     assert "model.memory.topk" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Engram
+# --------------------------------------------------------------------------------------------------
+
+
+def _primes_from(start: int, count: int) -> list[int]:
+    found, value = [], start
+    while len(found) < count:
+        if all(value % d for d in range(2, int(value**0.5) + 1)):
+            found.append(value)
+        value += 1
+    return found
+
+
+def test_engram_counts_flops_and_decode_bytes_equal_a_hand_count():
+    """S-engram by hand: h 128, 4 blocks (4 heads), SwiGLU 448, Engram in blocks 1 and 2 with
+    orders 2-3 × 8 heads of 16 numbers (W = 256 retrieved), tables of the 16 primes >= 10673,
+    a 4-tap convolution. Tied embedding, vocabulary padded to 384, seq 256, fp32 (4 B)."""
+    result = _account("configs/eval/s_engram.yaml")
+    h, layers, d_ff, vocab, seq = 128, 4, 448, 384, 256
+    engram_layers, tables, head_dim, width, taps = 2, 16, 16, 256, 4
+    primes = _primes_from(10673, tables)
+    backbone = (
+        layers * (4 * h * h + 2 * h + 3 * h * d_ff) + h
+    )  # attention, 2 norms, FFN; final norm
+    engram_dense = 2 * width * h + 3 * h + taps * h  # W_K, W_V, three norm gains, the convolution
+    engram_table = sum(primes) * head_dim
+    assert result.dense_params == backbone
+    assert result.sparse_dense_params == engram_layers * engram_dense
+    assert result.sparse_table_params == engram_layers * engram_table
+    assert result.total_params == backbone + engram_layers * (engram_dense + engram_table)
+    touched = tables * head_dim  # one row of every table per token
+    activated = vocab * h + backbone + engram_layers * (engram_dense + touched)
+    assert result.activated_params == activated
+    engram_flops = 2 * 2 * width * h + 2 * h + 2 * taps * h
+    assert result.flops_breakdown["sparse"] == engram_layers * engram_flops
+    forward = layers * (8 * h * h + 4 * seq * h + 6 * h * d_ff) + engram_layers * engram_flops
+    assert result.flops_per_token == forward + 2 * h * vocab
+    fixed = backbone + engram_layers * engram_dense + vocab * h
+    for batch in (1, 8, 64, 512):
+        distinct = sum(p * (1 - (1 - 1 / p) ** batch) for p in primes)  # per table, uniform hash
+        expected = 4 * (fixed + min(batch, vocab) * h + engram_layers * distinct * head_dim)
+        assert result.decode_bytes[batch] == pytest.approx(expected, rel=1e-12)
+        bound = 4 * (fixed + min(batch, vocab) * h + engram_layers * tables * batch * head_dim)
+        assert result.decode_bytes_bound[batch] == pytest.approx(bound, rel=1e-12)
+    assert (
+        result.sparse_prefetchable and not _account("configs/eval/s_umv2.yaml").sparse_prefetchable
+    )
+
+
+@pytest.mark.parametrize("size", ["t", "s"])
+def test_engram_models_are_matched_to_moe_within_3_percent(size):
+    moe = _account(f"configs/eval/{size}_moe.yaml")
+    engram = _account(f"configs/eval/{size}_engram.yaml")
+    dense = _account(f"configs/eval/{size}_dense.yaml")
+    rows = acc.match_rows(moe, engram, dense)
+    assert all(row.ok(0.03) for row in rows), acc.match_table(rows)

@@ -361,3 +361,15 @@ def test_density_sweep_runs_variants_on_its_tasks_and_reports_them(finished):
                 == (r["task"], r["model"], r["seed"], "knowledge_bits", "all", "test")
             )
             assert r["value"] == pytest.approx(bits / run["accounting"]["total_params"])
+
+
+def test_the_engram_baseline_is_matched_beside_moe_and_umv2():
+    from umv2_jax.compare.suites import SUITES
+    from umv2_jax.config import load_config
+
+    suite = SUITES["quick"]
+    configs = {m.name: load_config(m.config) for m in suite.models}
+    assert "T-engram" in configs
+    match = compare_run.check_matches(suite, configs)
+    engram = [row for row in match["rows"] if "T-engram" in (row["model"], row["reference"])]
+    assert len(match["rows"]) == 7 and len(engram) == 3 and match["ok"], match["table"]

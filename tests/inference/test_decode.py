@@ -37,6 +37,14 @@ UMV2 = [
     "model.memory.pre_value_dim=4",
     "model.memory.calibration_tokens=32",
 ]
+ENGRAM = [
+    "model.sparse=engram",
+    "model.engram.heads=2",
+    "model.engram.embed_dim=8",
+    "model.engram.table_size=17",
+    "model.engram.kernel_size=3",
+    "model.engram.dilation=2",
+]
 FAMILIES = {
     "dense": ["model.scan_layers=false"],
     "moe": [
@@ -57,6 +65,10 @@ FAMILIES = {
         "model.product_key.heads=2",
     ],
     "umv2_scanned": ["model.scan_layers=true", *UMV2],
+    # Engram keeps state across steps (its last n−1 ids, its convolution's last (K−1)·δ inputs):
+    # one block with it (loop), and both blocks stacked for scan (the state gets a layers axis).
+    "engram": ["model.scan_layers=false", *ENGRAM, "model.sparse_layers=[1]"],
+    "engram_scanned": ["model.scan_layers=true", *ENGRAM],
 }
 PROMPTS = [[1, 17, 33, 9, 41], [1, 22], [1, 5, 60, 12, 7, 30, 2]]  # unequal lengths
 NEW_TOKENS = 4
@@ -88,7 +100,7 @@ def _full_logits(model, sequences):
 # The loop-over-layers UltraMemV2 model is slow-marked: the scanned one runs the same memory layer
 # under the cache by default, and dense, MoE and PKM cover the loop path.
 CASES = [
-    pytest.param(family, marks=pytest.mark.slow) if family == "umv2" else family
+    pytest.param(family, marks=pytest.mark.slow) if family in ("umv2", "engram_scanned") else family
     for family in FAMILIES
 ]
 
@@ -125,6 +137,17 @@ def test_the_scanned_cache_has_a_leading_layers_axis():
     assert [layer.key.shape for layer in cache.layers] == [(2, 3, 9, 2, 16)]
     loop = load_config(None, BASE + FAMILIES["umv2"]).model
     assert [layer.key.shape for layer in init_cache(loop, 3, 9).layers] == [(3, 9, 2, 16)] * 2
+
+
+def test_the_engram_state_is_cached_per_layer_and_stacked_under_scan():
+    # (the scanned Engram decode is slow-marked; its cache layout is checked here without compiling)
+    config = load_config(None, BASE + FAMILIES["engram_scanned"]).model
+    (layer,) = init_cache(config, batch=3, cache_len=9).layers
+    assert layer.sparse["ids"].shape == (2, 3, 2) and layer.sparse["ids"].dtype == jnp.uint32
+    assert layer.sparse["conv"].shape == (2, 3, (3 - 1) * 2, 32)  # (K − 1)·δ inputs per row
+    loop = load_config(None, BASE + FAMILIES["engram"]).model
+    dense, engram = init_cache(loop, 3, 9).layers
+    assert dense.sparse is None and engram.sparse["conv"].shape == (3, 4, 32)
 
 
 def test_left_padding_puts_every_prompt_last():

@@ -332,3 +332,34 @@ def test_other_product_key_layers_equal_the_single_device_step_and_stay_token_lo
     assert case["failures"] == []
     assert case["worst"] < 2e-5
     assert _token_sized_slot_traffic(case) == []
+
+
+# Engram (slow: a subprocess of its own, ~1-2 min of CPU): its tables are `mem_rows` × `mem_dim`
+# (the 4 primes >= 31: 31 + 37 + 41 + 43 = 152 rows, split 4 ways on fsdp; head dim 8 on tensor), its
+# lookup a gather by token ids, its convolution a shift along the sequence.
+ENGRAM_KINDS = {
+    "engram": TINY
+    + [
+        "train.batch_size=8",
+        "model.sparse=engram",
+        "model.engram.heads=2",
+        "model.engram.embed_dim=16",
+        "model.engram.table_size=31",
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def engram_meshes():
+    return _run(PROGRAM, json.dumps(ENGRAM_KINDS), json.dumps(DEFAULT_MESHES))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", list(DEFAULT_MESHES))
+def test_engram_step_equals_the_single_device_step_with_sharded_tables(mesh, engram_meshes):
+    case = engram_meshes[f"engram/{mesh}"]
+    assert case["devices"] == 8 and case["same_init"]
+    np.testing.assert_allclose(case["loss"], case["ref_loss"], rtol=1e-5)
+    assert case["failures"] == [] and case["worst"] < 2e-5
+    table = case["specs"]["['blocks'][0]['sparse']['table']"]
+    assert table == (["fsdp", "tensor"] if mesh == "fsdp4_tensor2" else [None, "tensor"])

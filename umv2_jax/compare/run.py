@@ -138,16 +138,17 @@ def run_config(
 
 
 def check_matches(suite: Suite, configs: dict[str, Config]) -> dict[str, Any]:
-    """docs/evaluation.md's 3% matches of the suite's models (dense, moe, umv2 by kind), from the accounting.
+    """docs/evaluation.md's 3% matches of the suite's models (dense, moe, umv2, and engram when present, by
+    kind), from the accounting.
     Returns {"rows": [...], "ok": bool, "table": markdown}."""
     by_kind = {config.model.sparse: config for config in configs.values()}
     if not {"none", "moe", "ultramem_v2"} <= set(by_kind):
         return {"rows": [], "ok": False, "table": "(no dense / moe / umv2 triple to match)"}
-    rows = accounting.match_rows(
-        accounting.account(by_kind["moe"]),
-        accounting.account(by_kind["ultramem_v2"]),
-        accounting.account(by_kind["none"]),
-    )
+    moe, dense = accounting.account(by_kind["moe"]), accounting.account(by_kind["none"])
+    rows = accounting.match_rows(moe, accounting.account(by_kind["ultramem_v2"]), dense)
+    if "engram" in by_kind:  # the Engram baseline is matched to the MoE (and dense) the same way
+        engram = accounting.match_rows(moe, accounting.account(by_kind["engram"]), dense)
+        rows += [row for row in engram if row.a_name != dense.name or row.b_name != moe.name]
     return {
         "rows": [
             {

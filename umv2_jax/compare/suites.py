@@ -21,11 +21,13 @@ T_FAMILY = (
     ("T-dense", "eval/t_dense"),
     ("T-moe", "eval/t_moe"),
     ("T-umv2", "eval/t_umv2"),
+    ("T-engram", "eval/t_engram"),
 )
 S_FAMILY = (
     ("S-dense", "eval/s_dense"),
     ("S-moe", "eval/s_moe"),
     ("S-umv2", "eval/s_umv2"),
+    ("S-engram", "eval/s_engram"),
 )
 
 

@@ -38,6 +38,9 @@ residual adds and top-k comparisons are not counted). S = sequence length, per l
     PKM, Memory+, PEER   per head: 2·h·2·D_k (query), 2·2·n·D_k (half scores), k² (candidate sums),
                   2·m·D_v (aggregation; PEER 2·m·h more for the expert neurons); Memory+ per layer
                   4·h·D_v (W1, W2)
+    Engram        2·2·W·h (key and value projections of the W = (N−1)·D_e retrieved numbers),
+                  2·h (gate dot product), 2·K·h (depthwise convolution); the hashes and the
+                  lookup (a gather) are free. Its FFN stays.
     LM head       2·h·V (padded vocabulary); the embedding lookup is free
 
 Training FLOPs per token = 3 × forward (the backward pass costs two forwards; gathers and their
@@ -50,6 +53,9 @@ once, plus the LM head (V·h) and B embedding rows. Sparse tables under uniform 
 
     MoE     expected distinct experts E·(1 − (1 − k/E)^B), each 3·h·d_e numbers
     memory  expected distinct rows R·(1 − (1 − H·m/R)^B) of R addressable rows, each (row width)
+    Engram  Σ over its (N−1)·H tables of p rows: p·(1 − (1 − 1/p)^B) (one row per token per table,
+            uniform hashing), each D_h numbers; bound Σ min(B, p). Its rows are addressed by the
+            token ids alone, so they are known before the step runs (`sparse_prefetchable`).
 
 The expectation assumes every token draws its k experts (H·m rows) as a uniform random subset; the
 `decode_bytes_bound` field gives docs/model.md §8's bound min(B·k, E) experts, min(B·H·m, R) rows, which
@@ -77,7 +83,9 @@ from umv2_jax.errors import ConfigError
 from umv2_jax.models.abstract import abstract_model
 
 DECODE_BATCHES = (1, 8, 64, 512)
-MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer")
+MEMORY_KINDS = ("ultramem_v2", "ultramem", "memory_plus", "pkm", "peer", "engram")
+# Kinds whose table rows depend only on the input token ids: a decoder can fetch them before the step.
+PREFETCHABLE_KINDS = ("engram",)
 MATCH_TOLERANCE = 0.03
 
 # docs/model.md §7: the paper's 227M family (activated, total in the paper's convention), and the tolerance
@@ -115,6 +123,7 @@ class Accounting:
     flops_breakdown: dict[str, float]  # forward FLOPs per token by component
     decode_bytes: dict[int, float]  # batch size → bytes read per decode step (expected, uniform)
     decode_bytes_bound: dict[int, float]  # the same with docs/model.md §8's min(...) bound
+    sparse_prefetchable: bool = False  # table rows known from the token ids before the step runs
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -167,6 +176,7 @@ def account(
         flops_breakdown=flops,
         decode_bytes=expected,
         decode_bytes_bound=bound,
+        sparse_prefetchable=model.sparse in PREFETCHABLE_KINDS,
     )
 
 
@@ -225,6 +235,8 @@ def _slots_per_token(model: ModelConfig) -> int:
         return model.memory.heads * model.memory.topk
     if model.sparse == "ultramem":
         return model.ultramem.heads * model.ultramem.topk
+    if model.sparse == "engram":
+        return (model.engram.max_ngram - 1) * model.engram.heads
     if model.sparse in MEMORY_KINDS:
         return model.product_key.heads * model.product_key.topk
     return 0
@@ -271,6 +283,10 @@ def sparse_layer_flops(model: ModelConfig) -> float:
         )
         per_head += 2 * mem.topk * (mem.pre_value_dim + mem.value_dim)
         return mem.heads * per_head + 2 * h * mem.pre_value_dim + 2 * mem.value_dim * h
+    if kind == "engram":
+        engram = model.engram
+        width = (engram.max_ngram - 1) * engram.embed_dim
+        return float(2 * 2 * width * h + 2 * h + 2 * engram.kernel_size * h)
     if kind == "ultramem":
         v1 = model.ultramem
         value_dim = v1.resolved_value_dim(h)
@@ -335,6 +351,13 @@ def _sparse_decode_numbers(model: ModelConfig, batch: int) -> tuple[float, float
         return layers * distinct * per_expert, layers * min(batch * k, experts) * per_expert
     if model.sparse not in MEMORY_KINDS:
         return 0.0, 0.0
+    if model.sparse == "engram":
+        from umv2_jax.models.engram import table_primes
+
+        primes = table_primes(model.engram)
+        width = model.engram.embed_dim // model.engram.heads
+        distinct = sum(p * (1.0 - (1.0 - 1.0 / p) ** batch) for p in primes)
+        return layers * distinct * width, layers * sum(min(batch, p) for p in primes) * width
     rows, width = _memory_rows_and_width(model)
     slots = _slots_per_token(model)
     fraction = min(slots / rows, 1.0)
@@ -352,6 +375,10 @@ def _memory_rows_and_width(model: ModelConfig) -> tuple[int, int]:
         return min(window * mem.n_keys**2, side * side), mem.value_dim + mem.pre_value_dim
     if model.sparse == "ultramem":
         return model.ultramem.n_keys**2, model.ultramem.resolved_value_dim(h)
+    if model.sparse == "engram":
+        from umv2_jax.models.engram import table_rows
+
+        return table_rows(model.engram), model.engram.embed_dim // model.engram.heads
     pk = model.product_key
     rows = pk.n_keys**2
     if model.sparse == "peer":
@@ -473,7 +500,12 @@ def summary(result: Accounting) -> str:
         + ", ".join(f"{k} {_human(v)}" for k, v in result.flops_breakdown.items()),
         f"  FFN-slot FLOPs/tok {_human(result.ffn_slot_flops_per_token):>9}",
         f"  training FLOPs/tok {_human(result.training_flops_per_token):>9}",
-        f"  decode bytes/step ({result.bytes_per_number} B/number; expected | bound):",
+        f"  decode bytes/step ({result.bytes_per_number} B/number; expected | bound)"
+        + (
+            ": table rows prefetchable (addressed by token ids)"
+            if result.sparse_prefetchable
+            else ":"
+        ),
     ]
     for batch, value in result.decode_bytes.items():
         bound = result.decode_bytes_bound[batch]

@@ -1,7 +1,7 @@
 """Decode memory access, measured: bytes read per decode step from the rows actually selected.
 
     python -m umv2_jax.eval.decode_access --family T [--train-steps 0] [--out DIR]
-        # T (or S) dense / moe / umv2 of docs/evaluation.md on Shakespeare validation text: DIR/decode_access.json
+        # T (or S) dense / moe / engram / umv2 of docs/evaluation.md on Shakespeare validation text: DIR/decode_access.json
         # and DIR/decode_access.png (measured bytes beside the accounting module's uniform curve)
 
 Python API (what the comparison runner calls):
@@ -19,7 +19,8 @@ tokens selected (`Decoder.step(..., diagnostics=True)`, from the layers' row-hit
 per (batch, step, layer):
 
     {"batch", "step", "layer" (block index), "unit" ("rows" | "experts"), "distinct",
-     "addressable", "unit_bytes", "bytes" = distinct · unit_bytes, "tokens" (distinct input tokens)}
+     "addressable", "unit_bytes", "bytes" = distinct · unit_bytes, "tokens" (distinct input tokens),
+     "prefetchable" (the rows depend only on the step's token ids, known before the step: Engram)}
 
 Bytes per step (`summarize`), with N bytes per number (2 for bf16 compute, 4 for fp32):
 
@@ -56,7 +57,7 @@ from umv2_jax.config import ModelConfig
 from umv2_jax.eval import accounting
 
 DECODE_BATCHES = accounting.DECODE_BATCHES
-FAMILY_MODELS = ("dense", "moe", "umv2")
+FAMILY_MODELS = ("dense", "moe", "engram", "umv2")  # the last is the table's reference
 
 
 def distinct_per_step(selected: np.ndarray) -> np.ndarray:
@@ -131,6 +132,7 @@ def measure_decode_access(
                         "bytes": count * width * size,
                         "tokens": distinct_tokens,
                         "filled": prompt_len + step + 1,
+                        "prefetchable": config.sparse in accounting.PREFETCHABLE_KINDS,
                     }
                 )
             if not counts:  # a dense model: still record the step's tokens (embedding rows)
@@ -155,7 +157,8 @@ def summarize(config: ModelConfig, records: list[dict[str, Any]]) -> dict[int, d
     """{batch: mean bytes per decode step over the measured steps}: weights, embedding, sparse (the
     selected units), sparse_dense and sparse_layers (everything the sparse layers read: sparse +
     sparse_dense), kv_cache, measured (= weights + embedding + sparse, comparable to the uniform
-    curve), total, and per-layer mean distinct units ("distinct_by_layer")."""
+    curve), total, per-layer mean distinct units ("distinct_by_layer"), and whether the sparse
+    rows are known from the token ids before the step ("prefetchable": Engram)."""
     from umv2_jax.inference.cache import cache_bytes
 
     counts = accounting.parameter_counts(config)
@@ -190,6 +193,7 @@ def summarize(config: ModelConfig, records: list[dict[str, Any]]) -> dict[int, d
             "total": measured + float(np.mean(kv)),
             "distinct_by_layer": by_layer,
             "addressable": float(mine[0]["addressable"]),
+            "prefetchable": config.sparse in accounting.PREFETCHABLE_KINDS,
         }
     return summary
 
@@ -389,8 +393,8 @@ def table(results: dict[str, Any]) -> str:
     names = list(results)
     lines = [
         "| model | batch | distinct/layer | sparse measured | sparse uniform | weights+sparse | "
-        "KV cache | × " + names[-1] + " |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "KV cache | × " + names[-1] + " | prefetchable |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     reference = results[names[-1]]["summary"]
     for name in names:
@@ -401,7 +405,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{accounting._human(results[name]['uniform_sparse'][batch], 'B')} | "
                 f"{accounting._human(row['measured'], 'B')} | "
                 f"{accounting._human(row['kv_cache'], 'B')} | "
-                f"{row['measured'] / reference[batch]['measured']:.2f} |"
+                f"{row['measured'] / reference[batch]['measured']:.2f} | "
+                f"{'yes' if row.get('prefetchable') else 'no'} |"
             )
     return "\n".join(lines)
 

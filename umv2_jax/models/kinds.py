@@ -21,6 +21,7 @@ PROVIDERS: dict[str, str] = {
     "memory_plus": "umv2_jax.models.product_key",
     "pkm": "umv2_jax.models.product_key",
     "peer": "umv2_jax.models.product_key",
+    "engram": "umv2_jax.models.engram",
 }
 
 

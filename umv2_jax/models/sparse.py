@@ -42,6 +42,12 @@ class SparseContext:
     diagnostics:   compute the evaluation-only diagnostics (row-hit masks and fractions).
     token_mask:    with diagnostics, [batch, seq] weights (1 = count the token) for the per-row
                    hit counts (`SparseOutput.row_counts`), or None: no counts computed.
+    token_ids:     int32 [batch, seq] the pass's input token ids (layers addressed by ids: Engram).
+    segment_ids:   int [batch, seq] document ids of packed rows, or None (one sequence per row).
+    state:         a cached pass: this layer's decode state (built by the registry's `init_state`),
+                   or None (a full pass, or a layer without state).
+    window:        a cached pass: the `transformer.DecodeWindow` (slot of the first token, each
+                   row's first real slot), else None.
     """
 
     shared: Any = None
@@ -49,11 +55,15 @@ class SparseContext:
     dropout_rng: jax.Array | None = None
     diagnostics: bool = False
     token_mask: jax.Array | None = None
+    token_ids: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+    state: Any = None
+    window: Any = None
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=("y", "losses", "metrics", "row_hits", "row_counts"),
+    data_fields=("y", "losses", "metrics", "row_hits", "row_counts", "state"),
     meta_fields=("addressable_rows",),
 )
 @dataclasses.dataclass
@@ -66,6 +76,7 @@ class SparseOutput:
     row_hits:         bool [rows] which memory rows this pass read, or None (only with diagnostics).
     row_counts:       int32 [rows] how many tokens (weighted by `context.token_mask`) read each row,
                       or None (only with diagnostics and a token mask; UltraMemV2 only).
+    state:            a cached pass of a layer with decode state: the updated state, else None.
     addressable_rows: how many distinct rows the layer can reach (the denominator of hit fractions).
     """
 
@@ -74,6 +85,7 @@ class SparseOutput:
     metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     row_hits: jax.Array | None = None
     row_counts: jax.Array | None = None
+    state: Any = None
     addressable_rows: int = 0
 
 
@@ -84,11 +96,14 @@ class SparseBuilder:
     build_layer(config, block_index, rngs) → the module sitting in block `block_index`.
     build_shared(config, rngs) → a model-level module passed as `context.shared` (or None).
     replaces_ffn: the layer takes the FFN's place (MoE) instead of running beside it.
+    init_state(config, batch) → one layer's zero decode state for `batch` rows (a pytree of
+    arrays), for layers that look back over earlier tokens (Engram); None: token-wise, no state.
     """
 
     build_layer: Callable[[ModelConfig, int, nnx.Rngs], nnx.Module]
     build_shared: Callable[[ModelConfig, nnx.Rngs], nnx.Module | None] | None = None
     replaces_ffn: bool = False
+    init_state: Callable[[ModelConfig, int], Any] | None = None
 
 
 # kind → builder, filled by the layer modules when imported (`register_sparse`); looked up through

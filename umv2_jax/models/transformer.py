@@ -143,10 +143,14 @@ class Attention(nnx.Module):
 @dataclasses.dataclass
 class LayerCache:
     """One attention layer's preallocated keys and values: [batch, cache_len, heads, head_dim] each
-    ([layers, batch, …] for a scanned `BlockStack`), RoPE already applied to the keys."""
+    ([layers, batch, …] for a scanned `BlockStack`), RoPE already applied to the keys.
+
+    sparse: the block's sparse-layer decode state (a pytree from its builder's `init_state`, with
+    a leading [layers] axis in a stack), or None for token-wise layers (every kind but Engram)."""
 
     key: jax.Array
     value: jax.Array
+    sparse: Any = None
 
 
 @jax.tree_util.register_dataclass
@@ -211,10 +215,12 @@ class Block(nnx.Module):
         sparse_input: what the sparse layer reads instead of u (UltraMem v1's skip-layer wiring).
         stats: the sparse layer's output without `y` (losses, metrics, row hits), or None.
         cache, window: the attention's KV cache and where to write (see `Attention`); the updated
-        cache is returned (None without one). The FFN and sparse layers are token-wise: no cache.
-        segment_ids: [batch, seq] document ids of packed rows for the attention (not with a cache),
-        or None.
+        cache is returned (None without one). The FFN is token-wise; a sparse layer that looks back
+        over earlier tokens (Engram) reads and returns its state in `cache.sparse`.
+        segment_ids: [batch, seq] document ids of packed rows for the attention and the sparse
+        layer (not with a cache), or None.
         """
+        sparse_state = cache.sparse if cache is not None else None
         if cache is None:
             attended = self.attn(self.attn_norm(x), positions, segment_ids=segment_ids)
         else:
@@ -228,12 +234,17 @@ class Block(nnx.Module):
             x_next = x_next + ffn_out.astype(x.dtype)
         if self.sparse is None:
             return x_next, u, None, cache
+        context = dataclasses.replace(
+            context, segment_ids=segment_ids, state=sparse_state, window=window
+        )
         out = self.sparse(u if sparse_input is None else sparse_input, context)
         x_next = x_next + out.y.astype(x.dtype)
         metrics = dict(out.metrics)
         if ffn_out is not None:  # docs/model.md §6: memory vs FFN output std, side by side
             metrics["ffn_output_std"] = jnp.std(jax.lax.stop_gradient(ffn_out).astype(jnp.float32))
-        return x_next, u, dataclasses.replace(out, y=None, metrics=metrics), cache
+        if cache is not None:
+            cache = LayerCache(key=cache.key, value=cache.value, sparse=out.state)
+        return x_next, u, dataclasses.replace(out, y=None, metrics=metrics, state=None), cache
 
 
 class BlockStack(nnx.Module):
@@ -419,6 +430,7 @@ class Transformer(nnx.Module):
             dropout_rng=dropout_rng,
             diagnostics=diagnostics,
             token_mask=token_mask if diagnostics else None,
+            token_ids=tokens,
         )
         aux = ModelAux(losses={}, metrics={}, row_hits={}, addressable={})
         sources = dict(self.sparse_sources)
