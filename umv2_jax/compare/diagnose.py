@@ -230,6 +230,53 @@ def summary(path: str) -> str:
     return "\n".join(lines)
 
 
+LAYER_KEYS = (
+    ("rows hit (test set, union)", "{l}/rows_hit_union"),
+    ("rows hit (per batch)", "test/health/{l}/rows_hit_fraction/all"),
+    ("top-1 score", "test/health/{l}/top1_score/all"),
+    ("top-m score", "test/health/{l}/topm_score/all"),
+    ("memory output std", "test/health/{l}/output_std/all"),
+    ("FFN output std", "test/health/{l}/ffn_output_std/all"),
+    ("‖∂L/∂V‖ (layer table)", "{l}/values_grad_norm"),
+    ("rows with gradient (one batch)", "{l}/rows_with_grad"),
+    ("‖ΔV‖/‖V‖ over those rows", "{l}/hit_row_step_ratio"),
+    ("‖V‖", "{l}/values_norm"),
+)
+
+
+def layer_table(path: str, variants: tuple[str, ...] = ("base",)) -> str:
+    """Per-layer probes of the memory variants at each evaluated step (first seed)."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    lines = []
+    for r in rows:
+        if r["variant"] not in variants or r["seed"] != min(x["seed"] for x in rows):
+            continue
+        layers = sorted({k.split("/")[0] for e in r["evals"] for k in e if k.startswith("layer")})
+        steps = [e["step"] for e in r["evals"]]
+        lines += [
+            f"### {r['variant']} on {r['probe_name']} (seed {r['seed']})",
+            "",
+            "| quantity | " + " | ".join(f"step {s}" for s in steps) + " |",
+            "|---|" + "---:|" * len(steps),
+        ]
+        for key in ("step_ratio/values", "step_ratio/default", "grad_norm/values",
+                    "grad_norm/default", "test/exact_match/all"):
+            vals = [e.get(key) for e in r["evals"]]
+            lines.append(f"| {key} | " + " | ".join("—" if v is None else f"{v:.4g}" for v in vals) + " |")
+        for layer in layers:
+            for label, pattern in LAYER_KEYS:
+                key = pattern.format(l=layer)
+                vals = [e.get(key) for e in r["evals"]]
+                if all(v is None for v in vals):
+                    continue
+                lines.append(
+                    f"| {layer} {label} | "
+                    + " | ".join("—" if v is None else f"{v:.4g}" for v in vals) + " |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS))
@@ -241,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.summary:
         print(summary(args.summary))
+        print()
+        print(layer_table(args.summary, tuple(args.variants or ("base",))))
         return 0
     if not args.variants:
         print("diagnose: give --variants NAME ... (or --summary JSONL)", file=sys.stderr)
