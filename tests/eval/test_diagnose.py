@@ -41,7 +41,9 @@ def test_steps_to_first_evaluation_reaching_the_level():
 
 
 def _global(tree) -> float:
-    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+    return float(
+        np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,10 @@ def test_probe_step_ratios_equal_the_train_step_on_the_same_batch(tiny):
 
     task = make_task(PROBE.task, PROBE.params)
     config = run_config(
-        model, seq_len=PROBE.seq_len, batch_size=PROBE.batch_size, steps=PROBE.steps,
+        model,
+        seq_len=PROBE.seq_len,
+        batch_size=PROBE.batch_size,
+        steps=PROBE.steps,
         vocab_size=task.vocab_size,
     )
     programs = cache.get(config)
@@ -72,10 +77,14 @@ def test_probe_step_ratios_equal_the_train_step_on_the_same_batch(tiny):
     new = jax.device_get(state["params"])
     for group in ("values", "default"):
         pick = lambda t, g=group: [  # noqa: E731
-            x for x, label in zip(jax.tree.leaves(t), jax.tree.leaves(programs.labels)) if label == g
+            x
+            for x, label in zip(jax.tree.leaves(t), jax.tree.leaves(programs.labels))
+            if label == g
         ]
         delta = _global([n - o for n, o in zip(pick(new), pick(old))])
-        np.testing.assert_allclose(measured[f"step_ratio/{group}"], delta / _global(pick(old)), rtol=1e-3)
+        np.testing.assert_allclose(
+            measured[f"step_ratio/{group}"], delta / _global(pick(old)), rtol=1e-3
+        )
     for layer in (0, 1):
         assert 0.0 < measured[f"layer{layer}/rows_with_grad"] <= 1.0
         assert measured[f"layer{layer}/values_grad_norm"] > 0.0
@@ -87,7 +96,8 @@ def test_value_lr_multiplier_scales_the_values_step_only(tiny):
     ratios = {}
     for factor in (1, 4):
         model = ModelSpec(
-            "umv2", "configs/eval/t_umv2.yaml",
+            "umv2",
+            "configs/eval/t_umv2.yaml",
             (*TINY_UMV2, f"model.memory.value_lr=constant:{factor}", "train.warmup_fraction=0.0"),
         )
         probe = dataclasses.replace(PROBE, steps=1, eval_at=(1,))
@@ -118,12 +128,18 @@ def test_summary_tables_read_the_runs(tmp_path):
     import json
 
     record = {
-        "variant": "base", "probe_name": "fact_4k", "seed": 0,
+        "variant": "base",
+        "probe_name": "fact_4k",
+        "seed": 0,
         "accounting": {"total_params": 1234, "training_flops_per_token": 99.0},
         "evals": [
             {"step": 5, "test/exact_match/all": 0.25, "layer0/rows_hit_union": 0.5},
-            {"step": 10, "test/exact_match/all": 0.75, "step_ratio/values": 0.01,
-             "layer0/rows_hit_union": 0.625},
+            {
+                "step": 10,
+                "test/exact_match/all": 0.75,
+                "step_ratio/values": 0.01,
+                "layer0/rows_hit_union": 0.625,
+            },
         ],
     }
     path = tmp_path / "runs.jsonl"

@@ -80,10 +80,25 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     # memory:FFN ratio (the FFN takes the width the table gives up, or the reverse)
     "ffn256": (UMV2, ("model.d_ff=256",)),
     # the other memory layers at the T-umv2 table (n 68 → 4,624 rows, m 8)
-    "pkm": (UMV2, ("model.sparse=pkm", "model.product_key.n_keys=68", "model.product_key.topk=8",
-                   "model.product_key.key_dim=16", "model.d_ff=208")),
-    "peer": (UMV2, ("model.sparse=peer", "model.product_key.n_keys=68",
-                    "model.product_key.topk=8", "model.product_key.key_dim=16")),
+    "pkm": (
+        UMV2,
+        (
+            "model.sparse=pkm",
+            "model.product_key.n_keys=68",
+            "model.product_key.topk=8",
+            "model.product_key.key_dim=16",
+            "model.d_ff=208",
+        ),
+    ),
+    "peer": (
+        UMV2,
+        (
+            "model.sparse=peer",
+            "model.product_key.n_keys=68",
+            "model.product_key.topk=8",
+            "model.product_key.key_dim=16",
+        ),
+    ),
 }
 
 
@@ -186,7 +201,9 @@ def run(variants: list[str], probe_name: str, seeds: list[int], out: str, steps:
         for name in variants:
             config, overrides = VARIANTS[name]
             model = ModelSpec(name, config, overrides)
-            result = curves.learning_curve(cache, model, probe, seed, on_eval=TableProbe(probe, seed))
+            result = curves.learning_curve(
+                cache, model, probe, seed, on_eval=TableProbe(probe, seed)
+            )
             result |= {"variant": name, "probe_name": probe_name, "load_average": os.getloadavg()}
             last = result["evals"][-1]
             print(
@@ -259,10 +276,17 @@ def layer_table(path: str, variants: tuple[str, ...] = ("base",)) -> str:
             "| quantity | " + " | ".join(f"step {s}" for s in steps) + " |",
             "|---|" + "---:|" * len(steps),
         ]
-        for key in ("step_ratio/values", "step_ratio/default", "grad_norm/values",
-                    "grad_norm/default", "test/exact_match/all"):
+        for key in (
+            "step_ratio/values",
+            "step_ratio/default",
+            "grad_norm/values",
+            "grad_norm/default",
+            "test/exact_match/all",
+        ):
             vals = [e.get(key) for e in r["evals"]]
-            lines.append(f"| {key} | " + " | ".join("—" if v is None else f"{v:.4g}" for v in vals) + " |")
+            lines.append(
+                f"| {key} | " + " | ".join("—" if v is None else f"{v:.4g}" for v in vals) + " |"
+            )
         for layer in layers:
             for label, pattern in LAYER_KEYS:
                 key = pattern.format(l=layer)
@@ -271,7 +295,8 @@ def layer_table(path: str, variants: tuple[str, ...] = ("base",)) -> str:
                     continue
                 lines.append(
                     f"| {layer} {label} | "
-                    + " | ".join("—" if v is None else f"{v:.4g}" for v in vals) + " |"
+                    + " | ".join("—" if v is None else f"{v:.4g}" for v in vals)
+                    + " |"
                 )
         lines.append("")
     return "\n".join(lines)
