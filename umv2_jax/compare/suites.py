@@ -125,10 +125,9 @@ QUICK = Suite(
         # 19,200 examples of 4 pairs at seq 32 (the old 3,200 at seq 64 left every model at 0.20-0.22).
         # Measured at 400 steps, seed 0: T-moe 0.238 / 0.952 / 0.991 / 0.999 exact match at steps
         # 100 / 200 / 300 / 400, T-dense 0.225 / 0.245 / 0.255 / 0.294, T-umv2 0.216 / 0.260 / 0.237 /
-        # 0.262. MoE jumps between steps 100
-        # and 200 and is at >= 0.95 from then on, while dense and UltraMemV2 stay far below: 300
-        # steps keep the separation at 3/4 of the cost; learning speed (steps to 0.5 / 0.9) is the
-        # unsaturated measure for MoE.
+        # 0.262. MoE jumps between steps 100 and 200 and is at >= 0.95 from then on, while dense
+        # and UltraMemV2 stay far below: 300 steps keep the separation at 3/4 of the cost;
+        # learning speed (steps to 0.5 / 0.9) is the unsaturated measure for MoE.
         TaskSpec("mqar", "mqar", {"mix": [[32, 4]]}, seq_len=32, batch_size=64, steps=300),
         # Unchanged: at 150 steps every model is well above chance (1/128) and far from saturated
         # (results/quick: exact match 0.12-0.16 ± 0.02, 3 seeds); no new curve was affordable.
