@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import jax
@@ -83,11 +84,14 @@ class SparseBuilder:
     build_layer(config, block_index, rngs) → the module sitting in block `block_index`.
     build_shared(config, rngs) → a model-level module passed as `context.shared` (or None).
     replaces_ffn: the layer takes the FFN's place (MoE) instead of running beside it.
+    init_scope(config) → a context manager the whole model is built inside (e.g. UltraMemV2's
+        `calibration_scope`: one init calibration traced into the construction program).
     """
 
     build_layer: Callable[[ModelConfig, int, nnx.Rngs], nnx.Module]
     build_shared: Callable[[ModelConfig, nnx.Rngs], nnx.Module | None] | None = None
     replaces_ffn: bool = False
+    init_scope: Callable[[ModelConfig], AbstractContextManager] | None = None
 
 
 _REGISTRY: dict[str, SparseBuilder] = {}
