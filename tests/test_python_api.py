@@ -43,5 +43,14 @@ def test_import_is_light_and_lazy():
     assert no_api, "importing a submodule ran umv2_jax.api"
     assert loaded, "u.build_model did not load umv2_jax.api"
     assert names == sorted(
-        ["Run", "build_model", "compare", "evaluate", "generate", "load_config", "load_run", "train"]
+        [
+            "Run",
+            "build_model",
+            "compare",
+            "evaluate_run",
+            "generate_text",
+            "load_config",
+            "load_run",
+            "train",
+        ]
     )

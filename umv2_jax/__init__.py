@@ -4,7 +4,8 @@
     config = u.load_config("configs/tiny_umv2.yaml")
     model = u.build_model(config)                 # tokens int32 [b, s] → logits fp32 [b, s, vocab]
     run = u.train(config, steps=200)              # → Run(config, model, step, workdir, losses, eval)
-    u.generate(run, "The ")  ·  u.evaluate(run)  ·  u.load_run("runs/x")  ·  u.compare.run_suite(...)
+    u.generate_text(run, "The ")  ·  u.evaluate_run(run)  ·  u.load_run("runs/x")
+    u.compare.run_suite(u.compare.SUITES["quick"], "results/quick")
 
 The names are exported lazily (PEP 562): `import umv2_jax` loads no JAX, and importing a submodule
 (`umv2_jax.models.transformer`) never runs the API module; the first attribute access imports
@@ -16,7 +17,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_API = ("Run", "build_model", "evaluate", "generate", "load_config", "load_run", "train")
+_API = (
+    "Run",
+    "build_model",
+    "evaluate_run",
+    "generate_text",
+    "load_config",
+    "load_run",
+    "train",
+)
 _SUBMODULES = ("compare",)
 
 __all__ = [*_API, *_SUBMODULES]

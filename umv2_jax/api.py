@@ -5,12 +5,14 @@
     model = u.build_model(config)                     # one compiled init program
     logits, aux = model(tokens)                       # int32 [batch, seq] → fp32 [batch, seq, vocab]
     run = u.train(config, "runs/tiny")                # → Run: config, model, losses, eval, workdir
-    print(u.generate(run, "The ", max_new_tokens=32))
-    print(u.evaluate(run)["metrics"]["eval_loss"])
+    print(u.generate_text(run, "The ", max_new_tokens=32))
+    print(u.evaluate_run(run)["metrics"]["eval_loss"])
     run = u.load_run("runs/tiny")                     # a finished run, again
 
 Each function is a thin layer over the module that does the work (named in its docstring); the
-command-line tools call the same modules.
+command-line tools call the same modules. Generation and evaluation are `generate_text` and
+`evaluate_run`: `umv2_jax.generate` and `umv2_jax.evaluate` are the command-line modules
+(`python -m umv2_jax.generate`), and a package attribute cannot be both the module and a function.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ import numpy as np
 from umv2_jax.config import Config, load_config
 from umv2_jax.models.build import build_model
 
-__all__ = ["Run", "build_model", "evaluate", "generate", "load_config", "load_run", "train"]
+__all__ = [
+    "Run",
+    "build_model",
+    "evaluate_run",
+    "generate_text",
+    "load_config",
+    "load_run",
+    "train",
+]
 
 
 @dataclasses.dataclass
@@ -102,7 +112,7 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
     return Run(config, parts.build(params, rest), int(saved_step), os.path.abspath(path))
 
 
-def generate(
+def generate_text(
     run: Run,
     prompt: str | bytes,
     *,
@@ -128,7 +138,7 @@ def generate(
     )
 
 
-def evaluate(
+def evaluate_run(
     run: Run,
     batches: Sequence[dict[str, np.ndarray]] | None = None,
     *,
