@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("*.md"))
+# Notebooks that train several models run with -m slow only (the default suite's 20-minute budget).
+SLOW = {"02_umv2_vs_moe", "03_inside_the_memory_layer", "05_finetune_memory"}
 
 
 def _cells(notebook) -> list[tuple[str, str]]:
@@ -37,7 +39,11 @@ def test_ipynb_is_in_sync_with_its_markdown_source(source):
     )
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "source",
+    [pytest.param(p, marks=[pytest.mark.slow] if p.stem in SLOW else []) for p in SOURCES],
+    ids=lambda p: p.stem,
+)
 def test_notebook_executes(source, monkeypatch):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
