@@ -149,9 +149,12 @@ def paper_value_std(config: ModelConfig, sigma_s: float) -> float:
     return (0.08 * k_inner * config.d_model / common) ** 0.5
 
 
-def calibration_arrays(config: ModelConfig) -> Calibration:
+def calibration_arrays(
+    config: ModelConfig, seed: jax.Array | int = CALIBRATION_SEED
+) -> Calibration:
     """The `paper` Monte-Carlo calibration (SPEC §4) as traceable fp32 scalars (a `Calibration` of
-    arrays). Pure: a fixed seed makes it a function of the config.
+    arrays). Pure: the fixed seed makes it a function of the config (`seed` may be a traced int32
+    scalar with that value: `calibrate` passes it as an argument so every op is staged).
 
     Runs `config.memory.calibration_tokens` random N(0, 1) inputs [T, h] (the normalized block
     input has unit variance) through a freshly initialized `TuckerRetrieval`, first at gain 1 and
@@ -167,10 +170,10 @@ def calibration_arrays(config: ModelConfig) -> Calibration:
         gain=1.0,
     )
     retrieval = TuckerRetrieval.from_memory(
-        memory, config.d_model, keys_per_side, initializers, nnx.Rngs(params=CALIBRATION_SEED)
+        memory, config.d_model, keys_per_side, initializers, nnx.Rngs(params=jax.random.key(seed))
     )
     inputs = jax.random.normal(
-        jax.random.key(CALIBRATION_SEED + 1), (memory.calibration_tokens, config.d_model)
+        jax.random.key(seed + 1), (memory.calibration_tokens, config.d_model)
     )
 
     def selected_scores(gain: jax.Array) -> jax.Array:
@@ -206,12 +209,14 @@ def calibrate(config: ModelConfig) -> Calibration:
     """
     names = ("gain", "raw_mean_score", "mean_score", "sigma_s", "value_std")
 
-    def scalars():
-        arrays = calibration_arrays(config)
+    def scalars(seed):
+        arrays = calibration_arrays(config, seed)
         return tuple(getattr(arrays, name) for name in names)
 
+    # The seed is an argument: under `ensure_compile_time_eval` a jitted function's ops on
+    # constants would run one by one while tracing (dozens of compiles); on an argument they stage.
     with jax.ensure_compile_time_eval():
-        values = jax.jit(scalars)()
+        values = jax.jit(scalars)(jnp.int32(CALIBRATION_SEED))
         result = Calibration(
             **{name: float(value) for name, value in zip(names, values)},
             tokens=config.memory.calibration_tokens,
