@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "python_api.md"
 
@@ -19,6 +21,7 @@ def example_code(path: Path) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow  # trains 20 steps, evaluates, decodes: over 30 s on 2 shared cores
 def test_the_documented_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the example names configs/… relative to the clone
     namespace: dict = {}
