@@ -57,7 +57,7 @@ def test_notebook_executes(source, monkeypatch):
     notebook = jupytext.read(source)
     client = nbclient.NotebookClient(
         notebook,
-        timeout=300,
+        timeout=900,
         kernel_name=NATIVE_KERNEL_NAME,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
