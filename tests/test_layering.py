@@ -15,6 +15,7 @@ The floors, lowest first (`FLOORS`; a module imports only from its own floor or 
        export, retrofit
     6  training.loop
     7  the programs: training.cli, evaluate, eval, compare, aot
+    8  api (the Python API: train, load_run, generate_text, evaluate_run over the programs)
 
 The root `umv2_jax/__init__.py` is the public facade: it may import any floor, and no module of the
 package imports it (so it takes no part in the circles below).
@@ -275,6 +276,7 @@ FLOORS = {
     "umv2_jax.eval": 7,
     "umv2_jax.compare": 7,
     "umv2_jax.aot": 7,
+    "umv2_jax.api": 8,
 }
 
 

@@ -56,7 +56,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dense": (DENSE, ()),
     "moe": (MOE, ()),
     "base": (UMV2, ()),
-    # value LR multiplier and schedule (SPEC §5 default decay:4)
+    # value LR multiplier and schedule (docs/model.md §5 default decay:4)
     "vlr_const1": (UMV2, ("model.memory.value_lr=constant:1",)),
     "vlr_const4": (UMV2, ("model.memory.value_lr=constant:4",)),
     "vlr_decay16": (UMV2, ("model.memory.value_lr=decay:16",)),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import jax
@@ -98,12 +99,15 @@ class SparseBuilder:
     replaces_ffn: the layer takes the FFN's place (MoE) instead of running beside it.
     init_state(config, batch) → one layer's zero decode state for `batch` rows (a pytree of
     arrays), for layers that look back over earlier tokens (Engram); None: token-wise, no state.
+    init_scope(config) → a context manager the whole model is built inside (e.g. UltraMemV2's
+        `calibration_scope`: one init calibration traced into the construction program).
     """
 
     build_layer: Callable[[ModelConfig, int, nnx.Rngs], nnx.Module]
     build_shared: Callable[[ModelConfig, nnx.Rngs], nnx.Module | None] | None = None
     replaces_ffn: bool = False
     init_state: Callable[[ModelConfig, int], Any] | None = None
+    init_scope: Callable[[ModelConfig], AbstractContextManager] | None = None
 
 
 # kind → builder, filled by the layer modules when imported (`register_sparse`); looked up through

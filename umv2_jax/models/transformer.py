@@ -12,6 +12,7 @@ Logical axis names on parameters: `vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -340,6 +341,13 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        sparse_blocks = set(config.sparse_layer_indices())
+        builder = get_sparse_builder(config.sparse) if sparse_blocks else None
+        scope = builder.init_scope if builder is not None else None
+        with scope(config) if scope is not None else contextlib.nullcontext():
+            self._build(config, rngs, builder, sparse_blocks)
+
+    def _build(self, config: ModelConfig, rngs: nnx.Rngs, builder, sparse_blocks: set[int]) -> None:
         self.config = config
         h, vocab = config.d_model, config.padded_vocab_size
         self.compute_dtype = dtype_of(config.compute_dtype)
@@ -350,8 +358,6 @@ class Transformer(nnx.Module):
             (vocab, h),
             ("vocab", "embed"),
         )
-        sparse_blocks = set(config.sparse_layer_indices())
-        builder = get_sparse_builder(config.sparse) if sparse_blocks else None
         if builder is not None and builder.build_shared is not None:
             self.shared = builder.build_shared(config, rngs)
         else:

@@ -46,7 +46,11 @@ from flax import nnx
 
 from umv2_jax.config import ModelConfig
 from umv2_jax.models import init as init_lib
-from umv2_jax.models.memory_init import calibrate, memory_initializers
+from umv2_jax.models.memory_init import (
+    calibration_scope,
+    current_calibration,
+    memory_initializers,
+)
 from umv2_jax.models.retrieval import TuckerRetrieval
 from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
 from umv2_jax.ops.value_bag import value_bag
@@ -77,12 +81,13 @@ class CalibrationRecord(nnx.Module):
     """The Monte-Carlo calibration of docs/model.md §4 as model state: gain, mean score, σ_s, value std."""
 
     def __init__(self, config: ModelConfig):
-        result = calibrate(config)
-        self.gain = CalibrationValue(jnp.float32(result.gain))
-        self.raw_mean_score = CalibrationValue(jnp.float32(result.raw_mean_score))
-        self.mean_score = CalibrationValue(jnp.float32(result.mean_score))
-        self.sigma_s = CalibrationValue(jnp.float32(result.sigma_s))
-        self.value_std = CalibrationValue(jnp.float32(result.value_std))
+        result = current_calibration(config)  # traced inside `calibration_scope`, else floats
+        scalar = lambda value: CalibrationValue(jnp.asarray(value, jnp.float32))  # noqa: E731
+        self.gain = scalar(result.gain)
+        self.raw_mean_score = scalar(result.raw_mean_score)
+        self.mean_score = scalar(result.mean_score)
+        self.sigma_s = scalar(result.sigma_s)
+        self.value_std = scalar(result.value_std)
         self.tokens = CalibrationValue(jnp.int32(result.tokens))
 
 
@@ -550,4 +555,7 @@ def pre_score_dots(pre_values: jax.Array, rows: jax.Array, x_p: jax.Array) -> ja
     return jnp.einsum("tmd,td->tm", gathered, x_p, precision=jax.lax.Precision.HIGHEST)
 
 
-register_sparse("ultramem_v2", SparseBuilder(build_layer=UltraMemV2, build_shared=MemoryTables))
+register_sparse(
+    "ultramem_v2",
+    SparseBuilder(build_layer=UltraMemV2, build_shared=MemoryTables, init_scope=calibration_scope),
+)
