@@ -3,7 +3,7 @@
     python -m umv2_jax.eval.accounting --config configs/paper/ultramem_v2_227m.yaml [--set k=v] [--json]
     python -m umv2_jax.eval.accounting --match configs/eval/s_moe.yaml configs/eval/s_umv2.yaml \\
         [--dense configs/eval/s_dense.yaml]            # exit status 1 when a match fails
-    python -m umv2_jax.eval.accounting --paper-table  # the 227M family against the paper's numbers
+    python -m umv2_jax.eval.accounting --paper-table  # the 227M family and the 2.5B models vs the paper
 
     result = account(load_config(path))               # an `Accounting`
 
@@ -87,6 +87,13 @@ PAPER_227M = {
     "configs/paper/memory_plus_227m.yaml": ("Memory+-227M/1.2B", 227e6, 1.18e9),
     "configs/paper/ultramem_227m.yaml": ("UltraMem-227M/1.2B", 227e6, 1.18e9),
     "configs/paper/ultramem_v2_227m.yaml": ("UltraMemV2-227M/1.2B", 227e6, 1.18e9),
+}
+# The paper's headline scale (SPEC §7: 2.5B activated; 60B / 120B total) and the MoE baseline
+# matched to them on activated parameters (a 30B-total class; its shapes are chosen here).
+PAPER_2P5B = {
+    "configs/paper/ultramem_v2_2p5b_60b_top768.yaml": ("UltraMemV2-2.5B/60B-top768", 2.5e9, 60e9),
+    "configs/paper/ultramem_v2_2p5b_120b_top256.yaml": ("UltraMemV2-2.5B/120B-top256", 2.5e9, 120e9),
+    "configs/paper/seedmoe_2p5b_30b.yaml": ("SeedMoE-2.5B/30B", 2.5e9, 30e9),
 }
 PAPER_TOLERANCE = 0.05
 
@@ -431,7 +438,8 @@ def match_table(rows: list[MatchRow], tolerance: float = MATCH_TOLERANCE) -> str
 
 
 def paper_table(root: str | None = None) -> tuple[str, list[tuple[str, float, float]]]:
-    """The 227M family against SPEC §7's numbers: (Markdown table, [(name, Δactivated, Δtotal)]).
+    """The 227M family and the 2.5B-activated models against SPEC §7's numbers: (Markdown table,
+    [(name, Δactivated, Δtotal)]).
 
     root: the directory holding configs/ (default: the repository this module lives in).
     """
@@ -443,7 +451,7 @@ def paper_table(root: str | None = None) -> tuple[str, list[tuple[str, float, fl
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     differences = []
-    for path, (name, paper_activated, paper_total) in PAPER_227M.items():
+    for path, (name, paper_activated, paper_total) in {**PAPER_227M, **PAPER_2P5B}.items():
         result = account(load_config(os.path.join(root, path)))
         d_act = result.activated_params / paper_activated - 1.0
         d_tot = result.total_params / paper_total - 1.0
@@ -511,7 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dense", help="with --match: the dense config matched on forward FLOPs")
     parser.add_argument("--tolerance", type=float, default=MATCH_TOLERANCE)
     parser.add_argument(
-        "--paper-table", action="store_true", help="the 227M family vs the paper (SPEC §7)"
+        "--paper-table",
+        action="store_true",
+        help="the 227M family and the 2.5B-activated 60B/120B/MoE-30B configs vs the paper (SPEC §7)",
     )
     args = parser.parse_args(argv)
     try:
