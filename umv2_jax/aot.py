@@ -461,15 +461,16 @@ def cost_lines(cost, estimate) -> list[str]:
         if kind != "ragged-all-to-all" or kind in cost.collective_bytes
     )
     total = sum(cost.collective_bytes.values())
-    loops = ", ".join(f"{trips}" for trips in cost.trips.values()) or "none"
+    counted = sorted(trips for name, trips in cost.trips.items() if name not in cost.unknown_trips)
+    loops = ", ".join(f"{trips}" for trips in counted if trips > 1) or "none over 1 trip"
     lines = [
-        f"collectives per chip per step: {kinds} (total {size_text(total)}; while-loop bodies "
-        f"× their trips: {loops})",
+        f"collectives per chip per step: {kinds} (total {size_text(total)}; loop bodies × their "
+        f"trips: {loops})",
     ]
     if cost.unknown_trips:
         lines.append(
-            f"warning: {len(cost.unknown_trips)} while loop(s) with no readable trip count were "
-            "counted once"
+            f"note: {len(cost.unknown_trips)} while loop(s) with a data-dependent trip count (e.g. "
+            "an SVD's iterations) counted once"
         )
     if estimate is None:
         lines.append("roofline  n/a (XLA:CPU plan; name a chip with --chip, e.g. --chip h100)")

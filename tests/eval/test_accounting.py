@@ -38,7 +38,11 @@ def test_paper_table_reproduces_the_papers_counts_within_5_percent():
     table, differences = acc.paper_table()
     names = [name for name, _, _ in differences]
     assert len(differences) == 7
-    for expected in ("UltraMemV2-2.5B/60B-top768", "UltraMemV2-2.5B/120B-top256", "SeedMoE-2.5B/30B"):
+    for expected in (
+        "UltraMemV2-2.5B/60B-top768",
+        "UltraMemV2-2.5B/120B-top256",
+        "SeedMoE-2.5B/30B",
+    ):
         assert expected in names, (expected, table)
     for name, d_activated, d_total in differences:
         assert abs(d_activated) <= 0.05, (name, d_activated, table)

@@ -94,11 +94,16 @@ def test_tables_get_their_rule_and_the_rest_keeps_adamw(rule):
     # What the table's rule keeps: AdamW two moments of its shape; Adafactor a row and a column
     # statistic ([L, D] and [L, ROWS]: the largest dimension, then the second, factored away) and
     # no first moment; SGD nothing.
-    assert _table_state_leaves(opt_state) == {
-        "adamw": [(L, ROWS, D), (L, ROWS, D)],
-        "adafactor": sorted([(L, D), (L, ROWS), (1,)]),  # (1,): optax's unused full-v placeholder
-        "sgd": [],
-    }[rule]
+    assert (
+        _table_state_leaves(opt_state)
+        == {
+            "adamw": [(L, ROWS, D), (L, ROWS, D)],
+            "adafactor": sorted(
+                [(L, D), (L, ROWS), (1,)]
+            ),  # (1,): optax's unused full-v placeholder
+            "sgd": [],
+        }[rule]
+    )
 
 
 def test_factored_statistics_take_the_tables_sharding():
@@ -138,9 +143,7 @@ def test_training_with_the_table_rule_lowers_the_loss(tmp_path, tiny_config, rul
 def test_a_run_with_factored_table_state_learns_saves_and_resumes(tmp_path, tiny_config):
     # Default suite: 4 steps, a checkpoint (with Adafactor's row/column statistics), a resume, 4
     # more; the loss falls over the 8 steps. The exact straight == split comparison is `slow`.
-    config = tiny_config(
-        "train.table_optimizer=adafactor", "train.learning_rate=1e-2", *UMV2_WIDE
-    )
+    config = tiny_config("train.table_optimizer=adafactor", "train.learning_rate=1e-2", *UMV2_WIDE)
     first = loop.train(config, str(tmp_path), stop_after=4, **QUIET)
     second = loop.train(config, str(tmp_path), **QUIET)
     assert first.step == 4 and second.step == 8 and len(second.losses) == 4

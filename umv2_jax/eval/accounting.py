@@ -92,7 +92,11 @@ PAPER_227M = {
 # matched to them on activated parameters (a 30B-total class; its shapes are chosen here).
 PAPER_2P5B = {
     "configs/paper/ultramem_v2_2p5b_60b_top768.yaml": ("UltraMemV2-2.5B/60B-top768", 2.5e9, 60e9),
-    "configs/paper/ultramem_v2_2p5b_120b_top256.yaml": ("UltraMemV2-2.5B/120B-top256", 2.5e9, 120e9),
+    "configs/paper/ultramem_v2_2p5b_120b_top256.yaml": (
+        "UltraMemV2-2.5B/120B-top256",
+        2.5e9,
+        120e9,
+    ),
     "configs/paper/seedmoe_2p5b_30b.yaml": ("SeedMoE-2.5B/30B", 2.5e9, 30e9),
 }
 PAPER_TOLERANCE = 0.05

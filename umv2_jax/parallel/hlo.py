@@ -540,8 +540,11 @@ def step_cost(hlo_text: str) -> StepCost:
                 trips[match.group("name")] = factor
             for callee in _CALLEE.finditer(line):
                 callers.setdefault(callee.group("name"), []).append(
-                    (caller, factor if callee.group("key") in ("body", "condition") else 1,
-                     callee.group("key") if match.group("op") != "fusion" else "fused")
+                    (
+                        caller,
+                        factor if callee.group("key") in ("body", "condition") else 1,
+                        callee.group("key") if match.group("op") != "fusion" else "fused",
+                    )
                 )
             for group in _BRANCHES.finditer(line):
                 for name in re.findall(r"%?([\w.\-]+)", group.group("names")):

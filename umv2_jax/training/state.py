@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from umv2_jax import parallel
-from umv2_jax.parallel import layouts
 from umv2_jax.config import Config
 from umv2_jax.models.transformer import Transformer
+from umv2_jax.parallel import layouts
 from umv2_jax.training.optimizer import make_optimizer, parameter_labels
 
 
