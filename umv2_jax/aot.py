@@ -344,6 +344,7 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         )
 
     from umv2_jax import parallel
+    from umv2_jax.parallel import exchange as table_exchange
     from umv2_jax.parallel import warnings as mesh_warnings
 
     mesh = parallel.make_mesh(base.mesh, devices)
@@ -356,6 +357,7 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
     )
     config.check_mesh_fits_model(mesh.shape["expert"], mesh.shape["tensor"])
     warnings = mesh_warnings.mesh_warnings(config, mesh)
+    table_lines = table_exchange.startup_lines(config, mesh)  # ConfigError if a path cannot run
     mesh_text = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
     if not args.json:
         echo(where)
@@ -368,6 +370,8 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         echo(f"mesh      {mesh_text}")
         for line in warnings:
             echo(f"warning: {line}")
+        for line in table_lines:
+            echo(line)
 
     try:
         result = compile_step(

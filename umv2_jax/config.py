@@ -280,6 +280,13 @@ class MemoryConfig:
     tucker_tau: float = 0.15
     key_balance: float = 0.0  # β of the key-balance loss; 0 = off
     implementation: Implementation = "auto"
+    # Tables row-sharded on `fsdp` (umv2_jax.parallel.exchange): window = all-gather the layer's
+    # window of rows (small tables); exchange = send row ids to the rows' owners, which weight-sum
+    # locally and return per-token partial sums; auto = the fewer bytes moved per step (printed).
+    table_exchange: Literal["auto", "window", "exchange"] = "auto"
+    # exchange: slots per token each owner takes = ceil(f · slots / fsdp); 0 = all of a token's
+    # slots (lossless, masked). Slots past the buffer are dropped (exchange_dropped_fraction).
+    exchange_capacity_factor: float = 0.0
 
     def __post_init__(self) -> None:
         _parse_languages(self, "model.memory")
@@ -348,6 +355,11 @@ class MemoryConfig:
         _require(self.tucker_tau >= 0, f"{prefix}.tucker_tau", "must be >= 0")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
         _require(self.key_balance >= 0, f"{prefix}.key_balance", "must be >= 0")
+        _require(
+            self.exchange_capacity_factor >= 0,
+            f"{prefix}.exchange_capacity_factor",
+            "must be >= 0 (0 = every slot of a token, lossless)",
+        )
 
     def effective_keys(self) -> int:
         """Keys per side n_eff = floor(sqrt(g)·n) for the sharing window g (SPEC §3)."""
@@ -415,6 +427,10 @@ class ProductKeyConfig:
     activation: Literal["gelu", "identity"] = "gelu"  # peer: σ of an expert's neuron
     norm_eps: float = 1e-5
     implementation: Implementation = "auto"
+    # pkm / memory_plus / peer tables on fsdp: as model.memory.table_exchange and
+    # model.memory.exchange_capacity_factor (umv2_jax.parallel.exchange).
+    table_exchange: Literal["auto", "window", "exchange"] = "auto"
+    exchange_capacity_factor: float = 0.0
 
     def resolved_rc_topk(self) -> int:
         return self.rc_topk or self.topk
@@ -428,6 +444,11 @@ class ProductKeyConfig:
         _require(self.rc_topk >= 0, f"{prefix}.rc_topk", "must be >= 0 (0 = topk)")
         _require(self.value_dim >= 0, f"{prefix}.value_dim", "must be >= 0 (0 = d_model)")
         _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be > 0")
+        _require(
+            self.exchange_capacity_factor >= 0,
+            f"{prefix}.exchange_capacity_factor",
+            "must be >= 0 (0 = every slot of a token, lossless)",
+        )
         value_dim = self.resolved_value_dim(d_model)
         if kind in ("pkm", "peer"):
             _require(

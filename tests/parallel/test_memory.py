@@ -33,6 +33,7 @@ BASE = [
 ]
 ROWS, LAYERS, D_V = 144, 2, 16
 
+EXCHANGE = "model.memory.table_exchange=exchange"
 # (name, mesh, extra overrides): every mesh of the issue, scan on and off, the xla ops and the Pallas
 # kernels (`implementation=pallas`: on CPU the GPU kernels run interpreted, inside the shard_map).
 # The default suite runs three; the rest are marked slow.
@@ -50,6 +51,15 @@ SLOW_CASES = [
     ("fsdp4_tensor2_scan", {"fsdp": 4, "tensor": 2}, ["model.scan_layers=true"]),
     ("data2_tensor2_expert2", {"data": 2, "tensor": 2, "expert": 2}, ["model.scan_layers=false"]),
     ("tensor4_fsdp2", {"tensor": 4, "fsdp": 2}, ["model.scan_layers=true"]),
+    # The exchange path (umv2_jax/parallel/exchange.py) in the whole step; layer-level checks of
+    # every mesh are in the default suite (tests/parallel/test_exchange.py).
+    ("fsdp4_exchange", {"fsdp": 4}, ["model.scan_layers=true", EXCHANGE]),
+    ("fsdp2_tensor2_exchange", {"fsdp": 2, "tensor": 2}, ["model.scan_layers=false", EXCHANGE]),
+    (
+        "data2_fsdp2_exchange_pallas",
+        {"data": 2, "fsdp": 2},
+        ["model.scan_layers=true", EXCHANGE, "model.memory.implementation=pallas"],
+    ),
 ]
 # (name, mesh, sequence lengths) of the compiled-step checks; 512 tokens per device are more than
 # value_bag's 256-token block.

@@ -70,6 +70,22 @@ def token_local_bag(run, n_tokens: int, n_split: int):
     return token_local(run, n_tokens, n_split)
 
 
+def sharded_rows_bag(layer, bag, rows, weights, x_p, tables):
+    """`umv2_jax.parallel.exchange.rows_bag` with the layer's `table_exchange` settings: tables
+    [n², D] rows-sharded on fsdp are gathered (window) or reached through their owners (exchange)."""
+    from umv2_jax.parallel.exchange import rows_bag  # lazy, as token_local_bag
+
+    return rows_bag(
+        bag,
+        rows,
+        weights,
+        x_p,
+        tables,
+        table_exchange=layer.table_exchange,
+        capacity_factor=layer.exchange_capacity_factor,
+    )
+
+
 class ProductKeyRetrieval(nnx.Module):
     """Queries and product keys of H heads; `shared_keys` gives every head the same keys (PEER).
 
@@ -170,6 +186,8 @@ class _ProductKeyLayer(nnx.Module):
         del block_index  # layers of one kind are built alike (they stack for scan over layers)
         pk = config.product_key
         self.implementation = pk.implementation
+        self.table_exchange = pk.table_exchange
+        self.exchange_capacity_factor = pk.exchange_capacity_factor
         self.compute_dtype = dtype_of(config.compute_dtype)
         self.n_rows = pk.n_keys**2
         self.retrieval = ProductKeyRetrieval(config, rngs, shared_keys=shared_keys)
@@ -213,12 +231,12 @@ class PKM(_ProductKeyLayer):
         x = u.reshape(-1, u.shape[-1])
         rows, weights = self.retrieval(x, implementation=self.implementation)
 
-        def bag(rows, weights, values):
+        def bag(rows, weights, _, values):
             return value_bag(
                 values, None, rows, weights[..., None], None, implementation=self.implementation
             )
 
-        y = token_local_bag(bag, x.shape[0], 2)(rows, weights, self.values[...])
+        y = sharded_rows_bag(self, bag, rows, weights, None, (self.values[...],))
         return self._finish(u, y, rows, weights, context)
 
 
@@ -250,12 +268,12 @@ class MemoryPlus(_ProductKeyLayer):
         x = u.reshape(-1, u.shape[-1])
         rows, weights = self.retrieval(x, implementation=self.implementation)
 
-        def bag(rows, weights, values):
+        def bag(rows, weights, _, values):
             return value_bag(
                 values, None, rows, weights[..., None], None, implementation=self.implementation
             )
 
-        o = token_local_bag(bag, x.shape[0], 2)(rows, weights, context.shared.values[...])
+        o = sharded_rows_bag(self, bag, rows, weights, None, (context.shared.values[...],))
         gate = jax.nn.silu(x.astype(dtype) @ self.gate_proj[...].astype(dtype))
         y = (o.astype(dtype) * gate) @ self.output_proj[...].astype(dtype)
         return self._finish(u, y, rows, weights, context)
@@ -293,9 +311,8 @@ class PEER(_ProductKeyLayer):
                 implementation=self.implementation,
             )
 
-        y = token_local_bag(bag, x.shape[0], 3)(
-            rows, weights, x.astype(jnp.float32), self.expert_down[...], self.expert_up[...]
-        )
+        tables = (self.expert_down[...], self.expert_up[...])
+        y = sharded_rows_bag(self, bag, rows, weights, x.astype(jnp.float32), tables)
         return self._finish(u, y, rows, weights, context)
 
 

@@ -233,6 +233,10 @@ class UltraMemV2(nnx.Module):
         self.pre_score_act = memory.pre_score_act
         self.dropout_rate = memory.dropout
         self.implementation = memory.implementation
+        self.slots = memory.heads * memory.topk  # m: slots per token, all heads
+        # Rows on fsdp: window gather or row-id exchange (umv2_jax.parallel.exchange).
+        self.table_exchange = memory.table_exchange
+        self.exchange_capacity_factor = memory.exchange_capacity_factor
         self.tucker_penalty, self.tucker_tau = memory.tucker_penalty, memory.tucker_tau
         self.key_balance = memory.key_balance
         self.compute_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[
@@ -352,7 +356,7 @@ class UltraMemV2(nnx.Module):
         pre_values = tables.pre_values
         if pre_values is not None:
             pre_values = pre_values.reshape(-1, pre_values.shape[-1])
-        o = self._bag(x, window_rows, core_scores, values, pre_values, plan)  # [T, D_v(/t)]
+        o, dropped = self._bag(x, window_rows, core_scores, values, pre_values, plan)
         dtype = self.compute_dtype
         y = plan.sum_tensor(o.astype(dtype) @ self.output_proj[...].astype(dtype))
         stop = jax.lax.stop_gradient
@@ -373,6 +377,22 @@ class UltraMemV2(nnx.Module):
             topm_score=plan.mean_batch(jnp.mean(total)),
             row_hits=row_hits,
             row_counts=row_counts,
+            exchange_dropped=dropped,
+        )
+
+    def core_specs(self, batch_spec, diagnostics: bool, counts: bool, dropped: bool) -> LayerCore:
+        """`core`'s out_specs under `umv2_jax.parallel.memory.token_local`: y split like the tokens,
+        every statistic replicated; `dropped`: the exchange buffers can drop slots (a metric)."""
+        P = jax.sharding.PartitionSpec
+        return LayerCore(
+            y=batch_spec,
+            singular_values=P(),
+            key_balance=P() if self.key_balance > 0 else None,
+            top1_score=P(),
+            topm_score=P(),
+            row_hits=P() if diagnostics else None,
+            row_counts=P() if diagnostics and counts else None,
+            exchange_dropped=P() if dropped else None,
         )
 
     def physical_rows(self, grid_indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -396,15 +416,13 @@ class UltraMemV2(nnx.Module):
         values = values.reshape(-1, values.shape[-1])  # [L·n², D_v]: a free view, no copy
         if pre_values is not None:
             pre_values = pre_values.reshape(-1, pre_values.shape[-1])
-        return self._bag(x, rows, core_scores, values, pre_values, memory_parallel.LOCAL)
+        return self._bag(x, rows, core_scores, values, pre_values, memory_parallel.LOCAL)[0]
 
-    def _bag(self, x, rows, core_scores, values, pre_values, plan) -> jax.Array:
-        """value_bag over [H, T, m] rows of `values` [R, D_v(/t)] → o [T, D_v(/t)] fp32.
+    def _bag(self, x, rows, core_scores, values, pre_values, plan):
+        """value_bag over [H, T, m] rows → (o [T, D_v(/t)] fp32, dropped-slot fraction or None).
 
-        Without a tensor split: one fused value_bag call (pre-values inside). With one
-        (`plan.tensor`): this device's D_p slice gives partial pre-scores, summed over tensor, then
-        the activation; value_bag then aggregates this device's D_v slice with pre-scores folded
-        into the core scores of the chunks the slice covers (`plan.local_chunks`).
+        values [R, D_v(/t)]: the window, or this device's row shard of it when the rows' owners
+        aggregate (`plan.rows_axis`, `umv2_jax.parallel.exchange`); `plan.aggregate` routes it.
         """
         heads, tokens, topk = rows.shape
         slots = heads * topk
@@ -416,6 +434,20 @@ class UltraMemV2(nnx.Module):
             x_p = (x.astype(dtype) @ self.pre_value_proj[...].astype(dtype)).astype(jnp.float32)
         else:
             x_p = None
+
+        def bag(rows, core_scores, x_p):
+            return self._aggregate(rows, core_scores, x_p, values, pre_values, plan)
+
+        return plan.aggregate(bag, rows, core_scores, x_p)
+
+    def _aggregate(self, rows, core_scores, x_p, values, pre_values, plan) -> jax.Array:
+        """value_bag of rows [T, m] of `values` [R, D_v(/t)] → o [T, D_v(/t)] fp32.
+
+        Without a tensor split: one fused value_bag call (pre-values inside). With one
+        (`plan.tensor`): this device's D_p slice gives partial pre-scores, summed over tensor, then
+        the activation; value_bag then aggregates this device's D_v slice with pre-scores folded
+        into the core scores of the chunks the slice covers (`plan.local_chunks`).
+        """
         if plan.tensor is None:
             out = value_bag(
                 values,
@@ -460,13 +492,16 @@ class UltraMemV2(nnx.Module):
         stop = jax.lax.stop_gradient
         rank = result.singular_values.shape[-1]
         first = stop(result.singular_values[0])
-        return {
+        metrics = {
             "top1_score": result.top1_score,
             "topm_score": result.topm_score,
             "output_std": jnp.std(stop(y).astype(jnp.float32)),
             "lambda1": first[0],
             "lambda2": first[1] if rank > 1 else jnp.zeros((), jnp.float32),
         }
+        if result.exchange_dropped is not None:
+            metrics["exchange_dropped_fraction"] = result.exchange_dropped
+        return metrics
 
 
 @jax.tree_util.register_dataclass
@@ -476,7 +511,8 @@ class LayerCore:
 
     y: [T, h] compute dtype; singular_values: [H, r] fp32; key_balance: fp32 scalar or None;
     top1_score, topm_score: fp32 means over every token; row_hits: bool [g·n²] or None;
-    row_counts: int32 [g·n²] tokens that read each window row, or None.
+    row_counts: int32 [g·n²] tokens that read each window row, or None;
+    exchange_dropped: fp32 fraction of slots the exchange buffers dropped, or None.
     """
 
     y: jax.Array
@@ -486,6 +522,7 @@ class LayerCore:
     topm_score: jax.Array
     row_hits: jax.Array | None = None
     row_counts: jax.Array | None = None
+    exchange_dropped: jax.Array | None = None
 
 
 def row_token_counts(rows: jax.Array, token_mask: jax.Array, size: int) -> jax.Array:

@@ -31,18 +31,29 @@ runs with whole tables on every tensor device (XLA gathers the slices at the sha
 `umv2_jax.parallel.warnings` is where such a mesh is reported. Without a tensor split the fused
 value_bag call (pre-values inside) is kept.
 
-Rows on `fsdp` (`mem_rows`): the layer all-gathers its window's tables over fsdp inside the
-shard_map; the transpose reduce-scatters the gradient. This is the simple FSDP choice. The
-alternative, exchanging row ids and gathered values with the devices that own the rows, moves
-T·m·(D_v + D_p)/t values per device and layer each way instead of the window's table. At the 1B/7B
-shape (n² = 278 784 rows, D_v 768, D_p 384, m = 128 slots, 4096 tokens per device, fp32 tables):
-the table all-gather is 278 784·1152·4 B = 1.28 GB per layer (7/8 of it received at fsdp 8), while
-the exchange would be 4096·128·1152·4 B = 2.42 GB per layer (2 MB of row ids plus the values) each
-way, and it grows with tokens per device while the gather does not. So the tables are gathered: the
-slots per device (T·m = 524 288) outnumber the table's rows.
+Rows on `fsdp` (`mem_rows`): two paths, chosen per layer by `umv2_jax.parallel.exchange.choose` from
+the bytes each moves per device and step (printed at start-up; `model.memory.table_exchange: auto |
+window | exchange` overrides it). The **window** path all-gathers the window's tables over fsdp
+inside the shard_map and the transpose reduce-scatters the gradient: (f−1)/f·g·n²·(D_v + D_p)/t
+table elements each way, whatever the tokens. The **exchange** path never gathers a table: the fsdp
+group all-gathers its row ids, slot weights and x_p, each device aggregates its own row shard for all
+the group's tokens (value_bag on local rows) and a reduce-scatter returns each device its tokens'
+sums (`MemoryPlan.aggregate` → `exchange_bag`); the table gradient stays on its owner. It moves
+(f−1)·T·(m·(4 + 8C) + 8·(D_p + D_v)/t) bytes (fp32), so it grows with tokens per device, not with the
+table. (An earlier version of this text compared the window with shipping every slot's gathered
+value row, T·m·(D_v + D_p) per device, and kept the gather; returning the owners' per-token partial
+sums instead moves about m times less.)
+At the 1B/7B shape (n² = 278 784, D_v 768, D_p 384, C = 2, m = 128, 4096 tokens per device, fp32
+tables, fsdp 8): window 2.25 GB, exchange 0.34 GB per layer and step, so `auto` exchanges; at 64k
+tokens per device or for the tests' 144-row tables it gathers. The exchange's cost is work on the
+owners (f× the value_bag slots without a capacity, ≈ c× with `exchange_capacity_factor` c; see
+`umv2_jax.parallel.exchange`). Tables whose n² rows fsdp does not divide are replicated over fsdp
+(the window path without a gather); asking for the exchange path then is a ConfigError.
 
-Measured (XLA:CPU plan on 8 fake CPU devices, not a TPU/GPU number; `python -m umv2_jax.aot --config
-configs/paper/ultramem_v2_1b7b.yaml --mesh fsdp=8 --set model.remat=full`, 4096 tokens per device):
+Measured for the window path, before the exchange path existed (XLA:CPU plan on 8 fake CPU devices,
+not a TPU/GPU number; `python -m umv2_jax.aot --config configs/paper/ultramem_v2_1b7b.yaml --mesh
+fsdp=8 --set model.remat=full`, now with `--set model.memory.table_exchange=window`, 4096 tokens per
+device):
 temporaries 10.8 GB per device at fsdp 8 (9.2 GB at fsdp 4 × tensor 2), against 58.5 GB (31.1 GB)
 with the previous memory layer (whole-stack reads, no shard_map) and the rest of the tree unchanged.
 
@@ -56,7 +67,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +76,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from umv2_jax.parallel import exchange as exchange_lib
 from umv2_jax.parallel.mesh import batch_axes, batch_shards
-
-if TYPE_CHECKING:  # pragma: no cover
-    from umv2_jax.models.ultramem_v2 import LayerCore, TableWindow, UltraMemV2
 
 P = PartitionSpec
 
@@ -81,6 +91,10 @@ class MemoryPlan:
     tensor_size:     t.
     split_retrieval: each tensor device retrieves 1/t of the local tokens (then all-gathers).
     n_cores:         C (for `local_chunks`).
+    rows_axis:       the axis the tables' rows are split on when the exchange path runs
+                     (`umv2_jax.parallel.exchange`), else None (the window arrives whole).
+    rows_shards:     its size f; rows_per_table: n²; exchange_slots: slots per token each owner
+                     takes (0: all of them).
     The default (`LOCAL`) makes every method the identity: plain single-device code.
     """
 
@@ -89,6 +103,39 @@ class MemoryPlan:
     tensor_size: int = 1
     split_retrieval: bool = False
     n_cores: int = 1
+    rows_axis: str | None = None
+    rows_shards: int = 1
+    rows_per_table: int = 0
+    exchange_slots: int = 0
+
+    def aggregate(
+        self,
+        bag: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array],
+        rows: jax.Array,
+        core_scores: jax.Array,
+        x_p: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """bag(rows [T, m], core_scores [T, m, C], x_p [T, D_p'] or None) → o [T, D] on this
+        device's tables, or through the rows' owners (`exchange_bag`) when the rows are split.
+        Returns (o, this owner's dropped-slot fraction of the group's slots, or None)."""
+        if self.rows_axis is None:
+            return bag(rows, core_scores, x_p), None
+        out, dropped = exchange_lib.exchange_bag(
+            bag,
+            rows,
+            core_scores,
+            x_p,
+            axis=self.rows_axis,
+            shards=self.rows_shards,
+            rows_per_table=self.rows_per_table,
+            capacity=self.exchange_slots,
+        )
+        if dropped is None:
+            return out, None
+        # Per-owner share of the group's f·T·m slots; the mean over the mesh times f is the
+        # group's fraction (every group has the same f owners).
+        fraction = dropped / (rows.size * self.rows_shards)
+        return out, self.mean_batch(fraction) * self.rows_shards
 
     @property
     def stat_axes(self) -> tuple[str, ...]:
@@ -154,23 +201,49 @@ def tensor_split(mesh: Mesh, value_dim: int, pre_value_dim: int, n_cores: int) -
     return value_dim % t == 0 and pre_value_dim % t == 0 and (n_cores % t == 0 or t % n_cores == 0)
 
 
+def table_path(layer: Any, tables: Any, local_tokens: int, mesh: Mesh, split: bool):
+    """(path, rows axis or None) for this layer on `mesh` (`umv2_jax.parallel.exchange.choose`).
+
+    The rows are split on fsdp when fsdp divides each table's n² rows; otherwise the window path runs
+    with the tables replicated over fsdp (ConfigError if the exchange path was asked for)."""
+    f = mesh.shape.get("fsdp", 1)
+    t = mesh.shape.get("tensor", 1) if split else 1
+    traffic = exchange_lib.TableTraffic(
+        window_rows=tables.values.shape[0] * tables.values.shape[1],
+        rows_per_table=tables.values.shape[1],
+        value_dim=layer.value_dim,
+        pre_value_dim=layer.pre_value_dim,
+        slots=layer.slots,
+        n_cores=layer.n_cores,
+        table_bytes=jnp.dtype(tables.values.dtype).itemsize,
+    )
+    if f <= 1:
+        return "window", None
+    if traffic.rows_per_table % f:
+        exchange_lib.check_tables(traffic, f, layer.table_exchange, layer.exchange_capacity_factor)
+        return "window", None
+    cost = exchange_lib.choose(traffic, local_tokens, f, t, layer.table_exchange)
+    exchange_lib.check_tables(traffic, f, cost.path, layer.exchange_capacity_factor)
+    return cost.path, "fsdp"
+
+
 def token_local(
-    layer: UltraMemV2,
+    layer: Any,
     u: jax.Array,
-    tables: TableWindow,
+    tables: Any,
     rank_one: tuple[jax.Array, jax.Array] | None,
     diagnostics: bool,
     mesh: Mesh,
     token_mask: jax.Array | None = None,
-) -> LayerCore | None:
-    """`layer.core` on each device's own tokens in one shard_map → LayerCore with y like u.
+) -> Any:
+    """`layer.core` on each device's own tokens in one shard_map → its LayerCore with y like u.
 
-    u: [B, S, h] (B split over the batch axes); tables: the layer's window, [g, n², D]. Returns None
-    when u has no batch dimension the mesh's batch axes divide (the caller then runs plain code).
+    u: [B, S, h] (B split over the batch axes); tables: the layer's window (a dataclass with
+    values [g, n², D_v] and pre_values [g, n², D_p] or None). Returns None when u has no batch
+    dimension the mesh's batch axes divide (the caller then runs plain code). The layer supplies
+    `core`, `core_specs`, its dims, `slots`, `table_exchange` and `exchange_capacity_factor`.
     Plain-JAX equivalent: `layer.core(u.reshape(-1, h), tables, rank_one, diagnostics)`.
     """
-    from umv2_jax.models.ultramem_v2 import TableWindow  # models import this module
-
     batch = batch_axes(mesh)
     if u.ndim < 2 or u.shape[0] % batch_shards(mesh):
         return None
@@ -178,15 +251,20 @@ def token_local(
     local_tokens = (u.shape[0] // shards) * math.prod(u.shape[1:-1])
     split = tensor_split(mesh, layer.value_dim, layer.pre_value_dim, layer.n_cores)
     t = mesh.shape.get("tensor", 1)
+    f = mesh.shape.get("fsdp", 1)
+    path, rows_axis = table_path(layer, tables, local_tokens, mesh, split)
+    exchange = path == "exchange"
     plan = MemoryPlan(
         batch=batch,
         tensor="tensor" if split else None,
         tensor_size=t if split else 1,
         split_retrieval=split and local_tokens % t == 0,
         n_cores=layer.n_cores,
+        rows_axis=rows_axis if exchange else None,
+        rows_shards=f if exchange else 1,
+        rows_per_table=tables.values.shape[1],
+        exchange_slots=exchange_lib.capacity_slots(layer.slots, f, layer.exchange_capacity_factor),
     )
-    f = mesh.shape.get("fsdp", 1)
-    rows_axis = "fsdp" if f > 1 and tables.values.shape[1] % f == 0 else None
     dim_axis = "tensor" if split else None
     table_spec = P(None, rows_axis, dim_axis)
 
@@ -208,16 +286,17 @@ def token_local(
 
     def body(leaves, u, values, pre_values, rank_one, token_mask):
         layer = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
-        if rows_axis is not None:
+        if rows_axis is not None and not exchange:  # the window path: gather the rows
             values = lax.all_gather(values, rows_axis, axis=1, tiled=True)
             if pre_values is not None:
                 pre_values = lax.all_gather(pre_values, rows_axis, axis=1, tiled=True)
-        window = TableWindow(values=values, pre_values=pre_values)
+        window = dataclasses.replace(tables, values=values, pre_values=pre_values)
         mask = None if token_mask is None else token_mask.reshape(-1)
         core = layer.core(u.reshape(-1, h), window, rank_one, diagnostics, plan, token_mask=mask)
         return dataclasses.replace(core, y=core.y.reshape(u.shape))
 
-    out_specs = _core_specs(layer, batch_spec, diagnostics, token_mask is not None)
+    dropped = exchange and 0 < plan.exchange_slots < layer.slots
+    out_specs = layer.core_specs(batch_spec, diagnostics, token_mask is not None, dropped)
     pre_spec = None if tables.pre_values is None else table_spec
     rank_spec = None if rank_one is None else (P(), P())
     mask_spec = None if token_mask is None else batch_spec
@@ -233,19 +312,3 @@ def token_local(
         check_vma=False,
     )
     return run(leaves, u, tables.values, tables.pre_values, rank_one, token_mask)
-
-
-def _core_specs(
-    layer: Any, batch_spec: PartitionSpec, diagnostics: bool, counts: bool = False
-) -> LayerCore:
-    from umv2_jax.models.ultramem_v2 import LayerCore
-
-    return LayerCore(
-        y=batch_spec,
-        singular_values=P(),
-        key_balance=P() if layer.key_balance > 0 else None,
-        top1_score=P(),
-        topm_score=P(),
-        row_hits=P() if diagnostics else None,
-        row_counts=P() if diagnostics and counts else None,
-    )

@@ -30,6 +30,7 @@ from umv2_jax.data import pipeline, run_tokenizer
 from umv2_jax.errors import ConfigError, WriteError
 from umv2_jax.ops import attention as attention_ops
 from umv2_jax.parallel import distributed
+from umv2_jax.parallel import exchange as table_exchange
 from umv2_jax.parallel import warnings as mesh_warnings
 from umv2_jax.training import checkpoint as checkpoint_lib
 from umv2_jax.training import finetune, preflight, rundir, signals, warmstart
@@ -127,6 +128,7 @@ def _train(
     last_step = min(stop_after, total_steps) if stop_after is not None else total_steps
     mesh = parallel.make_mesh(config.mesh)  # ConfigError before anything is written
     config.check_mesh_fits_model(mesh.shape["expert"], mesh.shape["tensor"])
+    table_lines = table_exchange.startup_lines(config, mesh)  # ConfigError: tables vs the mesh
     process_index, process_count = jax.process_index(), jax.process_count()
     primary = process_index == 0  # the one process that writes files and talks to the terminal
     if not primary:
@@ -186,6 +188,10 @@ def _train(
     _print_summary(config, setup, workdir, echo, account(config) if account else None)
     for line in mesh_warnings.mesh_warnings(config, mesh, setup.parts.params_template):
         echo(f"warning: {line}")  # what an axis of the mesh replicates (parallel/warnings.py)
+    for line in table_lines:
+        echo(
+            line
+        )  # window gather or row-id exchange, with both paths' bytes (parallel/exchange.py)
     if vocab_warning:
         echo(f"warning: {vocab_warning}")
     note = document_mask_note(config)
