@@ -140,8 +140,9 @@ def test_training_with_the_table_rule_lowers_the_loss(tmp_path, tiny_config, rul
     assert float(np.mean(result.losses[-3:])) < result.losses[0] - 1.0, result.losses
 
 
+@pytest.mark.slow  # two short runs: ≈ 36 s of CPU (365 s wall at load average 21)
 def test_a_run_with_factored_table_state_learns_saves_and_resumes(tmp_path, tiny_config):
-    # Default suite: 4 steps, a checkpoint (with Adafactor's row/column statistics), a resume, 4
+    # 4 steps, a checkpoint (with Adafactor's row/column statistics), a resume, 4
     # more; the loss falls over the 8 steps. The exact straight == split comparison is `slow`.
     config = tiny_config("train.table_optimizer=adafactor", "train.learning_rate=1e-2", *UMV2_WIDE)
     first = loop.train(config, str(tmp_path), stop_after=4, **QUIET)
