@@ -158,6 +158,7 @@ TPU_PROGRAM = textwrap.dedent(
     report = {
         "fits": call(tiny + ["--mesh", "fsdp=4,tensor=2", "--topology", "v5p:2x2x2", "--json"]),
         "scaled_120b": call(scaled + ["--mesh", "fsdp=4", "--topology", "v5p:2x2x1"]),
+        "no_such_slice": call(tiny + ["--topology", "v5p:3x3x3"]),
         # ~1.3B parameters with f32 Adam state replicated 4 ways: > 16 GB per v5e chip.
         "refused": call(big + ["--mesh", "data=4", "--topology", "v5e:2x2"]),
     }
@@ -199,7 +200,8 @@ def tpu_report():
         "model.max_seq_len=512",
     ]
     big = [item for override in big for item in ("--set", override)]
-    scaled = ["--config", "configs/paper/ultramem_v2_2p5b_120b_top256.yaml"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scaled = ["--config", os.path.join(root, "configs/paper/ultramem_v2_2p5b_120b_top256.yaml")]
     scaled += [item for override in SCALED_120B for item in ("--set", override)]
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     completed = _python(
@@ -235,6 +237,14 @@ def test_a_scaled_down_120b_shape_compiles_for_v5p_with_costs(tpu_report):
     bound = r"→ ≥ [\d.]+ ms per step, (compute|memory|collectives)-bound"
     assert re.search(rf"on v5p peaks: compute .* {bound}", roof), roof
     assert lines[-1].startswith("per-device total: ")
+
+
+def test_a_well_formed_slice_that_does_not_exist_is_one_line_exit_2(tpu_report):
+    run = tpu_report["no_such_slice"]
+    assert run["code"] == 2, run["err"][-3000:]
+    error = run["err"].strip()
+    assert len(error.splitlines()) == 1, error
+    assert error.startswith("error: --topology v5p:3x3x3: libtpu cannot describe it: "), error
 
 
 def test_a_step_the_tpu_compiler_refuses_is_one_line_exit_2(tpu_report):
