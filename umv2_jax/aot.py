@@ -3,6 +3,10 @@
     python -m umv2_jax.aot --config configs/paper/ultramem_v2_1b7b.yaml --mesh fsdp=8
     python -m umv2_jax.aot --config PATH --mesh data=2,fsdp=4 --topology v5p:2x2x2 --json
     python -m umv2_jax.aot --config PATH --set model.num_layers=2 --mesh fsdp=8 --devices 8
+    python -m umv2_jax.aot --config configs/paper/ultramem_v2_2p5b_120b_top256.yaml \
+        --topology v5p:4x4x4 --mesh fsdp=16,tensor=4 --batch-per-device 4      # 4096 tokens/chip
+    python -m umv2_jax.aot --config PATH --devices 8 --chip h100    # XLA:CPU's plan, H100 roofline
+    python -m umv2_jax.aot --config PATH --topology v5p:2x2x1 --table-layout default   # before
 
 Builds the train state's shapes and shardings (`training.state.plan`: nothing is allocated) and
 compiles the step the training loop runs (`training.step.make_train_step`, the same in/out
@@ -21,6 +25,9 @@ chip named by `--chip` (default: the TPU slice's own chip; none for an XLA:CPU p
 
 total = arguments + temporaries + outputs − aliased (outputs written into donated arguments) +
 generated code; each number in the decimal unit that shows it (GB = 10⁹, MB = 10⁶, KB = 10³ bytes).
+Memory tables (and their Adam moments) are row-major at the step's boundary, as in the trainer
+(`parallel.layouts`); `--table-layout default` lets XLA pick their layout (XLA:TPU: column-major
+for [N, 192]-like f32 tables, and a table-sized relayout temporary) to measure the difference.
 Without `--config` it plans configs/default.yaml, the config `train.py` trains by default. `--json` prints instead one line
 `{"per_device_bytes": {"arguments", "temporaries", "outputs", "aliased", "generated_code",
 "total"}, "compile_s", "lower_s", "mesh", "platform", "devices", "batch", "seq_len", "warnings",
