@@ -295,6 +295,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="memory tables at the step's boundary: row-major (as the trainer) or XLA's choice "
         "(on TPU column-major for [N, 192]-like tables: a table-sized relayout per gather)",
     )
+    parser.add_argument(
+        "--state-only",
+        action="store_true",
+        help="print the train state's per-chip bytes (params, optimizer, the tables' optimizer "
+        "state) from the plan and stop: no compile (e.g. to compare train.table_optimizer)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line instead")
     return parser.parse_args(argv)
 
@@ -379,6 +385,8 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
             echo(f"warning: {line}")
         for line in table_lines:
             echo(line)
+    if args.state_only:
+        return _state_only(config, mesh, args, echo)
 
     try:
         result = compile_step(
@@ -408,6 +416,7 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         "seq_len": config.data.seq_len,
         "param_count": result["plan"].param_count,
         "table_layout": args.table_layout,
+        "state_bytes_per_chip": state_bytes(result["plan"]),
         "warnings": warnings,
         "collective_bytes": {kind: cost.collective_bytes.get(kind, 0) for kind in COLLECTIVE_KINDS},
         "step_cost": {
@@ -430,6 +439,55 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         for key in ("arguments", "temporaries", "outputs", "aliased", "generated_code"):
             echo(f"  {key.replace('_', ' '):<15}{size_text(sizes[key]):>10}")
         echo(total_line(sizes))
+    return report
+
+
+def state_bytes(layout) -> dict[str, int]:
+    """Per-chip bytes of the train state's shards (`training.state.plan`): params, optimizer state
+    and, of the optimizer state, what mirrors the value / pre-value tables (row-major leaves)."""
+    import jax
+    import numpy as np
+
+    def shard(x) -> int:
+        return int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+
+    opt = layout.state["opt_state"]
+    tables = jax.tree.leaves(
+        jax.tree.map(
+            lambda x, f: shard(x) if hasattr(f, "layout") else 0,
+            opt,
+            layout.step_shardings["opt_state"],
+            is_leaf=lambda f: hasattr(f, "layout"),
+        )
+    )
+    return {
+        "params": sum(shard(x) for x in jax.tree.leaves(layout.state["params"])),
+        "opt_state": sum(shard(x) for x in jax.tree.leaves(opt)),
+        "opt_state_tables": sum(tables),
+    }
+
+
+def _state_only(config, mesh, args, echo) -> dict[str, Any]:
+    """--state-only: the state's per-chip bytes from the plan, nothing compiled."""
+    from umv2_jax import parallel
+    from umv2_jax.training import state as state_lib
+
+    with parallel.use_mesh(mesh):
+        layout = state_lib.plan(config, mesh)
+    sizes = state_bytes(layout)
+    report = {
+        "state_bytes_per_chip": sizes,
+        "table_optimizer": config.train.table_optimizer,
+        "mesh": dict(mesh.shape),
+    }
+    if args.json:
+        echo(json.dumps(report))
+    else:
+        echo(
+            f"state per chip (train.table_optimizer {config.train.table_optimizer}): params "
+            f"{size_text(sizes['params'])}, optimizer {size_text(sizes['opt_state'])} (of it "
+            f"the tables' {size_text(sizes['opt_state_tables'])}); not compiled (--state-only)"
+        )
     return report
 
 
