@@ -444,26 +444,32 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
 
 def state_bytes(layout) -> dict[str, int]:
     """Per-chip bytes of the train state's shards (`training.state.plan`): params, optimizer state
-    and, of the optimizer state, what mirrors the value / pre-value tables (row-major leaves)."""
+    and, of the optimizer state, what belongs to the value / pre-value tables (every leaf whose key
+    path ends with a table's: moments, factored statistics)."""
     import jax
     import numpy as np
 
     def shard(x) -> int:
         return int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
 
-    opt = layout.state["opt_state"]
-    tables = jax.tree.leaves(
-        jax.tree.map(
-            lambda x, f: shard(x) if hasattr(f, "layout") else 0,
-            opt,
-            layout.step_shardings["opt_state"],
-            is_leaf=lambda f: hasattr(f, "layout"),
-        )
+    def names(path) -> tuple:
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+    is_format = lambda f: hasattr(f, "layout")  # noqa: E731 - a row-major table (parallel.layouts)
+    flat = jax.tree_util.tree_flatten_with_path(layout.step_shardings["params"], is_leaf=is_format)[
+        0
+    ]
+    tables = {names(path) for path, f in flat if is_format(f)}
+    opt = jax.tree_util.tree_flatten_with_path(layout.state["opt_state"])[0]
+    of_tables = sum(
+        shard(x)
+        for path, x in opt
+        if any(names(path)[start:] in tables for start in range(len(path)))
     )
     return {
         "params": sum(shard(x) for x in jax.tree.leaves(layout.state["params"])),
-        "opt_state": sum(shard(x) for x in jax.tree.leaves(opt)),
-        "opt_state_tables": sum(tables),
+        "opt_state": sum(shard(x) for _, x in opt),
+        "opt_state_tables": of_tables,
     }
 
 

@@ -6,6 +6,8 @@ factored second moment exact (row means ⊗ column means / overall mean = g²), 
 + wd·p) at step one.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,35 @@ def test_resume_with_factored_table_state_is_exact(tmp_path, tiny_config):
     second = loop.train(config, str(tmp_path / "split"), **QUIET)
     assert first.step == 4 and second.step == 8
     assert first.losses + second.losses == straight.losses
+
+
+def test_aot_state_only_shows_the_tables_optimizer_saving():
+    from umv2_jax import aot
+
+    from .conftest import TINY
+
+    sizes = {}
+    for rule in ("adamw", "adafactor", "sgd"):
+        overrides = [*TINY, *UMV2_WIDE, f"train.table_optimizer={rule}"]
+        argv = ["--devices", "1", "--state-only", "--json"]
+        for override in overrides:
+            argv += ["--set", override]
+        lines = []
+        aot.run(aot.parse_args(argv), echo=lines.append)
+        sizes[rule] = json.loads(lines[-1])["state_bytes_per_chip"]
+    config = load_config(None, [*TINY, *UMV2_WIDE])
+    memory = config.model.memory
+    rows = memory.n_keys**2 * config.model.num_layers  # every block holds a memory here
+    tables = rows * (memory.value_dim + memory.pre_value_dim) * 4  # fp32
+    assert sizes["adamw"]["opt_state_tables"] == 2 * tables  # Adam's two moments
+    assert sizes["sgd"]["opt_state_tables"] == 0
+    # Adafactor: values [L, 144, 128] factored into [L, 128] + [L, 144]; pre-values [L, 144, 8]
+    # (8 < 128: not factored) keep a full second moment.
+    factored = config.model.num_layers * (memory.value_dim + memory.n_keys**2) * 4
+    full = rows * memory.pre_value_dim * 4
+    placeholders = 3 * 4  # optax keeps a (1,) stand-in for each unused statistic: v; v_row, v_col
+    assert sizes["adafactor"]["opt_state_tables"] == factored + full + placeholders
+    for rule in ("adafactor", "sgd"):  # the rest of the state is AdamW's, unchanged
+        rest = sizes[rule]["opt_state"] - sizes[rule]["opt_state_tables"]
+        assert rest == sizes["adamw"]["opt_state"] - sizes["adamw"]["opt_state_tables"]
+        assert sizes[rule]["params"] == sizes["adamw"]["params"]
