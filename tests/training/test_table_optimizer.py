@@ -192,5 +192,6 @@ def test_aot_state_only_shows_the_tables_optimizer_saving():
     assert sizes["adafactor"]["opt_state_tables"] == factored + full + placeholders
     for rule in ("adafactor", "sgd"):  # the rest of the state is AdamW's, unchanged
         rest = sizes[rule]["opt_state"] - sizes[rule]["opt_state_tables"]
-        assert rest == sizes["adamw"]["opt_state"] - sizes["adamw"]["opt_state_tables"]
+        adamw_rest = sizes["adamw"]["opt_state"] - sizes["adamw"]["opt_state_tables"]
+        assert abs(rest - adamw_rest) <= 8  # only the rules' int32 step counters differ
         assert sizes[rule]["params"] == sizes["adamw"]["params"]
