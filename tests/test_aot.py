@@ -148,14 +148,36 @@ TPU_PROGRAM = textwrap.dedent(
 
     tiny = json.loads(sys.argv[1])
     big = json.loads(sys.argv[2])
+    scaled = json.loads(sys.argv[3])
     report = {
         "fits": call(tiny + ["--mesh", "fsdp=4,tensor=2", "--topology", "v5p:2x2x2", "--json"]),
+        "scaled_120b": call(scaled + ["--mesh", "fsdp=4", "--topology", "v5p:2x2x1"]),
+        "no_such_slice": call(tiny + ["--topology", "v5p:3x3x3"]),
         # ~1.3B parameters with f32 Adam state replicated 4 ways: > 16 GB per v5e chip.
         "refused": call(big + ["--mesh", "data=4", "--topology", "v5e:2x2"]),
     }
     print(json.dumps(report))
     """
 )
+
+
+# UltraMemV2-2.5B/120B-top256 shrunk with its ratios (d_ff = 1.6·h, D_v = 2·D_p, topk = 2·rc_topk,
+# untied embeddings, remat full, memory in every block): 2 layers, h 256, 64² rows of 128 + 64.
+SCALED_120B = [
+    "model.num_layers=2",
+    "model.d_model=256",
+    "model.num_heads=2",
+    "model.d_ff=384",
+    "model.vocab_size=1024",
+    "model.memory.key_dim=64",
+    "model.memory.value_dim=128",
+    "model.memory.pre_value_dim=64",
+    "model.memory.n_keys=64",
+    "model.memory.topk=32",
+    "model.memory.rc_topk=16",
+    "data.seq_len=256",
+    "model.max_seq_len=256",
+]
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +194,14 @@ def tpu_report():
         "model.max_seq_len=512",
     ]
     big = [item for override in big for item in ("--set", override)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scaled = ["--config", os.path.join(root, "configs/paper/ultramem_v2_2p5b_120b_top256.yaml")]
+    scaled += [item for override in SCALED_120B for item in ("--set", override)]
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    return run_fresh(TPU_PROGRAM, json.dumps(tiny), json.dumps(big), env=env)
+    # Four compiles (the scaled 120B shape ≈ 52 s of CPU alone); wall time on a loaded host.
+    return run_fresh(
+        TPU_PROGRAM, json.dumps(tiny), json.dumps(big), json.dumps(scaled), env=env, timeout=1800
+    )
 
 
 def test_compiles_for_a_tpu_topology_from_this_host(tpu_report):
@@ -184,6 +212,32 @@ def test_compiles_for_a_tpu_topology_from_this_host(tpu_report):
     assert report["device_kind"] == "TPU v5" and report["devices"] == 8
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}
     assert report["per_device_bytes"]["arguments"] > 0
+    # Collective bytes by kind from the compiled HLO, and the roofline on the slice's own chip.
+    assert report["collective_bytes"]["all-gather"] > 0  # fsdp gathers the weights
+    assert report["roofline"]["chip"] == "v5p"
+    assert report["roofline"]["bound"] in ("compute", "memory", "collectives")
+
+
+def test_a_scaled_down_120b_shape_compiles_for_v5p_with_costs(tpu_report):
+    run = tpu_report["scaled_120b"]
+    assert run["code"] == 0, run["err"][-3000:]
+    lines = run["out"].strip().splitlines()
+    assert lines[0] == "XLA:TPU plan for v5p:2x2x1 (4 × TPU v5)"
+    collectives = next(line for line in lines if line.startswith("collectives per chip"))
+    for kind in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute"):
+        assert re.search(rf"{kind} {SIZE}", collectives), collectives
+    roof = next(line for line in lines if line.startswith("roofline"))
+    bound = r"→ ≥ [\d.]+ ms per step, (compute|memory|collectives)-bound"
+    assert re.search(rf"on v5p peaks: compute .* {bound}", roof), roof
+    assert lines[-1].startswith("per-device total: ")
+
+
+def test_a_well_formed_slice_that_does_not_exist_is_one_line_exit_2(tpu_report):
+    run = tpu_report["no_such_slice"]
+    assert run["code"] == 2, run["err"][-3000:]
+    error = run["err"].strip()
+    assert len(error.splitlines()) == 1, error
+    assert error.startswith("error: --topology v5p:3x3x3: libtpu cannot describe it: "), error
 
 
 def test_a_step_the_tpu_compiler_refuses_is_one_line_exit_2(tpu_report):
@@ -261,7 +315,7 @@ def test_without_config_it_plans_the_default_config_like_train_py(monkeypatch):
 
     seen = []
 
-    def compile_step(config, mesh, *, batch):
+    def compile_step(config, mesh, *, batch, row_major_tables=True):
         seen.append(config)
         raise KeyboardInterrupt  # stop before compiling
 

@@ -3,6 +3,10 @@
     python -m umv2_jax.aot --config configs/paper/ultramem_v2_1b7b.yaml --mesh fsdp=8
     python -m umv2_jax.aot --config PATH --mesh data=2,fsdp=4 --topology v5p:2x2x2 --json
     python -m umv2_jax.aot --config PATH --set model.num_layers=2 --mesh fsdp=8 --devices 8
+    python -m umv2_jax.aot --config configs/paper/ultramem_v2_2p5b_120b_top256.yaml \
+        --topology v5p:4x4x4 --mesh fsdp=16,tensor=4 --batch-per-device 4      # 4096 tokens/chip
+    python -m umv2_jax.aot --config PATH --devices 8 --chip h100    # XLA:CPU's plan, H100 roofline
+    python -m umv2_jax.aot --config PATH --topology v5p:2x2x1 --table-layout default   # before
 
 Builds the train state's shapes and shardings (`training.state.plan`: nothing is allocated) and
 compiles the step the training loop runs (`training.step.make_train_step`, the same in/out
@@ -13,11 +17,21 @@ shardings and donation as `training.loop`) under `parallel.use_mesh(mesh)` for a
 
     per-device total: X.X GB (arguments A GB, temporaries T MB, outputs O KB)
 
+Before it, the step's collective bytes per chip by kind and a roofline step-time estimate
+(`parallel.roofline`: FLOPs / peak, HBM bytes / bandwidth, collective bytes / ICI bandwidth) on the
+chip named by `--chip` (default: the TPU slice's own chip; none for an XLA:CPU plan without
+`--chip`), both read from the compiled HLO with every while-loop body counted once per trip
+(`parallel.hlo.step_cost`; `cost_analysis()` counts a scanned model's loop body once).
+
 total = arguments + temporaries + outputs − aliased (outputs written into donated arguments) +
 generated code; each number in the decimal unit that shows it (GB = 10⁹, MB = 10⁶, KB = 10³ bytes).
+Memory tables (and their Adam moments) are row-major at the step's boundary, as in the trainer
+(`parallel.layouts`); `--table-layout default` lets XLA pick their layout (XLA:TPU: column-major
+for [N, 192]-like f32 tables, and a table-sized relayout temporary) to measure the difference.
 Without `--config` it plans configs/default.yaml, the config `train.py` trains by default. `--json` prints instead one line
 `{"per_device_bytes": {"arguments", "temporaries", "outputs", "aliased", "generated_code",
-"total"}, "compile_s", "lower_s", "mesh", "platform", "devices", "batch", "seq_len", "warnings"}`.
+"total"}, "compile_s", "lower_s", "mesh", "platform", "devices", "batch", "seq_len", "warnings",
+"collective_bytes": {kind: bytes}, "step_cost", "roofline"}` (roofline null without a chip).
 
 Devices: `--topology v5p:2x2x2` (or `v5p-16`, `v5litepod-8`, …) compiles with XLA:TPU for that TPU
 slice from this host (libtpu, the `jax[tpu]` extra; no TPU is used): the TPU compiler's memory
@@ -149,8 +163,10 @@ def _refusal(error: Exception) -> str | None:
     return None
 
 
-def compile_step(config, mesh, *, batch: int) -> dict[str, Any]:
-    """Compiles one training step of `config` on `mesh` for a global batch of `batch` sequences.
+def compile_step(config, mesh, *, batch: int, row_major_tables: bool = True) -> dict[str, Any]:
+    """Compiles one training step of `config` on `mesh` for a global batch of `batch` sequences,
+    with the memory tables row-major at the step's boundary (as the trainer) or, with
+    `row_major_tables=False`, in the layout XLA picks.
 
     Returns {"compiled", "lower_s", "compile_s", "plan"}; raises what the compiler raises.
     """
@@ -163,7 +179,7 @@ def compile_step(config, mesh, *, batch: int) -> dict[str, Any]:
 
     device = mesh.devices.flat[0]
     with parallel.use_mesh(mesh):
-        layout = state_lib.plan(config, mesh)
+        layout = state_lib.plan(config, mesh, row_major_tables=row_major_tables)
         batch_sharding = parallel.batch_sharding(mesh)
         seq = config.data.seq_len
         tokens = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=batch_sharding)
@@ -179,8 +195,8 @@ def compile_step(config, mesh, *, batch: int) -> dict[str, Any]:
             make_train_step(
                 layout.parts, layout.optimizer, config.train.micro_batches, config.train.seed
             ),
-            in_shardings=(layout.state_shardings, layout.rest_shardings, batch_sharding),
-            out_shardings=(layout.state_shardings, parallel.replicated(mesh)),
+            in_shardings=(layout.step_shardings, layout.rest_shardings, batch_sharding),
+            out_shardings=(layout.step_shardings, parallel.replicated(mesh)),
             donate_argnums=(0,),
         )
         start = time.perf_counter()
@@ -266,6 +282,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="sequences per batch shard (global batch = this × data·fsdp·expert)",
     )
+    parser.add_argument(
+        "--chip",
+        default=None,
+        help="chip whose peaks the roofline uses (v4, v5e, v5p, v6e, a100, h100, h200, b200; "
+        "default: the TPU slice's chip)",
+    )
+    parser.add_argument(
+        "--table-layout",
+        choices=("row-major", "default"),
+        default="row-major",
+        help="memory tables at the step's boundary: row-major (as the trainer) or XLA's choice "
+        "(on TPU column-major for [N, 192]-like tables: a table-sized relayout per gather)",
+    )
+    parser.add_argument(
+        "--state-only",
+        action="store_true",
+        help="print the train state's per-chip bytes (params, optimizer, the tables' optimizer "
+        "state) from the plan and stop: no compile (e.g. to compare train.table_optimizer)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line instead")
     return parser.parse_args(argv)
 
@@ -279,6 +314,12 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         raise ConfigError(f"--batch-per-device {args.batch_per_device}: must be >= 1")
     if args.devices is not None and args.devices < 1:
         raise ConfigError(f"--devices {args.devices}: must be >= 1")
+    from umv2_jax import hardware
+
+    if args.chip is not None and args.chip.strip().lower() not in hardware.CHIPS:
+        raise ConfigError(
+            f"--chip {args.chip}: unknown; use one of {', '.join(hardware.CHIPS)} (umv2_jax.hardware)"
+        )
     overrides = list(args.overrides)
     if args.mesh is not None:
         sizes = parse_mesh(args.mesh)
@@ -306,6 +347,8 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         count = args.devices or (math.prod(sizes) if -1 not in sizes else 8)
         devices = _cpu_devices(count)
         where = f"XLA:CPU plan on {count} fake devices (not a TPU/GPU number; --topology for TPU)"
+        if args.chip is not None:
+            where += f"; the roofline puts XLA:CPU's plan on {args.chip} peaks"
     if base.mesh.data != -1 and fixed * base.mesh.data != len(devices):
         source = f"topology {args.topology}" if args.topology else f"--devices {len(devices)}"
         raise ConfigError(
@@ -343,9 +386,13 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
             echo(f"warning: {line}")
         for line in table_lines:
             echo(line)
+    if args.state_only:
+        return _state_only(config, mesh, args, echo)
 
     try:
-        result = compile_step(config, mesh, batch=batch)
+        result = compile_step(
+            config, mesh, batch=batch, row_major_tables=args.table_layout == "row-major"
+        )
     except Exception as error:  # noqa: BLE001 - the TPU compiler's refusal is a user answer
         reason = _refusal(error)
         if reason is None:
@@ -356,6 +403,7 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
             "sharding, model.remat=full, or a smaller --batch-per-device"
         ) from None
     sizes = memory_bytes(result["compiled"])
+    cost, estimate = step_costs(result["compiled"], config, devices, batch, args.chip)
     report = {
         "per_device_bytes": sizes,
         "compile_s": round(result["compile_s"], 3),
@@ -368,7 +416,17 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         "batch": batch,
         "seq_len": config.data.seq_len,
         "param_count": result["plan"].param_count,
+        "table_layout": args.table_layout,
+        "state_bytes_per_chip": state_bytes(result["plan"]),
         "warnings": warnings,
+        "collective_bytes": {kind: cost.collective_bytes.get(kind, 0) for kind in COLLECTIVE_KINDS},
+        "step_cost": {
+            "flops": cost.flops,
+            "hbm_bytes": cost.hbm_bytes,
+            "loop_trips": cost.trips,
+            "unknown_trips": list(cost.unknown_trips),
+        },
+        "roofline": None if estimate is None else estimate.as_dict(),
     }
     if args.json:
         echo(json.dumps(report))
@@ -377,10 +435,131 @@ def run(args: argparse.Namespace, echo=print) -> dict[str, Any]:
         echo(
             f"compile   trace + lower {result['lower_s']:.1f} s, compile {result['compile_s']:.1f} s"
         )
+        for line in cost_lines(cost, estimate):
+            echo(line)
         for key in ("arguments", "temporaries", "outputs", "aliased", "generated_code"):
             echo(f"  {key.replace('_', ' '):<15}{size_text(sizes[key]):>10}")
         echo(total_line(sizes))
     return report
+
+
+def state_bytes(layout) -> dict[str, int]:
+    """Per-chip bytes of the train state's shards (`training.state.plan`): params, optimizer state
+    and, of the optimizer state, what belongs to the value / pre-value tables (every leaf whose key
+    path ends with a table's: moments, factored statistics)."""
+    import jax
+    import numpy as np
+
+    def shard(x) -> int:
+        return int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+
+    def names(path) -> tuple:
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+    is_format = lambda f: hasattr(f, "layout")  # noqa: E731 - a row-major table (parallel.layouts)
+    flat = jax.tree_util.tree_flatten_with_path(layout.step_shardings["params"], is_leaf=is_format)[
+        0
+    ]
+    tables = {names(path) for path, f in flat if is_format(f)}
+    opt = jax.tree_util.tree_flatten_with_path(layout.state["opt_state"])[0]
+    of_tables = sum(
+        shard(x)
+        for path, x in opt
+        if any(names(path)[start:] in tables for start in range(len(path)))
+    )
+    return {
+        "params": sum(shard(x) for x in jax.tree.leaves(layout.state["params"])),
+        "opt_state": sum(shard(x) for _, x in opt),
+        "opt_state_tables": of_tables,
+    }
+
+
+def _state_only(config, mesh, args, echo) -> dict[str, Any]:
+    """--state-only: the state's per-chip bytes from the plan, nothing compiled."""
+    from umv2_jax import parallel
+    from umv2_jax.training import state as state_lib
+
+    with parallel.use_mesh(mesh):
+        layout = state_lib.plan(config, mesh)
+    sizes = state_bytes(layout)
+    report = {
+        "state_bytes_per_chip": sizes,
+        "table_optimizer": config.train.table_optimizer,
+        "mesh": dict(mesh.shape),
+    }
+    if args.json:
+        echo(json.dumps(report))
+    else:
+        echo(
+            f"state per chip (train.table_optimizer {config.train.table_optimizer}): params "
+            f"{size_text(sizes['params'])}, optimizer {size_text(sizes['opt_state'])} (of it "
+            f"the tables' {size_text(sizes['opt_state_tables'])}); not compiled (--state-only)"
+        )
+    return report
+
+
+COLLECTIVE_KINDS = (
+    "all-gather",
+    "reduce-scatter",
+    "all-reduce",
+    "all-to-all",
+    "ragged-all-to-all",
+    "collective-permute",
+)
+
+
+def step_costs(compiled, config, devices, batch: int, chip_name: str | None):
+    """(hlo.StepCost per device, roofline.Roofline or None) of a compiled step; the chip is
+    `chip_name` or the TPU devices' own (None on an XLA:CPU plan without --chip)."""
+    from umv2_jax import hardware
+    from umv2_jax.eval.accounting import account
+    from umv2_jax.parallel import hlo, roofline
+
+    cost = hlo.step_cost(compiled.as_text())
+    if chip_name is not None:
+        chip = hardware.chip(chip_name)
+    elif devices[0].platform == "tpu":
+        chip = hardware.chip_for_kind(devices[0].device_kind)
+    else:
+        chip = None
+    if chip is None:
+        return cost, None
+    tokens_per_chip = batch * config.data.seq_len / len(devices)
+    model_flops = account(config).training_flops_per_token * tokens_per_chip
+    return cost, roofline.roofline(cost, chip, model_flops=model_flops)
+
+
+def cost_lines(cost, estimate) -> list[str]:
+    """The text report's collective-bytes and roofline lines."""
+    kinds = ", ".join(
+        f"{kind} {size_text(cost.collective_bytes.get(kind, 0))}"
+        for kind in COLLECTIVE_KINDS
+        if kind != "ragged-all-to-all" or kind in cost.collective_bytes
+    )
+    total = sum(cost.collective_bytes.values())
+    counted = sorted(trips for name, trips in cost.trips.items() if name not in cost.unknown_trips)
+    loops = ", ".join(f"{trips}" for trips in counted if trips > 1) or "none over 1 trip"
+    lines = [
+        f"collectives per chip per step: {kinds} (total {size_text(total)}; loop bodies × their "
+        f"trips: {loops})",
+    ]
+    if cost.unknown_trips:
+        lines.append(
+            f"note: {len(cost.unknown_trips)} while loop(s) with a data-dependent trip count (e.g. "
+            "an SVD's iterations) counted once"
+        )
+    if estimate is None:
+        lines.append("roofline  n/a (XLA:CPU plan; name a chip with --chip, e.g. --chip h100)")
+        return lines
+    terms = estimate.terms
+    lines.append(
+        f"roofline  on {estimate.chip} peaks: compute {terms['compute'] * 1e3:.1f} ms "
+        f"({estimate.flops / 1e12:.1f} TFLOP), HBM {terms['memory'] * 1e3:.1f} ms "
+        f"({size_text(estimate.hbm_bytes)}), collectives {terms['collectives'] * 1e3:.1f} ms → "
+        f"≥ {estimate.seconds * 1e3:.1f} ms per step, {estimate.bound}-bound "
+        f"({estimate.serial_seconds * 1e3:.1f} ms with no overlap)"
+    )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

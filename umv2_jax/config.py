@@ -1002,6 +1002,11 @@ class TrainConfig:
     # Everything else stays bitwise unchanged, weight decay included, and keeps no optimizer state
     # (umv2_jax.training.optimizer).
     trainable: Literal["all", "values", "rows", "memory", "ffn"] = "all"
+    # Update rule of the memory value and pre-value tables (`ValueParam`s; every other parameter
+    # keeps AdamW): adamw (two fp32 moments per table entry), adafactor (factored second moment: a
+    # row and a column statistic per table, no first moment), sgd (no state). The saving is the
+    # tables' optimizer state: 8 bytes per entry under adamw (umv2_jax.training.optimizer).
+    table_optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
     # Warm start (umv2_jax.training.warmstart): a new run starts from these parameters with a fresh
     # optimizer: RUN[:STEP] (a run directory, its newest checkpoint or STEP) or hf:DIR (a dense
     # Hugging Face checkpoint, retrofitted: umv2_jax.retrofit). Ignored when the run resumes.

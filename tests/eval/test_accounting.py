@@ -32,13 +32,35 @@ def _account(path: str, *overrides: str) -> acc.Accounting:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_227m_family_reproduces_the_papers_counts_within_5_percent():
-    # docs/model.md §7: ≈ 227M activated and ≈ 1.18B total (paper convention) for all four 227M configs.
+def test_paper_table_reproduces_the_papers_counts_within_5_percent():
+    # docs/model.md §7: ≈ 227M activated and ≈ 1.18B total (paper convention) for all four 227M configs;
+    # 2.5B activated with 60B / 120B total for the UltraMemV2-2.5B pair and 30B for the MoE baseline.
     table, differences = acc.paper_table()
-    assert len(differences) == 4
+    names = [name for name, _, _ in differences]
+    assert len(differences) == 7
+    for expected in (
+        "UltraMemV2-2.5B/60B-top768",
+        "UltraMemV2-2.5B/120B-top256",
+        "SeedMoE-2.5B/30B",
+    ):
+        assert expected in names, (expected, table)
     for name, d_activated, d_total in differences:
         assert abs(d_activated) <= 0.05, (name, d_activated, table)
         assert abs(d_total) <= 0.05, (name, d_total, table)
+
+
+def test_2p5b_configs_match_the_papers_shapes_and_each_other():
+    # docs/model.md §7: topk 768 / 256 with rc_topk capped at 128; the MoE baseline is matched on activated
+    # parameters to the UltraMemV2 pair (the accounting's --match tolerance, 3%).
+    top768 = _account("configs/paper/ultramem_v2_2p5b_60b_top768.yaml")
+    top256 = _account("configs/paper/ultramem_v2_2p5b_120b_top256.yaml")
+    moe = _account("configs/paper/seedmoe_2p5b_30b.yaml")
+    for path, topk in (("60b_top768", 768), ("120b_top256", 256)):
+        memory = load_config(_path(f"configs/paper/ultramem_v2_2p5b_{path}.yaml")).model.memory
+        assert (memory.topk, memory.rc_topk) == (topk, 128)
+    for umv2 in (top768, top256):
+        assert abs(moe.activated_params / umv2.activated_params - 1) <= acc.MATCH_TOLERANCE
+    assert top256.total_params > 1.9 * top768.total_params
 
 
 def test_1b7b_configs_are_accounted_without_allocating_them():

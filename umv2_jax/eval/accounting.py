@@ -3,7 +3,7 @@
     python -m umv2_jax.eval.accounting --config configs/paper/ultramem_v2_227m.yaml [--set k=v] [--json]
     python -m umv2_jax.eval.accounting --match configs/eval/s_moe.yaml configs/eval/s_umv2.yaml \\
         [--dense configs/eval/s_dense.yaml]            # exit status 1 when a match fails
-    python -m umv2_jax.eval.accounting --paper-table  # the 227M family against the paper's numbers
+    python -m umv2_jax.eval.accounting --paper-table  # the 227M family and the 2.5B models vs the paper
 
     result = account(load_config(path))               # an `Accounting`
 
@@ -95,6 +95,17 @@ PAPER_227M = {
     "paper/memory_plus_227m": ("Memory+-227M/1.2B", 227e6, 1.18e9),
     "paper/ultramem_227m": ("UltraMem-227M/1.2B", 227e6, 1.18e9),
     "paper/ultramem_v2_227m": ("UltraMemV2-227M/1.2B", 227e6, 1.18e9),
+}
+# The paper's headline scale (docs/model.md §7: 2.5B activated; 60B / 120B total) and the MoE baseline
+# matched to them on activated parameters (a 30B-total class; its shapes are chosen here).
+PAPER_2P5B = {
+    "paper/ultramem_v2_2p5b_60b_top768": ("UltraMemV2-2.5B/60B-top768", 2.5e9, 60e9),
+    "paper/ultramem_v2_2p5b_120b_top256": (
+        "UltraMemV2-2.5B/120B-top256",
+        2.5e9,
+        120e9,
+    ),
+    "paper/seedmoe_2p5b_30b": ("SeedMoE-2.5B/30B", 2.5e9, 30e9),
 }
 PAPER_TOLERANCE = 0.05
 
@@ -458,7 +469,8 @@ def match_table(rows: list[MatchRow], tolerance: float = MATCH_TOLERANCE) -> str
 
 
 def paper_table(root: str | None = None) -> tuple[str, list[tuple[str, float, float]]]:
-    """The 227M family against docs/model.md §7's numbers: (Markdown table, [(name, Δactivated, Δtotal)]).
+    """The 227M family and the 2.5B-activated models against docs/model.md §7's numbers: (Markdown table,
+    [(name, Δactivated, Δtotal)]).
 
     root: a directory holding configs/ to read them from (default: the packaged configs).
     """
@@ -469,7 +481,7 @@ def paper_table(root: str | None = None) -> tuple[str, list[tuple[str, float, fl
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     differences = []
-    for path, (name, paper_activated, paper_total) in PAPER_227M.items():
+    for path, (name, paper_activated, paper_total) in {**PAPER_227M, **PAPER_2P5B}.items():
         result = account(
             load_config(os.path.join(root, "configs", f"{path}.yaml") if root else path)
         )
@@ -544,7 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dense", help="with --match: the dense config matched on forward FLOPs")
     parser.add_argument("--tolerance", type=float, default=MATCH_TOLERANCE)
     parser.add_argument(
-        "--paper-table", action="store_true", help="the 227M family vs the paper (docs/model.md §7)"
+        "--paper-table",
+        action="store_true",
+        help="the 227M family and the 2.5B-activated 60B/120B/MoE-30B configs vs the paper (docs/model.md §7)",
     )
     args = parser.parse_args(argv)
     try:

@@ -405,3 +405,205 @@ def _start_results(base: str, produced: tuple[Array, ...], operands: tuple[Array
     if len(arrays) >= 2 * len(operands) and operands:
         return tuple(arrays[len(operands) : 2 * len(operands)])
     return tuple(arrays)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step totals: loop bodies counted once per trip.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """What one run of a compiled program does per device, loop bodies counted per trip.
+
+    collective_bytes: {kind: bytes} (as `bytes_moved`, each collective × its computation's trips);
+    flops: 2·multiply-adds of every dot and convolution (custom calls, e.g. Pallas kernels, are
+    opaque: not counted); hbm_bytes: operand + result bytes of every instruction outside fusions
+    (a fusion counts its own operands and outputs once: what XLA's cost model calls bytes accessed);
+    trips: {while instruction name: trip count used}; unknown_trips: while loops whose trip count
+    is neither in `known_trip_count` nor a `compare(i, constant), direction=LT` condition (counted
+    once).
+    """
+
+    collective_bytes: dict[str, int]
+    flops: float
+    hbm_bytes: float
+    trips: dict[str, int]
+    unknown_trips: tuple[str, ...]
+
+
+_HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
+_CALLEE = re.compile(
+    r"\b(?P<key>body|condition|calls|to_apply|true_computation|false_computation)=%?(?P<name>[\w.\-]+)"
+)
+_BRANCHES = re.compile(r"\b(?:branch_computations|called_computations)=\{(?P<names>[^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+# Instructions that move no HBM bytes of their own (views, tuples, control flow, bookkeeping).
+_FREE = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "while",
+    "call",
+    "conditional",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+    "domain",
+}
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """{computation name: its instruction lines}, and the entry computation's name."""
+    bodies: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if current is None:
+            header = _HEADER.match(line)
+            if header is not None and " = " not in line.split("(", 1)[0]:
+                current = header.group("name")
+                bodies[current] = []
+                if line.lstrip().startswith("ENTRY"):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        bodies[current].append(line)
+    return bodies, entry
+
+
+def _condition_bound(name: str, bodies: dict[str, list[str]]) -> int | None:
+    """N of a scan-style loop condition `compare(i, N), direction=LT` with N a scalar constant of
+    the condition; the compare may sit in a computation the condition calls (XLA:TPU wraps it)."""
+    lines = bodies.get(name, [])
+    constants = {}
+    for line in lines:
+        match = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*s\d+\[\]\s+constant\((-?\d+)\)", line)
+        if match:
+            constants[match.group(1)] = int(match.group(2))
+    for line in lines:
+        if " compare(" in line and "direction=LT" in line:
+            names = re.findall(r"%?([\w.\-]+)", _balanced(line, line.index(" compare(") + 8))
+            bounds = [constants[n] for n in names if n in constants]
+            if bounds:
+                return bounds[-1]
+    called = [m.group("name") for line in lines for m in _CALLEE.finditer(line)]
+    wrapped = any(
+        " compare(" in inner and "direction=LT" in inner
+        for callee in called
+        for inner in bodies.get(callee, [])
+    )
+    if wrapped and len(constants) == 1:
+        return next(iter(constants.values()))
+    return None
+
+
+def step_cost(hlo_text: str) -> StepCost:
+    """Collective bytes, FLOPs and HBM bytes of one run of an optimized HLO module, per device,
+    with every computation weighted by how often it runs (a while body: × its trip count).
+
+    Read from `compiled.as_text()`; `compiled.cost_analysis()` counts a loop body once, which
+    under-counts a scanned model by its depth.
+    """
+    bodies, entry = _computations(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    types: dict[str, str] = {}
+    for lines in bodies.values():
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if match is not None:
+                types[match.group("name")] = match.group("type")
+    callers: dict[str, list[tuple[str, int, str]]] = {}  # callee → [(caller, factor, key)]
+    trips: dict[str, int] = {}
+    unknown: list[str] = []
+    for caller, lines in bodies.items():
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if match is None:
+                continue
+            factor = 1
+            if match.group("op") == "while":
+                trip = _TRIP.search(line)
+                condition = re.search(r"\bcondition=%?([\w.\-]+)", line)
+                bound = None
+                if trip is None and condition is not None:
+                    bound = _condition_bound(condition.group(1), bodies)
+                factor = int(trip.group(1)) if trip else bound
+                if factor is None:
+                    unknown.append(match.group("name"))
+                    factor = 1
+                trips[match.group("name")] = factor
+            for callee in _CALLEE.finditer(line):
+                callers.setdefault(callee.group("name"), []).append(
+                    (
+                        caller,
+                        factor if callee.group("key") in ("body", "condition") else 1,
+                        callee.group("key") if match.group("op") != "fusion" else "fused",
+                    )
+                )
+            for group in _BRANCHES.finditer(line):
+                for name in re.findall(r"%?([\w.\-]+)", group.group("names")):
+                    callers.setdefault(name, []).append((caller, 1, "branch"))
+
+    memo: dict[str, float] = {entry: 1.0}
+    fused: dict[str, bool] = {entry: False}
+
+    def weight(name: str, depth: int = 0) -> float:
+        if name in memo:
+            return memo[name]
+        memo[name] = 0.0  # guards a malformed cyclic graph
+        total, inside = 0.0, True
+        for caller, factor, key in callers.get(name, []):
+            if depth > 200:
+                break
+            w = weight(caller, depth + 1)
+            total += w * factor
+            inside = inside and (key in ("fused", "to_apply") or fused.get(caller, False))
+        memo[name], fused[name] = total, inside and bool(callers.get(name))
+        return total
+
+    moved: dict[str, int] = {}
+    flops = 0.0
+    hbm = 0.0
+    for name, lines in bodies.items():
+        w = weight(name)
+        if w == 0:
+            continue
+        text = "\n".join(lines)
+        for op in collectives(text):
+            moved[op.kind] = moved.get(op.kind, 0) + int(op.bytes * w)
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if match is None:
+                continue
+            op = match.group("op")
+            if op in ("dot", "convolution"):
+                flops += w * _dot_flops(line, match, types)
+            if not fused[name] and op not in _FREE and not op.endswith("-done"):
+                operands = _operand_arrays(_balanced(line, match.end() - 1), types)
+                hbm += w * (_total(parse_arrays(match.group("type"))) + _total(operands))
+    return StepCost(moved, flops, hbm, trips, tuple(unknown))
+
+
+def _dot_flops(line: str, match: re.Match, types: dict[str, str]) -> float:
+    """2 × result elements × contracted elements of a dot (or a convolution's kernel window)."""
+    result = parse_arrays(match.group("type"))
+    operands = _operand_arrays(_balanced(line, match.end() - 1), types)
+    if not result or len(operands) < 2:
+        return 0.0
+    out = float(np.prod(result[0].shape, dtype=np.float64))
+    if match.group("op") == "dot":
+        dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        contracted = [operands[0].shape[d] for d in _ints(dims.group(1))] if dims else []
+        return 2.0 * out * float(np.prod(contracted, dtype=np.float64))
+    labels = re.search(r"dim_labels=[^_]*_([^-]*)->", line)
+    kernel = operands[1].shape
+    if labels is None or "o" not in labels.group(1) or len(labels.group(1)) != len(kernel):
+        return 0.0
+    out_features = kernel[labels.group(1).index("o")]
+    return 2.0 * out * float(np.prod(kernel, dtype=np.float64)) / max(out_features, 1)

@@ -77,18 +77,39 @@ def shardings_like(tree: Any, reference_paths: dict[tuple, NamedSharding], mesh:
     """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters.
 
     A leaf whose key path ends with a parameter's key path gets that parameter's sharding when the
-    shapes agree; every other leaf (counts, scalars) is replicated.
+    shapes agree; a leaf with one dimension of the parameter's shape deleted (a factored second
+    moment, e.g. Adafactor's row and column statistics [L, D] and [L, n²] of a table [L, n², D])
+    gets the parameter's spec with that dimension's entry deleted; every other leaf (counts,
+    scalars) is replicated.
     """
 
     def pick(path, leaf):
         keys = tuple(_key_name(k) for k in path)
+        shape = tuple(np.shape(leaf))
         for start in range(len(keys)):
             match = reference_paths.get(keys[start:])
-            if match is not None and match[1] == tuple(np.shape(leaf)):
+            if match is None:
+                continue
+            if match[1] == shape:
                 return match[0]
+            reduced = _reduced_spec(match[0], match[1], shape)
+            if reduced is not None:
+                return NamedSharding(mesh, reduced)
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _reduced_spec(sharding: NamedSharding, full: tuple, shape: tuple) -> PartitionSpec | None:
+    """The spec of `sharding` (for shape `full`) with the one dimension deleted that turns `full`
+    into `shape` (the last such dimension: optax factors a table's two largest), or None."""
+    if len(shape) != len(full) - 1 or not shape:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (len(full) - len(sharding.spec))
+    for dim in reversed(range(len(full))):
+        if full[:dim] + full[dim + 1 :] == shape:
+            return PartitionSpec(*(spec[:dim] + spec[dim + 1 :]))
+    return None
 
 
 def path_index(shardings: Any, shapes: Any) -> dict[tuple, tuple[NamedSharding, tuple]]:

@@ -38,7 +38,7 @@ from umv2_jax.training import finetune, preflight, rundir, signals, throughput, 
 from umv2_jax.training import metrics as metrics_lib
 from umv2_jax.training.optimizer import learning_rate_schedule
 from umv2_jax.training.profiling import StepProfiler
-from umv2_jax.training.state import Setup, abstract_like, build
+from umv2_jax.training.state import Setup, abstract_like, build, to_step_layout
 from umv2_jax.training.step import make_eval_step, make_train_step, summarize_eval
 from umv2_jax.training.wandb_sink import WandbSink, check_available
 
@@ -173,6 +173,7 @@ def _train(
     state, rest, start_step = setup.state, setup.rest, 0
     if init_source is not None and not (has_run and checkpointer.steps()):
         state, rest = warmstart.initial_state(config, setup, init_source)
+        state = to_step_layout(state, setup.step_shardings)
         echo(f"Initialized from {init_source} (fresh optimizer, step 0)")
     if has_run and checkpointer.steps():
         start_step, state, rest, data_state = checkpointer.restore_latest(
@@ -180,6 +181,7 @@ def _train(
             abstract_like(setup.rest, setup.rest_shardings),
         )
         train_iterator.set_state(data_state)
+        state = to_step_layout(state, setup.step_shardings)  # row-major tables (parallel.layouts)
         echo(f"Resumed from step {start_step} in {checkpointer.directory}")
         signals.raise_if_requested(workdir, start_step)
     if primary:
@@ -215,13 +217,13 @@ def _train(
         make_train_step(
             setup.parts, setup.optimizer, config.train.micro_batches, config.train.seed
         ),
-        in_shardings=(setup.state_shardings, setup.rest_shardings, batch_sharding),
-        out_shardings=(setup.state_shardings, parallel.replicated(mesh)),
+        in_shardings=(setup.step_shardings, setup.rest_shardings, batch_sharding),
+        out_shardings=(setup.step_shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
         make_eval_step(setup.parts),
-        in_shardings=(setup.state_shardings["params"], setup.rest_shardings, batch_sharding),
+        in_shardings=(setup.step_shardings["params"], setup.rest_shardings, batch_sharding),
         out_shardings=parallel.replicated(mesh),
     )
 

@@ -5,6 +5,16 @@ Groups:
   values   memory value and pre-value tables (`ValueParam`), at the schedule × an LR multiplier
            (`decay:F`: F× decaying linearly to 1× over a fraction of training; `constant:F`).
 
+`train.table_optimizer` picks the values group's update rule (every other group keeps AdamW):
+  adamw      AdamW, like the rest (two fp32 moments per table entry: 8 bytes);
+  adafactor  Adafactor's factored second moment (`optax.scale_by_factored_rms`: for a table
+             [L, n², D] a row statistic [L, n²] and a column statistic [L, D]; decay 1 − t^-0.8),
+             no first moment, updates clipped to RMS 1 per parameter (Adafactor's d = 1), then
+             decoupled weight decay and the values group's learning rate (schedule × multiplier);
+  sgd        plain SGD with decoupled weight decay at the same learning rate: no state at all (its
+             steps are the gradient's size, far smaller than Adam's at the same LR: raise the value
+             LR multiplier, `model.memory.value_lr`, to compensate).
+
 Weight decay applies to every parameter with two or more dimensions (matrices, keys, cores, value
 tables); norm gains are not decayed.
 
@@ -139,7 +149,7 @@ def make_optimizer(
             mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
         )
 
-    values = adamw(lambda step: schedule(step) * multiplier(step))
+    values = table_rule(config, lambda step: schedule(step) * multiplier(step), adamw)
     if train.trainable == "all":
         groups = {DEFAULT_GROUP: adamw(schedule), VALUES_GROUP: values}
     else:
@@ -160,6 +170,25 @@ def make_optimizer(
     if config.model.param_dtype != "float32":
         optimizer = with_float32_state(optimizer)
     return optimizer
+
+
+def table_rule(config: Config, lr: optax.Schedule, adamw) -> optax.GradientTransformation:
+    """The values group's update rule for `train.table_optimizer` (see the module docstring);
+    `adamw(lr)` builds the AdamW the other groups use."""
+    train = config.train
+    if train.table_optimizer == "adamw":
+        return adamw(lr)
+    decay = optax.add_decayed_weights(
+        train.weight_decay, mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)
+    )
+    if train.table_optimizer == "sgd":
+        return optax.chain(decay, optax.scale_by_learning_rate(lr))
+    return optax.chain(
+        optax.scale_by_factored_rms(),
+        optax.clip_by_block_rms(1.0),
+        decay,
+        optax.scale_by_learning_rate(lr),
+    )
 
 
 def with_float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:

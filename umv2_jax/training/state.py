@@ -23,6 +23,7 @@ from flax import nnx
 from umv2_jax import parallel
 from umv2_jax.config import Config
 from umv2_jax.models.transformer import Transformer
+from umv2_jax.parallel import layouts
 from umv2_jax.training.optimizer import make_optimizer, parameter_labels
 
 
@@ -71,6 +72,9 @@ class Setup:
     rest_shardings: Any
     optimizer: Any
     param_count: int
+    # state_shardings with the memory tables (and their optimizer mirrors) as row-major
+    # `Format`s: the train step's in/out shardings (umv2_jax.parallel.layouts)
+    step_shardings: Any = None
 
 
 @dataclasses.dataclass
@@ -90,13 +94,24 @@ class Plan:
     state_shardings: Any
     rest_shardings: Any
     param_count: int
+    # The train step's in/out shardings of the state: state_shardings with the memory tables and
+    # their optimizer mirrors row-major (`parallel.layouts`); `state` carries them too.
+    step_shardings: Any = None
 
 
-def plan(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any = None) -> Plan:
+def plan(
+    config: Config,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    row_mask: Any = None,
+    row_major_tables: bool = True,
+) -> Plan:
     """Shapes and shardings of the train state on `mesh` (default: the config's), nothing allocated.
 
     Parameters are sharded by their logical axes through `mesh.rules` (umv2_jax.parallel.rules);
-    optimizer state takes each parameter's sharding.
+    optimizer state takes each parameter's sharding. row_major_tables: the step's memory tables
+    (value, pre-value and their optimizer moments) keep a row-major layout (`step_shardings`);
+    False leaves the layout to XLA (what `python -m umv2_jax.aot --table-layout default` measures).
     """
     mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     if row_mask is None and config.train.trainable == "rows":  # e.g. a finetuned run, reloaded
@@ -122,8 +137,24 @@ def plan(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any
         "opt_state": abstract_like(opt_shapes, opt_shardings),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
     }
+    step_shardings = state_shardings
+    if row_major_tables:
+        tables = layouts.table_paths(labels, params)
+        step_shardings = layouts.row_major_tables(state_shardings, state, tables)
+        state = abstract_like(state, step_shardings)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return Plan(config, mesh, parts, optimizer, state, rest, state_shardings, rest_shardings, count)
+    return Plan(
+        config,
+        mesh,
+        parts,
+        optimizer,
+        state,
+        rest,
+        state_shardings,
+        rest_shardings,
+        count,
+        step_shardings,
+    )
 
 
 def build(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: Any = None) -> Setup:
@@ -146,7 +177,9 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: An
     params, rest = initialize()
     opt_state = jax.jit(layout.optimizer.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    state = {"params": params, "opt_state": opt_state, "step": step}
+    state = to_step_layout(
+        {"params": params, "opt_state": opt_state, "step": step}, layout.step_shardings
+    )
     return Setup(
         config,
         layout.mesh,
@@ -157,7 +190,14 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: An
         layout.rest_shardings,
         layout.optimizer,
         layout.param_count,
+        layout.step_shardings,
     )
+
+
+def to_step_layout(state: Any, step_shardings: Any) -> Any:
+    """The state's arrays in the train step's layouts (row-major tables); a no-op where they are
+    (CPU and GPU, whose default is row-major, or a state that already went through a step)."""
+    return jax.device_put(state, step_shardings)
 
 
 def _shapes(tree: Any) -> Any:
