@@ -12,8 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("*.md"))
-# Notebooks that train several models run with -m slow only (the default suite's 20-minute budget).
-SLOW = {"02_umv2_vs_moe", "03_inside_the_memory_layer", "05_finetune_memory"}
+# Notebooks that train several models or compile several steps run with -m slow only (the default
+# suite's 20-minute budget).
+SLOW = {
+    "02_umv2_vs_moe",
+    "03_inside_the_memory_layer",
+    "04_scale_and_kernels",
+    "05_finetune_memory",
+}
 
 
 def _cells(notebook) -> list[tuple[str, str]]:
