@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from umv2_jax.config import ModelConfig
-from umv2_jax.models.sparse import get_sparse_builder
+from umv2_jax.models.kinds import get_sparse_builder
 from umv2_jax.models.transformer import (
     DecodeWindow,
     KVCache,
