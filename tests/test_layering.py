@@ -228,7 +228,9 @@ def test_the_circle_finder_finds_circles():
 
 
 def test_no_import_circles():
-    assert import_circles(EXPLICIT) == [], "import circles (strongly connected components of the import graph)"
+    assert import_circles(EXPLICIT) == [], (
+        "import circles (strongly connected components of the import graph)"
+    )
 
 
 def test_config_imports_nothing_of_the_package():

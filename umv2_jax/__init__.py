@@ -14,14 +14,14 @@ The names are exported lazily (PEP 562): `import umv2_jax` loads no JAX, and imp
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 # Before any JAX backend starts: a CPU-only Linux host runs JAX on its CPU backend alone, so that
 # installed accelerator plugins (libtpu, CUDA) print no initialisation errors (umv2_jax/backends.py).
 from umv2_jax.backends import pin_cpu_without_accelerators as _pin_cpu_without_accelerators
 
 _pin_cpu_without_accelerators()
-
-import importlib
-from typing import Any
 
 _API = (
     "Run",

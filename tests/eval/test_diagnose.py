@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from umv2_jax.compare import probes, diagnose, runner
+from umv2_jax.compare import diagnose, probes, runner
 from umv2_jax.compare.suites import ModelSpec
 
 TINY_UMV2 = (

@@ -351,7 +351,7 @@ ENGRAM_KINDS = {
 
 @pytest.fixture(scope="module")
 def engram_meshes():
-    return _run(PROGRAM, json.dumps(ENGRAM_KINDS), json.dumps(DEFAULT_MESHES))
+    return run_fresh(PROGRAM, json.dumps(ENGRAM_KINDS), json.dumps(DEFAULT_MESHES))
 
 
 @pytest.mark.slow

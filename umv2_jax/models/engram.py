@@ -60,8 +60,8 @@ from flax import nnx
 
 from umv2_jax.config import EngramConfig, ModelConfig
 from umv2_jax.models import init as init_lib
-from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
 from umv2_jax.models.layers import dtype_of
+from umv2_jax.models.sparse import SparseBuilder, SparseContext, SparseOutput, register_sparse
 
 NO_TOKEN = 2**32 - 1  # ⊥: the hash input of a position without a token
 
