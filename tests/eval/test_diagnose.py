@@ -13,21 +13,10 @@ import numpy as np
 import pytest
 
 from umv2_jax.compare import diagnose, probes, runner
-from umv2_jax.compare.suites import ModelSpec
+from umv2_jax.compare.suites import MICRO, ModelSpec
 
-TINY_UMV2 = (
-    "model.d_model=32",
-    "model.num_heads=2",
-    "model.max_seq_len=64",
-    "model.d_ff=48",
-    "model.memory.n_keys=8",
-    "model.memory.key_dim=8",
-    "model.memory.rc_topk=4",
-    "model.memory.topk=4",
-    "model.memory.value_dim=8",
-    "model.memory.pre_value_dim=4",
-    "model.memory.calibration_tokens=64",
-)
+# The micro suite's tiny UltraMemV2 shapes (one definition: umv2_jax/compare/suites.py).
+TINY_UMV2 = next(model for model in MICRO.models if model.name == "umv2").overrides
 PROBE = probes.Probe(
     "fact_base", {"num_facts": 32, "facts_per_sequence": 4}, 24, 4, 2, (1, 2), eval_batches=1
 )
