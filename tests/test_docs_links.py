@@ -4,6 +4,7 @@ or architecture notes that once sat beside it (`../shared/...`, SPEC.md, EVAL.md
 every relative Markdown link of the README and docs/ resolves inside the clone."""
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,26 @@ SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", "runs", "node_modu
 
 
 def _text_files() -> list[Path]:
-    found = []
-    for path in REPO.rglob("*"):
-        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in path.parts):
-            continue
-        if path.is_file() and path.suffix in (".py", ".md", ".yaml", ".yml", ".toml"):
-            found.append(path)
-    return found
+    """The repository's own text files: what git tracks or would track (a virtualenv, build output or
+    anything else .gitignore names is not the project's text, and may not even be UTF-8)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    if listed.returncode == 0:
+        candidates = [REPO / line for line in listed.stdout.splitlines()]
+    else:  # not a git checkout (an unpacked sdist): walk, skipping environments and build output
+        candidates = [
+            path
+            for path in REPO.rglob("*")
+            if not any(
+                part in SKIP_DIRS or part.endswith(".egg-info") or (REPO / part / "pyvenv.cfg").exists()
+                for part in path.relative_to(REPO).parts
+            )
+        ]
+    return [p for p in candidates if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".yml", ".toml")]
 
 
 def test_the_pattern_catches_outside_references():
