@@ -138,3 +138,32 @@ def test_summary_tables_read_the_runs(tmp_path):
     layers = diagnose.layer_table(str(path))
     assert "| layer0 rows hit (test set, union) | 0.5 | 0.625 |" in layers
     assert "| test/exact_match/all | 0.25 | 0.75 |" in layers
+
+
+# The diagnosis' variants that claim T-umv2's budget: the other memory layers, and the row count /
+# row width / pre-value trades, each within docs/evaluation.md's 3% of T-umv2's FFN slot (total
+# parameters and forward FLOPs per token) by the accounting.
+MATCHED_VARIANTS = (
+    "pkm",
+    "peer",
+    "memory_plus",
+    "ultramem_v1",
+    "rows_n96_narrow",
+    "rows_n48_wide",
+    "dv32_dp0",
+    "dv16_dp16",
+)
+
+
+@pytest.mark.parametrize("name", MATCHED_VARIANTS)
+def test_matched_variants_keep_t_umv2s_budget(name):
+    from umv2_jax.config import load_config
+    from umv2_jax.eval.accounting import account
+
+    base = account(load_config(diagnose.UMV2))
+    path, overrides = diagnose.VARIANTS[name]
+    variant = account(load_config(path, overrides=list(overrides)))
+    assert variant.ffn_slot_params == pytest.approx(base.ffn_slot_params, rel=0.03)
+    assert variant.ffn_slot_flops_per_token == pytest.approx(base.ffn_slot_flops_per_token, rel=0.03)
+    if name in ("pkm", "peer", "memory_plus", "ultramem_v1"):
+        assert variant.kind == {"ultramem_v1": "ultramem"}.get(name, name)

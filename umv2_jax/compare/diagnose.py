@@ -79,24 +79,61 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dk32": (UMV2, ("model.memory.key_dim=32",)),
     # memory:FFN ratio (the FFN takes the width the table gives up, or the reverse)
     "ffn256": (UMV2, ("model.d_ff=256",)),
-    # the other memory layers at the T-umv2 table (n 68 → 4,624 rows, m 8)
+    # row count vs row width at fixed table parameters and FLOPs (accounting: within 2%)
+    "rows_n96_narrow": (
+        UMV2,
+        ("model.memory.n_keys=96", "model.memory.value_dim=12", "model.memory.pre_value_dim=4"),
+    ),
+    "rows_n48_wide": (
+        UMV2,
+        ("model.memory.n_keys=48", "model.memory.value_dim=48", "model.memory.pre_value_dim=16"),
+    ),
+    # pre-values at fixed row width (32 numbers per row: D_v + D_p)
+    "dv32_dp0": (UMV2, ("model.memory.value_dim=32", "model.memory.pre_value_dim=0")),
+    "dv16_dp16": (UMV2, ("model.memory.value_dim=16", "model.memory.pre_value_dim=16")),
+    # The other memory layers, each matched to T-umv2's FFN slot (total parameters and forward
+    # FLOPs per token within 3%: `python -m umv2_jax.eval.accounting --config
+    # configs/eval/t_umv2.yaml --set ...`; the d_ff gives each the FFN width its table leaves).
     "pkm": (
         UMV2,
         (
             "model.sparse=pkm",
-            "model.product_key.n_keys=68",
+            "model.product_key.n_keys=48",
             "model.product_key.topk=8",
             "model.product_key.key_dim=16",
-            "model.d_ff=208",
+            "model.d_ff=240",
         ),
     ),
     "peer": (
         UMV2,
         (
             "model.sparse=peer",
-            "model.product_key.n_keys=68",
+            "model.product_key.n_keys=34",
             "model.product_key.topk=8",
             "model.product_key.key_dim=16",
+            "model.d_ff=240",
+        ),
+    ),
+    "memory_plus": (
+        UMV2,
+        (
+            "model.sparse=memory_plus",
+            "model.product_key.n_keys=96",
+            "model.product_key.topk=8",
+            "model.product_key.key_dim=16",
+            "model.product_key.value_dim=32",
+            "model.d_ff=224",
+        ),
+    ),
+    "ultramem_v1": (
+        UMV2,
+        (
+            "model.sparse=ultramem",
+            "model.ultramem.n_keys=68",
+            "model.ultramem.topk=8",
+            "model.ultramem.rc_topk=8",
+            "model.ultramem.key_dim=16",
+            "model.ultramem.value_dim=32",
         ),
     ),
 }
