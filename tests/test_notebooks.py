@@ -12,14 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("*.md"))
-# Notebooks that train several models or compile several steps run with -m slow only (the default
-# suite's 20-minute budget).
-SLOW = {
-    "02_umv2_vs_moe",
-    "03_inside_the_memory_layer",
-    "04_scale_and_kernels",
-    "05_finetune_memory",
-}
+# Every notebook executes in the default suite (each ≤ 2 minutes on 2 CPU cores: toy shapes).
 
 
 def _cells(notebook) -> list[tuple[str, str]]:
@@ -45,11 +38,7 @@ def test_ipynb_is_in_sync_with_its_markdown_source(source):
     )
 
 
-@pytest.mark.parametrize(
-    "source",
-    [pytest.param(p, marks=[pytest.mark.slow] if p.stem in SLOW else []) for p in SOURCES],
-    ids=lambda p: p.stem,
-)
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_notebook_executes(source, monkeypatch):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
