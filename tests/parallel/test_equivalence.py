@@ -281,7 +281,9 @@ def _token_sized_slot_traffic(case) -> list:
             {"data", "expert"},
             id="data2_tensor2_expert2",
         ),
-        pytest.param("fsdp4_tensor2", "default_meshes", {"fsdp"}, id="fsdp4_tensor2"),
+        pytest.param(
+            "fsdp4_tensor2", "slow_meshes", {"fsdp"}, id="fsdp4_tensor2", marks=pytest.mark.slow
+        ),
         pytest.param("data8", "slow_meshes", {"data"}, id="data8", marks=pytest.mark.slow),
     ],
 )
@@ -353,11 +355,14 @@ ENGRAM_KINDS = {
 
 @pytest.fixture(scope="module")
 def engram_meshes():
-    return run_fresh(PROGRAM, json.dumps(ENGRAM_KINDS), json.dumps(DEFAULT_MESHES))
+    return run_fresh(PROGRAM, json.dumps(ENGRAM_KINDS), json.dumps(ENGRAM_MESHES))
+
+
+ENGRAM_MESHES = {**DEFAULT_MESHES, "fsdp4_tensor2": SLOW_MESHES["fsdp4_tensor2"]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", list(DEFAULT_MESHES))
+@pytest.mark.parametrize("mesh", list(ENGRAM_MESHES))
 def test_engram_step_equals_the_single_device_step_with_sharded_tables(mesh, engram_meshes):
     case = engram_meshes[f"engram/{mesh}"]
     assert case["devices"] == 8 and case["same_init"]
