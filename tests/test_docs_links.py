@@ -33,11 +33,17 @@ def _text_files() -> list[Path]:
             path
             for path in REPO.rglob("*")
             if not any(
-                part in SKIP_DIRS or part.endswith(".egg-info") or (REPO / part / "pyvenv.cfg").exists()
+                part in SKIP_DIRS
+                or part.endswith(".egg-info")
+                or (REPO / part / "pyvenv.cfg").exists()
                 for part in path.relative_to(REPO).parts
             )
         ]
-    return [p for p in candidates if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".yml", ".toml")]
+    return [
+        p
+        for p in candidates
+        if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".yml", ".toml")
+    ]
 
 
 def test_the_pattern_catches_outside_references():

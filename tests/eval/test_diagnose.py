@@ -164,6 +164,8 @@ def test_matched_variants_keep_t_umv2s_budget(name):
     path, overrides = diagnose.VARIANTS[name]
     variant = account(load_config(path, overrides=list(overrides)))
     assert variant.ffn_slot_params == pytest.approx(base.ffn_slot_params, rel=0.03)
-    assert variant.ffn_slot_flops_per_token == pytest.approx(base.ffn_slot_flops_per_token, rel=0.03)
+    assert variant.ffn_slot_flops_per_token == pytest.approx(
+        base.ffn_slot_flops_per_token, rel=0.03
+    )
     if name in ("pkm", "peer", "memory_plus", "ultramem_v1"):
         assert variant.kind == {"ultramem_v1": "ultramem"}.get(name, name)

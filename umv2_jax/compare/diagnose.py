@@ -182,7 +182,7 @@ class TableProbe:
                 values = params.get("shared", {}).get("values")
                 if values is not None:  # [L, rows, D_v] stacked tables (UltraMemV2)
                     g, u = grads["shared"]["values"], updates["shared"]["values"]
-                    if values.ndim == 2:  # one [rows, D] table (e.g. a single PKM layer's)
+                    if values.ndim == 2:  # one [rows, D] table shared by every layer (Memory+)
                         values, g, u = values[None], g[None], u[None]
                     hit = jnp.any(g != 0, axis=-1)  # [L, rows]
                     out["values_grad_norm"] = jnp.sqrt(jnp.sum(g * g, axis=(1, 2)))

@@ -19,7 +19,6 @@ from umv2_jax.config import Config, ModelConfig
 from umv2_jax.models import memory_init
 from umv2_jax.models.transformer import Transformer
 
-
 _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
