@@ -360,11 +360,12 @@ def lower_train_step(config, batch: int, platforms: tuple[str, ...]):
     """The one-device training step of `train_run`, lowered for `platforms` (e.g. ("cuda",)) from
     any host: `jax.stages.Lowered` (`.as_text()` is its StableHLO)."""
     from umv2_jax import parallel
+    from umv2_jax.ops import registry
     from umv2_jax.training import state as state_lib
     from umv2_jax.training.step import make_train_step
 
     mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-    with parallel.use_mesh(mesh):
+    with registry.lowering_platforms(*platforms), parallel.use_mesh(mesh):
         layout = state_lib.plan(config, mesh)
         sharding = parallel.batch_sharding(mesh)
         abstract_batch = jax.eval_shape(lambda: _synthetic_batch(config, batch, 0, None))

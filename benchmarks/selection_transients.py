@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from umv2_jax.ops import product_key_topk as pk_module  # noqa: E402
+from umv2_jax.ops import registry  # noqa: E402
 from umv2_jax.ops import retrieval_topk as retrieval_module  # noqa: E402
 
 N_KEYS, KEY_DIM, RANK, CORES, RC_TOPK, TOPK = 528, 512, 2, 2, 128, 128
@@ -73,11 +74,12 @@ def measure(tokens: int, platform: str = "cpu") -> dict:
         device = topologies.get_topology_desc("v5e:2x2", platform="tpu").devices[0]
         sharding = SingleDeviceSharding(device)
     result = {}
-    for name, make in (("retrieval_topk", _retrieval), ("product_key_topk", _product_key)):
-        for label, chunk in (("one_pass", tokens), ("chunked", None)):
-            fn, shapes = make(tokens, chunk, sharding)
-            memory = fn.trace(*shapes).lower().compile().memory_analysis()
-            result[f"{name}/{label}"] = memory.temp_size_in_bytes
+    with registry.lowering_platforms(platform):  # the ops trace the target platform's branches
+        for name, make in (("retrieval_topk", _retrieval), ("product_key_topk", _product_key)):
+            for label, chunk in (("one_pass", tokens), ("chunked", None)):
+                fn, shapes = make(tokens, chunk, sharding)
+                memory = fn.trace(*shapes).lower().compile().memory_analysis()
+                result[f"{name}/{label}"] = memory.temp_size_in_bytes
     return result
 
 

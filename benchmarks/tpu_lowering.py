@@ -15,6 +15,8 @@ import time
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The ops registry traces the TPU branches (the host is a CPU) and the CPU ones (lowered below).
+os.environ.setdefault("UMV2_LOWERING_PLATFORMS", "cpu,tpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from umv2_jax.ops import registry
+
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _RESULT_PREFIX = "UMV2_TPU_COMPILE_RESULT "
 # What libtpu needs to build a v5e topology on a host without a TPU (no metadata server is asked).
@@ -111,8 +113,10 @@ def lower_for(fn: Callable[..., Any], args: Sequence[Any], platform: str) -> str
     """StableHLO text of `fn(*args)` lowered for `platform` ("cpu", "cuda", "rocm", "tpu") here.
 
     args may be `jax.ShapeDtypeStruct`s: lowering allocates nothing, so tables of any size work.
+    The ops registry traces `platform`'s branches (`registry.lowering_platforms`).
     """
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    with registry.lowering_platforms(platform):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def tpu_python() -> str | None:
@@ -182,7 +186,12 @@ def _compile_cases(cases: str) -> None:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=Format(layout, sharding))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-    for name, fn, args, *extra in build():
+    with registry.lowering_platforms("tpu"):  # the ops registry traces its TPU branches
+        _compile_each(build(), device, place)
+
+
+def _compile_each(cases, device, place) -> None:
+    for name, fn, args, *extra in cases:
         row_major = set(extra[0].get("row_major", ())) if extra else set()
         result: dict[str, Any] = {
             "name": name,

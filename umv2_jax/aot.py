@@ -174,11 +174,13 @@ def compile_step(config, mesh, *, batch: int, row_major_tables: bool = True) -> 
     import jax.numpy as jnp
 
     from umv2_jax import parallel
+    from umv2_jax.ops import registry
     from umv2_jax.training import state as state_lib
     from umv2_jax.training.step import make_train_step
 
     device = mesh.devices.flat[0]
-    with parallel.use_mesh(mesh):
+    # The ops trace their branches for the mesh's platform (a TPU topology from a CPU host).
+    with registry.lowering_platforms(device.platform), parallel.use_mesh(mesh):
         layout = state_lib.plan(config, mesh, row_major_tables=row_major_tables)
         batch_sharding = parallel.batch_sharding(mesh)
         seq = config.data.seq_len

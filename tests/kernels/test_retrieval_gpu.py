@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 from pallas_kernels.retrieval_topk import gpu
+from umv2_jax.ops import registry
 from umv2_jax.ops.product_key_topk import _product_key_topk_xla, product_key_topk_reference
 from umv2_jax.ops.retrieval_topk import _retrieval_topk_xla, retrieval_topk_reference
 from umv2_jax.ops.selection import product_key_kernel_implementation
@@ -185,7 +186,8 @@ PRODUCT_KEY_SHAPES = {
 
 
 def _lowered_text(fn, args):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with registry.lowering_platforms("cuda"):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("name", RETRIEVAL_SHAPES)

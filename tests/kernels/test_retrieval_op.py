@@ -137,7 +137,8 @@ def test_auto_reaches_the_triton_kernels_when_lowered_for_cuda_and_xla_on_cpu():
     def fn(*arrays):
         return retrieval_topk(*arrays, rc_topk=4, topk=5)
 
-    cuda = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with registry.lowering_platforms("cuda"):
+        cuda = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     cpu = jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
     assert "retrieval_stage1" in cuda and "retrieval_stage2" in cuda
     assert "retrieval_stage1" not in cpu

@@ -21,6 +21,7 @@ from jax.test_util import check_grads
 
 from pallas_kernels.testing import assert_written, tolerance
 from pallas_kernels.value_bag import gpu
+from umv2_jax.ops import registry
 from umv2_jax.ops import value_bag as value_bag_lib
 from umv2_jax.ops.value_bag import XLA_KERNELS, custom_value_bag, value_bag_reference
 
@@ -310,7 +311,8 @@ def _lower_training_step(shape, reduction="auto"):
 
         return jax.grad(loss, argnums=(0, 1, 2, 3))(values, pre_values, core_scores, x_p)
 
-    return jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with registry.lowering_platforms("cuda"):
+        return jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("name", list(SHAPES))

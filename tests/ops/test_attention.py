@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.testing import lower_for
 from tests.fixtures import run_fresh
 from umv2_jax.ops.attention import (
     attention,
@@ -243,8 +244,7 @@ def _lowered_text(
 
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    lowered = jax.jit(step).trace(spec, spec, spec, *ids).lower(lowering_platforms=(platform,))
-    return lowered.as_text()
+    return lower_for(step, (spec, spec, spec, *ids), platform)
 
 
 @pytest.fixture
@@ -332,6 +332,7 @@ MESH_PROGRAM = textwrap.dedent(
     from jax.sharding import NamedSharding, PartitionSpec as P
     from umv2_jax import parallel
     from umv2_jax.config import MeshConfig
+    from umv2_jax.ops import registry
     from umv2_jax.ops.attention import attention
 
     fused_attention_stablehlo.check_cudnn_version = lambda: 90800  # no cuDNN on this host
@@ -357,8 +358,9 @@ MESH_PROGRAM = textwrap.dedent(
         spec = jax.ShapeDtypeStruct((8, 256, 4, 64), jnp.bfloat16, sharding=sharding)
         kernels = {}
         for platform, name in (("cuda", "cudnn"), ("tpu", "tpu_custom_call")):
-            text = jax.jit(attention).trace(spec, spec, spec).lower(
-                lowering_platforms=(platform,)).as_text()
+            with registry.lowering_platforms(platform):
+                text = jax.jit(attention).trace(spec, spec, spec).lower(
+                    lowering_platforms=(platform,)).as_text()
             calls = [line for line in text.splitlines() if "custom_call" in line and name in line]
             found = re.findall(r"tensor<([0-9x]+)xbf16>", calls[0]) if calls else []
             kernels[platform] = found[:3]

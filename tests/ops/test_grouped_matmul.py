@@ -138,8 +138,9 @@ def test_megablox_forward_and_backward_lower_for_tpu(implementation):
     def loss(a, b, gs):
         return jnp.sum(op(a, b, gs).astype(jnp.float32) ** 2)
 
-    forward = jax.jit(op).trace(*shapes).lower(lowering_platforms=("tpu",)).as_text()
-    backward = jax.jit(jax.grad(loss, (0, 1))).trace(*shapes).lower(lowering_platforms=("tpu",))
+    with registry.lowering_platforms("tpu"):
+        forward = jax.jit(op).trace(*shapes).lower(lowering_platforms=("tpu",)).as_text()
+        backward = jax.jit(jax.grad(loss, (0, 1))).trace(*shapes).lower(lowering_platforms=("tpu",))
     assert forward.count("tpu_custom_call") == 1
     # Forward gmm, lhs-gradient gmm and rhs-gradient tgmm.
     assert backward.as_text().count("tpu_custom_call") == 3
@@ -154,7 +155,8 @@ def test_auto_lowers_one_program_to_each_platforms_choice():
     )
     # Squared, so the backward needs the forward product: gmm, gmm and tgmm on TPU.
     loss = lambda a, b, gs: jnp.sum(grouped_matmul(a, b, gs) ** 2)  # noqa: E731
-    traced = jax.jit(jax.grad(loss, (0, 1))).trace(*shapes)
+    with registry.lowering_platforms("all"):
+        traced = jax.jit(jax.grad(loss, (0, 1))).trace(*shapes)
     texts = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
     assert "stablehlo.while" in texts["cpu"] and "ragged_dot" not in texts["cpu"]
     assert "tpu_custom_call" not in texts["cpu"]

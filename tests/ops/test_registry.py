@@ -38,6 +38,14 @@ def _fake_kernel(x):
 _fake_kernel.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (g * jnp.tanh(x),))
 
 
+@pytest.fixture(autouse=True)
+def every_platform():
+    """This module lowers for other platforms than the host's: every op traces every branch
+    (the default, the host's platform only, has its own tests below)."""
+    with registry.lowering_platforms("all"):
+        yield
+
+
 @pytest.fixture
 def toy():
     """A toy op with the XLA path x·2 and a list that records each kernel call's `interpret`."""
@@ -268,3 +276,80 @@ def test_interpret_falls_through_to_the_next_kernel_when_one_declines(toy):
     np.testing.assert_allclose(out, jnp.cos(x) + 1.0, rtol=1e-6)
     assert calls == [True, ("gpu", True)]  # the TPU kernel declined, then the GPU one ran
     assert registry.resolve(TOY, "pallas", interpret=True)["cpu"] == ("pallas",)
+
+
+def test_by_default_only_the_hosts_platform_is_traced_and_another_lowering_says_how(
+    toy, monkeypatch
+):
+    kernel, calls = toy
+    registry.register_implementation(TOY, "pallas", kernel, platforms=("cuda", "tpu"))
+    monkeypatch.setattr(registry, "_TRACED_OVERRIDE", None)
+    monkeypatch.delenv(registry.ENVIRONMENT, raising=False)
+    assert registry.traced_platforms() == ("cpu",)  # this host
+    traced = jax.jit(lambda x: registry.call(TOY, x)).trace(jnp.ones(4))
+    assert calls == []  # no GPU / TPU kernel was traced
+    assert "multiply" in traced.lower(lowering_platforms=("cpu",)).as_text()
+    with pytest.raises(NotImplementedError) as error:
+        traced.lower(lowering_platforms=("cuda",))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "toy_op was traced for cpu only, so it cannot be lowered for cuda, tpu: trace inside "
+        "`umv2_jax.ops.registry.lowering_platforms('cuda', 'tpu')`"
+    )
+    # ROCm has no kernel here: its chain is CPU's, so it shares the traced branch.
+    assert "multiply" in traced.lower(lowering_platforms=("rocm",)).as_text()
+    # Under grad and vmap the untraced branch costs nothing and the host runs the XLA path.
+    grad = jax.jit(jax.vmap(jax.grad(lambda x: registry.call(TOY, x))))
+    np.testing.assert_array_equal(grad(jnp.ones(4)), 2.0)
+    assert calls == []
+
+
+def test_lowering_platforms_retraces_what_was_traced_for_the_host(toy):
+    kernel, calls = toy
+    registry.register_implementation(TOY, "pallas", kernel, platforms=("cuda", "tpu"))
+    double = jax.jit(lambda x: registry.call(TOY, x))
+    with registry.lowering_platforms("cpu") as chosen:
+        assert chosen == ("cpu",)  # the host's alone
+        np.testing.assert_array_equal(double(jnp.ones(4)), 2.0)
+        assert calls == []
+        with registry.lowering_platforms("tpu") as chosen:
+            assert chosen == registry.traced_platforms() == ("cpu", "tpu")  # the host's too
+            # The same jitted function, traced again (entering cleared JAX's caches).
+            assert (
+                "cosine" in double.trace(jnp.ones(4)).lower(lowering_platforms=("tpu",)).as_text()
+            )
+        assert calls == [False]
+        assert registry.traced_platforms() == ("cpu",)
+        with pytest.raises(NotImplementedError, match="traced for cpu only"):
+            double.trace(jnp.ones(4)).lower(lowering_platforms=("tpu",))
+
+
+@pytest.mark.parametrize(
+    "value, platforms",
+    [
+        ("cpu", ("cpu",)),
+        ("tpu", ("cpu", "tpu")),  # the host's (this CPU) and the variable's
+        ("tpu, cpu", ("cpu", "tpu")),
+        ("gpu", ("cpu", "cuda", "rocm")),
+        ("all", registry.PLATFORMS),
+    ],
+)
+def test_the_environment_variable_chooses_the_traced_platforms(value, platforms, monkeypatch):
+    monkeypatch.setattr(registry, "_TRACED_OVERRIDE", None)
+    monkeypatch.setenv(registry.ENVIRONMENT, value)
+    assert registry.traced_platforms() == platforms
+
+
+def test_an_unknown_platform_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(registry, "_TRACED_OVERRIDE", None)
+    monkeypatch.setenv(registry.ENVIRONMENT, "cpu,tpuv5")
+    with pytest.raises(ValueError) as error:
+        registry.traced_platforms()
+    assert str(error.value) == (
+        "UMV2_LOWERING_PLATFORMS: unknown platform 'tpuv5'; use a comma list of cpu, cuda, rocm, "
+        "tpu (gpu: cuda and rocm), or all"
+    )
+    with pytest.raises(ValueError, match="lowering_platforms: unknown platform 'metal'"):
+        with registry.lowering_platforms("metal"):
+            pass

@@ -176,7 +176,9 @@ def _table_gradient_scatters(platform: str) -> list[str]:
     def table_grads(v, p):
         return jax.grad(lambda v, p: jnp.sum(op(v, p, rows, core_scores, x_p) ** 2), (0, 1))(v, p)
 
-    lowered = jax.jit(table_grads).trace(values, pre_values).lower(lowering_platforms=(platform,))
+    with registry.lowering_platforms(platform):
+        lowered = jax.jit(table_grads).trace(values, pre_values)
+    lowered = lowered.lower(lowering_platforms=(platform,))
     return [line for line in lowered.as_text().splitlines() if "stablehlo.scatter" in line]
 
 

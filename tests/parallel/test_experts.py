@@ -142,7 +142,8 @@ PROGRAM = textwrap.dedent(
         tokens = parallel.batch_sharding(mesh)
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tokens)
                     for k, v in batch.items()}
-        with parallel.use_mesh(mesh):
+        from umv2_jax.ops import registry
+        with registry.lowering_platforms("cuda"), parallel.use_mesh(mesh):
             lowered = jax.jit(loss_fn(layout.parts)).trace(
                 layout.state["params"], layout.rest, abstract).lower(lowering_platforms=("cuda",))
         text = lowered.as_text()
@@ -364,7 +365,7 @@ def test_ragged_path_compiles_for_a_tpu_topology():
     if python is None:
         pytest.skip("no Python with libtpu")
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    env.update(testing.TPU_COMPILE_ENV)
+    env.update(testing.TPU_COMPILE_ENV, UMV2_LOWERING_PLATFORMS="tpu")
     report = run_fresh(TPU_PROGRAM, timeout=900, env=env, python=python)
     for name in ("expert4", "expert2_tensor2"):
         # Out, back, and both again in the backward, per layer: the dropless exchange on TPU.

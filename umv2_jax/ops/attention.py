@@ -36,8 +36,10 @@ mask `jax.nn.dot_product_attention(implementation="cudnn")` takes besides causal
 is a dense additive bias [batch, 1, seq, seq] whose gradient cuDNN computes only for batch 1, so
 "cudnn" (and "auto" on cuda) run the chunked path for a batch with segment_ids.
 
-The choice is made per platform the program is lowered for, not from the host's backend, so
-`jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` on a CPU host holds the splash kernel.
+The choice is made per platform the program is lowered for, not from the host's backend, for the
+platforms the ops registry traces (`registry.traced_platforms()`: the host's by default), so
+`jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` on a CPU host, traced inside
+`registry.lowering_platforms("tpu")`, holds the splash kernel.
 
 Under a mesh (`umv2_jax.parallel.use_mesh`) the attention runs inside `jax.shard_map` with the batch
 split over the mesh's batch axes and the heads over `tensor` (when they divide): attention is local to
@@ -53,6 +55,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from umv2_jax.ops import registry
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 DEFAULT_CHUNK = 512
@@ -205,7 +209,9 @@ def _per_platform(
         return next(iter(distinct.values()))
 
     def run(*args):
-        return jax.lax.platform_dependent(*args, **per_platform)
+        return registry.platform_dependent(
+            "attention", *args, per_platform=per_platform, shapes_from=plain
+        )
 
     return run
 

@@ -22,10 +22,26 @@ every kernel is tested against lives beside it), and implementations register th
 
 Resolution happens per lowering platform, not from the host's `jax.default_backend()`: when the
 choice differs between platforms the op is traced once per distinct choice under
-`jax.lax.platform_dependent`, and lowering keeps only the branch of the platform lowered for, so
-`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a CPU machine reaches the GPU kernel.
+`jax.lax.platform_dependent`, and lowering keeps only the branch of the platform lowered for.
 When every platform resolves to the same implementation (e.g. "xla", or an op without kernels
 under "auto") the op is called directly, with no conditional in the program.
+
+Which platforms get a traced branch is `traced_platforms()`: by default the host's own (CPU on a
+CPU machine; CUDA and ROCm on a GPU one; TPU on a TPU one), because tracing a Pallas kernel costs
+time and a branch no lowering keeps is wasted (`benchmarks/traced_platforms.py`, 2-core CPU VM:
+the default config's training step traces in 6.8 s with every platform's branches and 1.6 s with
+CPU's, 11.2 vs 5.9 s with lowering and compiling). To lower
+for another platform (cross-lowering from a CPU host, the AOT fit checks), trace inside
+`lowering_platforms(...)`, which adds its platforms to the host's:
+
+    with registry.lowering_platforms("cuda"):
+        jax.jit(f).trace(x).lower(lowering_platforms=("cuda",))   # reaches the GPU kernel
+
+or set `UMV2_LOWERING_PLATFORMS` (a comma list of PLATFORMS, or "all"; added to the host's too)
+before the first trace.
+Lowering a call for a platform it was not traced for fails with a one-line NotImplementedError
+naming the op, the platforms it was traced for and this fix; it never falls back silently to
+another platform's implementation.
 
 Within a preference list, an implementation that raises `NotImplementedError` while being traced
 (a kernel declining a shape or dtype, before it builds any custom_vjp) falls through to the next
@@ -45,8 +61,10 @@ same shapes and dtypes; `interpret` is for the Pallas ones (XLA paths ignore it)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -155,23 +173,24 @@ def call(
 ) -> Any:
     """Runs op `op_name` on `args` with the implementation chosen for each lowering platform."""
     op = _op(op_name)
-    chains = {
+    planned = {
         platform: chain for platform, chain in _plan(op, implementation, interpret).items() if chain
     }
 
     def branch(chain):
         return lambda *arrays: _first_that_traces(op.name, chain, arrays, interpret, options)
 
-    distinct = set(chains.values())
-    if len(distinct) == 1 and len(chains) == len(PLATFORMS):
+    distinct = set(planned.values())
+    if len(distinct) == 1 and len(planned) == len(PLATFORMS):
         return branch(distinct.pop())(*args)
 
     # One branch per platform (identical chains trace once each: platform_dependent groups equal
-    # callables); platforms without a chain cannot lower this call. Every branch is traced, so a
-    # chain whose every implementation declines must not fail the others: it becomes a branch that
-    # fails when (and only when) the call is lowered for its platforms.
+    # callables), for the traced platforms (`platform_dependent` below); platforms without a chain
+    # cannot lower this call. Every traced branch is traced, so a chain whose every implementation
+    # declines must not fail the others: it becomes a branch that fails when (and only when) the
+    # call is lowered for its platforms.
     def deferred(chain):
-        platforms = tuple(p for p, c in chains.items() if c == chain)
+        platforms = tuple(p for p, c in planned.items() if c == chain)
 
         def run(*arrays):
             try:
@@ -187,9 +206,129 @@ def call(
         return run
 
     by_chain = {chain: deferred(chain) for chain in distinct}
-    return jax.lax.platform_dependent(
-        *args, **{platform: by_chain[chain] for platform, chain in chains.items()}
+    xla = op.implementations["xla"]["cpu"]
+    return platform_dependent(
+        op.name,
+        *args,
+        per_platform={platform: by_chain[chain] for platform, chain in planned.items()},
+        shapes_from=lambda *a: xla(*a, interpret=interpret, **options),
     )
+
+
+def platform_dependent(
+    name: str,
+    *args: Any,
+    per_platform: dict[str, Callable[..., Any]],
+    shapes_from: Callable[..., Any],
+) -> Any:
+    """`jax.lax.platform_dependent(*args, **per_platform)` tracing only `traced_platforms()`.
+
+    per_platform: {platform: branch}; equal callables trace once. A platform outside the traced
+    ones shares a traced platform's branch when it is the same callable, and otherwise gets a
+    branch that fails only when lowered, with a one-line NotImplementedError naming `name` and the
+    fix (`lowering_platforms`). That branch has the traced branches' output types (recorded as they
+    trace: platform_dependent traces its branches in order, the default last), or those of
+    `shapes_from` (a plain path with the same outputs) if none was recorded; it costs no trace.
+    """
+    traced = traced_platforms()
+    kept = {p: fn for p, fn in per_platform.items() if p in traced}
+    shared = {p: fn for p, fn in per_platform.items() if p not in kept and fn in kept.values()}
+    untraced = [p for p in per_platform if p not in kept and p not in shared]
+    if not untraced:
+        return jax.lax.platform_dependent(*args, **kept, **shared)
+    outputs = []
+
+    def recording(branch):
+        def recorded(*arrays):
+            out = branch(*arrays)
+            outputs.append(out)
+            return out
+
+        return recorded
+
+    def untraced_branch(*arrays):
+        if outputs:
+            flat, tree = jax.tree.flatten(outputs[0])
+            avals = tuple(jax.typeof(x) for x in flat)
+        else:
+            flat, tree = jax.tree.flatten(jax.eval_shape(shapes_from, *arrays))
+            avals = tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in flat)
+        message = (
+            f"{name} was traced for {', '.join(traced)} only, so it cannot be lowered for "
+            f"{', '.join(untraced)}: trace inside `umv2_jax.ops.registry.lowering_platforms("
+            f"{', '.join(repr(p) for p in untraced)})`, or set {ENVIRONMENT} (a comma list of "
+            f"{', '.join(PLATFORMS)}, or all) before the first trace"
+        )
+        return jax.tree.unflatten(tree, _declined_p.bind(avals=avals, message=message))
+
+    wrapped = {id(fn): recording(fn) for fn in kept.values()}
+    return jax.lax.platform_dependent(
+        *args,
+        default=untraced_branch,
+        **{p: wrapped[id(fn)] for p, fn in {**kept, **shared}.items()},
+    )
+
+
+_TRACED_OVERRIDE: tuple[str, ...] | None = None
+ENVIRONMENT = "UMV2_LOWERING_PLATFORMS"
+
+
+def traced_platforms() -> tuple[str, ...]:
+    """The platforms `call` traces a branch for (a subset of PLATFORMS, in its order).
+
+    The host's (the default backend's: cpu, gpu = cuda and rocm, or tpu), and those of the
+    innermost `lowering_platforms(...)`, else of `UMV2_LOWERING_PLATFORMS` when set (a comma list of
+    platform names, "gpu", or "all"). A bad value of the variable is a one-line ValueError.
+    """
+    if _TRACED_OVERRIDE is not None:
+        extra = _TRACED_OVERRIDE
+    else:
+        names = os.environ.get(ENVIRONMENT, "").strip()
+        split = tuple(n.strip() for n in names.split(","))
+        extra = _parse_platforms(split, ENVIRONMENT) if names else ()
+    backend = jax.default_backend()
+    host = _ALIASES.get(backend, PLATFORMS)
+    return tuple(p for p in PLATFORMS if p in host or p in extra)
+
+
+_ALIASES = {"all": PLATFORMS, "gpu": ("cuda", "rocm"), **{p: (p,) for p in PLATFORMS}}
+
+
+def _parse_platforms(names: tuple[str, ...], where: str) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in _ALIASES]
+    if unknown or not names:
+        raise ValueError(
+            f"{where}: unknown platform {', '.join(map(repr, unknown)) or '(none)'}; use a comma "
+            f"list of {', '.join(PLATFORMS)} (gpu: cuda and rocm), or all"
+        )
+    wanted = {p for n in names for p in _ALIASES[n]}
+    return tuple(p for p in PLATFORMS if p in wanted)
+
+
+@contextlib.contextmanager
+def lowering_platforms(*platforms: str):
+    """Inside, the ops also trace their branches for `platforms` (names of PLATFORMS, "gpu", or
+    "all"; the host's platform is always traced). Yields `traced_platforms()`.
+
+    For lowering on another host's platforms: `with lowering_platforms("tpu"): jax.jit(step)
+    .trace(...).lower()` against a TPU topology from a CPU machine. JAX's trace caches do not know
+    this setting, so entering and leaving clear them (`jax.clear_caches()`) when it changes what
+    is traced; put it around the trace, not around a training loop.
+    """
+    global _TRACED_OVERRIDE
+    chosen = _parse_platforms(platforms, "lowering_platforms")
+    before = traced_platforms()
+    previous = _TRACED_OVERRIDE
+    _TRACED_OVERRIDE = chosen
+    changes = traced_platforms() != before
+    if changes:
+        jax.clear_caches()
+    try:
+        yield traced_platforms()
+    finally:
+        _TRACED_OVERRIDE = previous
+        if changes:
+            jax.clear_caches()
 
 
 def resolve(
