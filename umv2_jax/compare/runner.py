@@ -26,6 +26,7 @@ from flax import nnx
 
 from umv2_jax.config import Config
 from umv2_jax.eval import metrics as task_metrics
+from umv2_jax.models.build import compile_once
 from umv2_jax.models.transformer import Transformer
 from umv2_jax.training.optimizer import make_optimizer, parameter_labels
 from umv2_jax.training.state import ModelParts
@@ -75,6 +76,7 @@ class Programs:
             return params, rest
 
         self._init = init
+        self._init_compiled = None
         # Dropout keys are the only use of the step's seed; the compared configs have no dropout.
         self.train_step = jax.jit(
             make_train_step(self.parts, self.optimizer, config.train.micro_batches, 0),
@@ -108,7 +110,9 @@ class Programs:
         return self._evaluate(params, rest, batch, jnp.asarray([lo, hi], jnp.int32))
 
     def init(self, seed: int) -> tuple[dict, dict]:
-        return self._init(jnp.int32(seed))
+        if self._init_compiled is None:  # one program for every seed (the seed is data)
+            self._init_compiled = compile_once(self._init, jnp.int32(0))
+        return self._init_compiled(jnp.int32(seed))
 
     def initial_state(self, params: dict) -> dict[str, Any]:
         return {

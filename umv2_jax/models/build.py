@@ -12,6 +12,8 @@ merges the two: the same RNG streams as `Transformer(config, nnx.Rngs(seed))`, o
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from flax import nnx
 
@@ -20,6 +22,18 @@ from umv2_jax.models import memory_init
 from umv2_jax.models.transformer import Transformer
 
 _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def compile_once(jitted: Any, *args: Any) -> Any:
+    """`jitted` lowered for `args` and compiled for a program that runs once (an initialisation).
+
+    Its compile is most of its cost: on CPU, XLA's backend optimisation level 1 compiles the
+    initialisation of every config checked (tiny, default, T- and S-family, PKM, PEER, Memory+,
+    UltraMem, MoE, Engram, release init) in 55-65 % of the default's time with bit-identical
+    parameters (level 0 changes the bits). Accelerators compile with their defaults.
+    """
+    options = _CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    return jitted.lower(*args).compile(compiler_options=options)
 
 
 def build_model(config: Config | ModelConfig, seed: int | None = None) -> Transformer:
@@ -39,12 +53,7 @@ def build_model(config: Config | ModelConfig, seed: int | None = None) -> Transf
         return Transformer(model, nnx.Rngs(seed))
 
     graphdef, _ = nnx.split(nnx.eval_shape(construct))
-    lowered = jax.jit(lambda: nnx.split(construct())[1]).lower()
-    # The program runs once, so its compile is most of the build: on CPU, XLA's backend optimisation
-    # level 1 compiles the tiny config's init in 3.7 s instead of 6.0 s with bit-identical parameters
-    # (level 0 changes the bits). Accelerators compile with their defaults.
-    options = _CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    state = lowered.compile(compiler_options=options)()
+    state = compile_once(jax.jit(lambda: nnx.split(construct())[1]))()
     built = nnx.merge(graphdef, state)
     shared = getattr(built, "shared", None)
     record = getattr(shared, "calibration", None)

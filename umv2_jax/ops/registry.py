@@ -227,7 +227,7 @@ def platform_dependent(
     ones shares a traced platform's branch when it is the same callable, and otherwise gets a
     branch that fails only when lowered, with a one-line NotImplementedError naming `name` and the
     fix (`lowering_platforms`). That branch has the traced branches' output types (recorded as they
-    trace: platform_dependent traces its branches in order, the default last), or those of
+    trace: platform_dependent traces its branches in order, this one last), or those of
     `shapes_from` (a plain path with the same outputs) if none was recorded; it costs no trace.
     """
     traced = traced_platforms()
@@ -262,11 +262,9 @@ def platform_dependent(
         return jax.tree.unflatten(tree, _declined_p.bind(avals=avals, message=message))
 
     wrapped = {id(fn): recording(fn) for fn in kept.values()}
-    return jax.lax.platform_dependent(
-        *args,
-        default=untraced_branch,
-        **{p: wrapped[id(fn)] for p, fn in {**kept, **shared}.items()},
-    )
+    branches = {p: wrapped[id(fn)] for p, fn in {**kept, **shared}.items()}
+    # The untraced platforms last: platform_dependent traces the branches in this order.
+    return jax.lax.platform_dependent(*args, **branches, **dict.fromkeys(untraced, untraced_branch))
 
 
 _TRACED_OVERRIDE: tuple[str, ...] | None = None

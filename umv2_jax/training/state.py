@@ -22,6 +22,7 @@ from flax import nnx
 
 from umv2_jax import parallel
 from umv2_jax.config import Config
+from umv2_jax.models.build import compile_once
 from umv2_jax.models.transformer import Transformer
 from umv2_jax.parallel import layouts
 from umv2_jax.training.optimizer import make_optimizer, parameter_labels
@@ -174,7 +175,7 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, *, row_mask: An
         _, params, rest = ModelParts.split(Transformer(config.model, nnx.Rngs(seed)))
         return params, rest
 
-    params, rest = initialize()
+    params, rest = compile_once(initialize)()
     opt_state = jax.jit(layout.optimizer.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
     state = to_step_layout(
