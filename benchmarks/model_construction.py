@@ -4,6 +4,7 @@ and the initialisation program's compile at XLA's default vs backend optimisatio
     python benchmarks/model_construction.py configs/tiny_umv2.yaml eager
     python benchmarks/model_construction.py configs/tiny_umv2.yaml fast
     python benchmarks/model_construction.py configs/default.yaml levels [--repeats 3]
+    python benchmarks/model_construction.py configs/tiny_umv2.yaml levels --set model.sparse=pkm
 
 Run `eager` and `fast` back to back in fresh processes (each pays its own compiles); each prints one
 line. `levels` compiles the initialisation program (`models.build.compile_once`'s, as the trainer
@@ -61,8 +62,9 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("mode", nargs="?", default="fast", choices=("fast", "eager", "levels"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     if args.mode == "levels":
         jax.config.update("jax_enable_compilation_cache", False)
         compare_levels(config, args.repeats)

@@ -30,8 +30,9 @@ def compile_once(jitted: Any, *args: Any) -> Any:
     Its compile is most of its cost: on CPU, XLA's backend optimisation level 1 compiles it 1.5x
     faster with bit-identical parameters (`python benchmarks/model_construction.py CONFIG levels`:
     default config 5.34 vs 3.60 s, tiny_umv2 3.42 vs 2.26 s, 2-core VM, load 1.5; bit-identical
-    also checked on the T- and S-family, PKM, PEER, Memory+, UltraMem, MoE, Engram and the release
-    init); level 0 changes the bits. Accelerators compile with their defaults. Used by
+    also with the same command on configs/eval/{t_umv2,t_moe,t_engram,t_dense,s_umv2}.yaml and on
+    tiny_umv2 with `--set model.sparse=` pkm, peer, memory_plus, ultramem, moe, engram and
+    `model.memory.init=release`); level 0 changes the bits. Accelerators compile with their defaults. Used by
     `build_model`, the trainer's `state.build` and the comparison runner.
     """
     options = _CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None

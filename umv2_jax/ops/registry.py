@@ -183,6 +183,10 @@ def call(
     distinct = set(planned.values())
     if len(distinct) == 1 and len(planned) == len(PLATFORMS):
         return branch(distinct.pop())(*args)
+    xla = op.implementations["xla"]["cpu"]
+
+    def xla_path(*arrays):  # the output shapes every implementation shares
+        return xla(*arrays, interpret=interpret, **options)
 
     # One branch per platform (identical chains trace once each: platform_dependent groups equal
     # callables), for the traced platforms (`platform_dependent` below); platforms without a chain
@@ -196,8 +200,7 @@ def call(
             try:
                 return _first_that_traces(op.name, chain, arrays, interpret, options)
             except NotImplementedError as error:
-                xla = op.implementations["xla"]["cpu"]
-                shapes = jax.eval_shape(lambda *a: xla(*a, interpret=interpret, **options), *arrays)
+                shapes = jax.eval_shape(xla_path, *arrays)
                 message = f"{error} (lowering for {', '.join(platforms)})"
                 flat, tree = jax.tree.flatten(shapes)
                 avals = tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in flat)
@@ -206,12 +209,11 @@ def call(
         return run
 
     by_chain = {chain: deferred(chain) for chain in distinct}
-    xla = op.implementations["xla"]["cpu"]
     return platform_dependent(
         op.name,
         *args,
         per_platform={platform: by_chain[chain] for platform, chain in planned.items()},
-        shapes_from=lambda *a: xla(*a, interpret=interpret, **options),
+        shapes_from=xla_path,
     )
 
 
